@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random-weight pipelines (built once per session, offline) and photos.
+
+Nothing here downloads: the pipelines come from configs in bench/models.py with a tokenizer
+whose vocab.json/merges.txt are written on the spot.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.models import build_pipeline  # noqa: E402
+
+RESOLUTION = 64  # 8x8 latents with the tiny 8x VAE
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny SD 1.x-shaped pipeline folder (epsilon prediction)."""
+    return build_pipeline("tiny", tmp_path_factory.mktemp("tiny_sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    """The same shapes with a v-prediction scheduler, as SD 2.x uses."""
+    return build_pipeline("tiny", tmp_path_factory.mktemp("tiny_sd_v") / "pipe", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped pipeline folder: two text encoders, text_time conditioning."""
+    return build_pipeline("tiny-xl", tmp_path_factory.mktemp("tiny_sdxl") / "pipe")
+
+
+def make_photo(path: Path, size=(96, 72), seed=0, mode="RGB") -> Path:
+    """A smooth random picture (gradients and a blob) so VAE latents are not degenerate."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    channels = []
+    for _ in range(3):
+        a, b, c = rng.uniform(-1, 1, 3)
+        channels.append(0.5 + 0.5 * np.sin(3 * (a * x + b * y) + c))
+    blob = np.exp(-(((x - rng.uniform(0.2, 0.8)) ** 2 + (y - rng.uniform(0.2, 0.6)) ** 2) / 0.02))
+    pixels = (np.stack(channels, -1) * (1 - blob[..., None]) * 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """Three small photos of different sizes and formats."""
+    folder = tmp_path_factory.mktemp("photos")
+    make_photo(folder / "a.png", (96, 72), 1)
+    make_photo(folder / "b.jpg", (64, 80), 2)
+    make_photo(folder / "c.webp", (72, 72), 3)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (with its own precision)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str, **flags) -> list[str]:
+    """A small, fast command line for the tiny pipelines; keyword flags override defaults."""
+    defaults = dict(
+        pretrained_model_name_or_path=model,
+        train_data_dir=data,
+        output_dir=out,
+        placeholder_token="<concept>",
+        initializer_token="toy",
+        resolution=RESOLUTION,
+        train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_train_steps=4,
+        learning_rate=5e-3,
+        seed=0,
+        report_to="none",
+    )
+    defaults.update(flags)
+    argv = []
+    for key, value in defaults.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{key}")
+        if value is not True:
+            argv.append(str(value))
+    return argv + list(extra)
+
+
+@pytest.fixture
+def run_trainer():
+    """Run textual_inversion.py in this process: run_trainer(argv) -> TrainResult."""
+    import textual_inversion
+
+    def run(argv: list[str]):
+        return textual_inversion.run(textual_inversion.parse_args(argv))
+
+    return run
