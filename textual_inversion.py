@@ -524,10 +524,18 @@ def add_placeholder_tokens(models: Models, placeholder: str, initializer: str, n
                 f"--initializer_token {initializer!r} is {len(init_ids)} tokens ({pieces}); "
                 "choose a word that is exactly one token"
             )
-        if tokenizer.add_tokens(tokens) != num_vectors:
+        suggestion = f"choose a new string such as <{placeholder.strip('<>')}-concept>"
+        pieces = tokenizer.tokenize(placeholder)
+        if len(pieces) == 1 and pieces[0] != placeholder and pieces[0] in tokenizer.get_vocab():
+            # e.g. "toy" -> "toy</w>": as an added token it would take over the real word everywhere.
             raise UserError(
-                f"--placeholder_token {placeholder!r} is already in the tokenizer's vocabulary; "
-                f"choose a new string, e.g. <{placeholder.strip('<>')}-concept>"
+                f"--placeholder_token {placeholder!r} is already a word the model knows ({pieces[0]}); {suggestion}"
+            )
+        taken = [t for t in tokens if t in tokenizer.get_vocab()]
+        if taken or tokenizer.add_tokens(tokens) != num_vectors:
+            raise UserError(
+                f"--placeholder_token {placeholder!r}: {(taken or tokens)[0]!r} is already in the tokenizer's "
+                f"vocabulary; {suggestion}"
             )
         ids = tokenizer.convert_tokens_to_ids(tokens)
         assert ids == list(range(ids[0], ids[0] + num_vectors)), ids
@@ -598,8 +606,9 @@ def encode_concept(
 
 
 # ----------------------------------------------------------------------------------------
-# Randomness: a pure function of (seed, step, process), so a resumed run repeats the
-# uninterrupted one exactly with nothing but the step stored.
+# Randomness: a pure function of (seed, step), so a resumed run repeats the uninterrupted
+# one exactly with nothing but the step stored, and any number of processes split the
+# same global batch.
 
 
 def derive_seed(*keys: int) -> int:
@@ -751,6 +760,7 @@ def train(
 
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     per_process = args.train_batch_size * args.gradient_accumulation_steps
+    global_batch = per_process * world
     max_steps = total_steps(args, concept.num_images, world)
     lr = args.learning_rate * (per_process * world if args.scale_lr else 1)
     optimizer = make_optimizer(placeholders.rows, args, lr)
@@ -783,10 +793,12 @@ def train(
     first_step, window_steps = state.step, 0
     try:
         while state.step < max_steps:
-            generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step, rank))
-            start = (state.step * world + rank) * per_process
-            images = sample_images(state.seed, start, per_process, concept.num_images, args.repeats, device)
+            # Every process draws the whole global batch and keeps its own slice: N processes
+            # compute exactly what one process would with N times the batch.
+            generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
+            images = sample_images(state.seed, state.step * global_batch, global_batch, concept.num_images, args.repeats, device)
             batch = draw_batch(generator, images, concept, models.noise_scheduler.config.num_train_timesteps)
+            batch = batch[slice(rank * per_process, (rank + 1) * per_process)]
             while True:
                 try:
                     loss = accumulate_gradients(models, concept, batch, chunk, scaler)
@@ -815,7 +827,7 @@ def train(
             if state.step % args.logging_steps == 0 or state.step == max_steps:
                 last_loss = (loss_sum / loss_count).item()  # the one host sync, once per interval
                 now = time.perf_counter()
-                speed = window_steps * per_process * world / (now - window_start)
+                speed = window_steps * global_batch / (now - window_start)
                 logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_second": speed}
                 progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", samples_s=f"{speed:.1f}")
                 accelerator.log(logs, step=state.step)
@@ -837,7 +849,7 @@ def train(
     progress.close()
     seconds = time.perf_counter() - started
     done = state.step - first_step
-    return TrainResult(state.step, seconds, done * per_process * world / max(seconds, 1e-9), last_loss)
+    return TrainResult(state.step, seconds, done * global_batch / max(seconds, 1e-9), last_loss)
 
 
 def tqdm_bar(total: int, initial: int, enabled: bool):

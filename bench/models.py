@@ -156,7 +156,9 @@ SHAPES = {
             cross_attention_dim=32,
         ),
         # Four blocks: 8x downsampling, as in the real VAE, so latents have the real ratio.
-        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1),
+        # The scaling factor brings this random VAE's latents to about unit variance, as 0.18215
+        # does for SD's (measured on the DreamBooth photos: raw latent std 0.25).
+        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, scaling_factor=4.0),
         text=[(32, 5, 4, "quick_gelu")],
         vocab="tiny",
     ),
@@ -175,7 +177,7 @@ SHAPES = {
             projection_class_embeddings_input_dim=112,  # 6 * 8 + 64
             cross_attention_dim=96,  # 32 + 64
         ),
-        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, force_upcast=True),
+        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, scaling_factor=4.0, force_upcast=True),
         # Two widths, as in SDXL (768 + 1280), so the encoders' rows cannot be mixed up.
         text=[(32, 5, 4, "quick_gelu"), (64, 5, 4, "gelu")],
         vocab="tiny",
@@ -243,6 +245,12 @@ def build_pipeline(shape: str, folder: str | Path, prediction_type: str = "epsil
         up_block_types=("UpDecoderBlock2D",) * n_blocks,
         **spec["vae"],
     )
+    with torch.no_grad():
+        # A trained VAE's posterior is nearly deterministic; a random one's log-variance head
+        # would make every latent mostly noise. Pin it to a small, real-looking spread.
+        logvar = vae.quant_conv.weight.shape[0] // 2
+        vae.quant_conv.weight[logvar:] = 0.0
+        vae.quant_conv.bias[logvar:] = -9.0  # std = exp(-4.5), about 0.011
     xl = len(spec["text"]) == 2
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = [make_tokenizer(spec["vocab"], Path(tmp) / "tok")]
