@@ -307,7 +307,7 @@ def files_from_hub(source: str) -> list[Path]:
             return with_pair_partner(Path(hf_hub_download(repo_id, filename)))
         try:
             entries = [e for e in HfApi().list_repo_tree(repo_id) if isinstance(e, RepoFile)]
-        except Exception:  # noqa: BLE001 - offline, or the Hub is unreachable
+        except Exception:
             # Then the cached snapshot (whatever was fetched before) is all there is; its
             # error, if there is none, says why (offline mode, no connection, no such repo).
             folder = Path(snapshot_download(repo_id))
@@ -320,11 +320,11 @@ def files_from_hub(source: str) -> list[Path]:
             if not names:
                 listed = ", ".join(e.path for e in entries[:8])
                 raise EmbeddingError(f"{source}: no embedding file on the Hub repo (it holds: {listed or 'nothing'})")
-            allow = names + ["token_identifier.txt"]
+            allow = [*names, "token_identifier.txt"]
             folder = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=["*/*"]))
     except EmbeddingError:
         raise
-    except Exception as e:  # noqa: BLE001 - any Hub failure reads the same for the user
+    except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EmbeddingError(
             f"{source}: not a local file or folder, and the Hugging Face Hub could not provide it ({reason})"
@@ -358,7 +358,7 @@ def load_tensor_file(path: Path, source: str) -> object:
         with torch.serialization.safe_globals([torch.nn.ParameterDict]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure here means "not loadable safely"
+    except Exception as e:
         message = str(e)
         refused = f"{source}: refused {path.name}: it is a pickle that"
         advice = "nothing in it was run. Ask its author for a .safetensors version"

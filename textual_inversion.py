@@ -147,14 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_safe_serialization", action="store_true", help="Write .bin files instead of .safetensors.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.'
-    )
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.')
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     g.add_argument(
         "--report_to",
         default=None,
-        help='Tracker: tensorboard, wandb, comet_ml, all or none. Default: tensorboard if it is installed.',
+        help="Tracker: tensorboard, wandb, comet_ml, all or none. Default: tensorboard if it is installed.",
     )
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
 
@@ -162,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images.")
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=100)
-    g.add_argument(
-        "--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps."
-    )
+    g.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_token", default=None)
     g.add_argument("--hub_model_id", default=None)
@@ -175,7 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     checks = [
         (args.num_vectors >= 1, f"--num_vectors must be at least 1 (got {args.num_vectors})"),
-        (args.resolution >= 8 and args.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {args.resolution})"),
+        (
+            args.resolution >= 8 and args.resolution % 8 == 0,
+            f"--resolution must be a multiple of 8 (got {args.resolution})",
+        ),
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
@@ -183,7 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
         (args.logging_steps >= 1, "--logging_steps must be at least 1"),
-        (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1"),
+        (
+            args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
+            "--checkpoints_total_limit must be >= 1",
+        ),
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
     ]
     for ok, message in checks:
@@ -224,10 +226,9 @@ def open_rgb(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat that as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()  # decode now, so a truncated file fails here with its name
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+            with Image.open(path) as stored:
+                stored.load()  # decode now, so a truncated file fails here with its name
+                return to_rgb(ImageOps.exif_transpose(stored))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{path}: too many pixels to open safely ({e}); downscale it") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -393,7 +394,7 @@ def read_model_index(name: str, revision: str | None) -> dict:
 
     try:
         return json.loads(Path(hf_hub_download(name, "model_index.json", revision=revision)).read_text())
-    except Exception as e:  # noqa: BLE001 - any Hub failure is the same message for the user
+    except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"--pretrained_model_name_or_path {name}: not a local folder, and the Hub could not provide it ({reason})"
@@ -436,24 +437,41 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
     tokenizers = []
     for i, sub in enumerate(family.tokenizers):
         if args.tokenizer_name and i == 0:
-            tok = load("--tokenizer_name", CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=args.tokenizer_name)
+            tok = load(
+                "--tokenizer_name", CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=args.tokenizer_name
+            )
         else:
             tok = load(sub, CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=name, subfolder=sub, **common)
         tokenizers.append(tok)
     text_encoders = []
     for sub, cls in zip(family.encoders, (CLIPTextModel, CLIPTextModelWithProjection)):
         encoder = load(
-            sub, cls.from_pretrained, pretrained_model_name_or_path=name, subfolder=sub,
-            variant=args.variant, dtype=weight_dtype, **common,
+            sub,
+            cls.from_pretrained,
+            pretrained_model_name_or_path=name,
+            subfolder=sub,
+            variant=args.variant,
+            dtype=weight_dtype,
+            **common,
         )
         text_encoders.append(encoder)
     unet = load(
-        "unet", UNet2DConditionModel.from_pretrained, pretrained_model_name_or_path=name, subfolder="unet",
-        variant=args.variant, torch_dtype=weight_dtype, **common,
+        "unet",
+        UNet2DConditionModel.from_pretrained,
+        pretrained_model_name_or_path=name,
+        subfolder="unet",
+        variant=args.variant,
+        torch_dtype=weight_dtype,
+        **common,
     )
     vae = load(
-        "vae", AutoencoderKL.from_pretrained, pretrained_model_name_or_path=name, subfolder="vae",
-        variant=args.variant, torch_dtype=torch.float32, **common,
+        "vae",
+        AutoencoderKL.from_pretrained,
+        pretrained_model_name_or_path=name,
+        subfolder="vae",
+        variant=args.variant,
+        torch_dtype=torch.float32,
+        **common,
     )
     noise_scheduler = load(
         "scheduler", DDPMScheduler.from_pretrained, pretrained_model_name_or_path=name, subfolder="scheduler", **common
@@ -470,7 +488,7 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
     if args.enable_xformers_memory_efficient_attention:
         try:
             unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:  # noqa: BLE001 - missing or broken xformers: SDPA does the same job
+        except Exception as e:
             logger.warning("xformers attention unavailable (%s); using PyTorch's SDPA attention", e)
     return Models(family, tokenizers, text_encoders, unet, vae, noise_scheduler, weight_dtype, name)
 
@@ -656,9 +674,7 @@ class Batch:
         return Batch(*(getattr(self, f)[s] for f in self.__dataclass_fields__))
 
 
-def draw_batch(
-    generator: torch.Generator, image: torch.Tensor, concept: Concept, num_timesteps: int
-) -> Batch:
+def draw_batch(generator: torch.Generator, image: torch.Tensor, concept: Concept, num_timesteps: int) -> Batch:
     device, b = image.device, image.shape[0]
     shape = (b, *concept.latent_mean.shape[2:])
     return Batch(
@@ -796,7 +812,9 @@ def train(
             # Every process draws the whole global batch and keeps its own slice: N processes
             # compute exactly what one process would with N times the batch.
             generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
-            images = sample_images(state.seed, state.step * global_batch, global_batch, concept.num_images, args.repeats, device)
+            images = sample_images(
+                state.seed, state.step * global_batch, global_batch, concept.num_images, args.repeats, device
+            )
             batch = draw_batch(generator, images, concept, models.noise_scheduler.config.num_train_timesteps)
             batch = batch[slice(rank * per_process, (rank + 1) * per_process)]
             while True:
@@ -878,10 +896,15 @@ def save_embeddings(
     """learned_embeds files (+ .bin, token_identifier.txt, type_of_concept.txt when final)."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [infer.write_tensors(out / name, tensors) for name, tensors in embedding_files(placeholders, models, args, suffix).items()]
+    written = [
+        infer.write_tensors(out / name, tensors)
+        for name, tensors in embedding_files(placeholders, models, args, suffix).items()
+    ]
     if with_extras:
         if models.family is StableDiffusion and not args.no_safe_serialization:
-            written.append(infer.write_diffusers_embedding(out / "learned_embeds.bin", placeholders.token, placeholders.rows[0]))
+            written.append(
+                infer.write_diffusers_embedding(out / "learned_embeds.bin", placeholders.token, placeholders.rows[0])
+            )
         if models.family is StableDiffusionXL:
             name = infer.file_name_for_token(placeholders.token) + ".safetensors"
             written.append(infer.write_sdxl_embedding(out / name, placeholders.rows[0], placeholders.rows[1]))
@@ -1003,7 +1026,9 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate.utils import ProjectConfiguration
 
     report_to = resolve_report_to(args.report_to)
-    config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir))
+    config = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+    )
     return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, project_config=config)
 
 
@@ -1012,7 +1037,11 @@ def resolve_report_to(value: str | None) -> list[str] | None:
     import importlib.util
 
     if value is None:  # not given: tensorboard if present, like the reference, else none
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else None
+        return (
+            ["tensorboard"]
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+            else None
+        )
     if value in ("none", ""):
         return None
     names = ["tensorboard", "wandb", "comet_ml"] if value == "all" else [v.strip() for v in value.split(",")]
@@ -1021,15 +1050,15 @@ def resolve_report_to(value: str | None) -> list[str] | None:
         if name not in packages:
             raise UserError(f"--report_to {value}: unknown tracker {name!r} (tensorboard, wandb, comet_ml, all, none)")
         if not any(importlib.util.find_spec(m) for m in packages[name]):
-            raise UserError(f"--report_to {name}: {name} is not installed; pip install {name}, or pass --report_to none")
+            raise UserError(
+                f"--report_to {name}: {name} is not installed; pip install {name}, or pass --report_to none"
+            )
     return names
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
     """The run's settings for trackers: plain values only, never the Hub token."""
-    return {
-        k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))
-    }
+    return {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
 
 
 def resolve_seed(args: argparse.Namespace, accelerator) -> int:
@@ -1067,7 +1096,9 @@ def run(args: argparse.Namespace) -> TrainResult:
     checkpoint = find_checkpoint(args)
 
     # Everything that can fail on the user's input fails here, before a file is written.
-    placeholder_string = " ".join([args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)])
+    placeholder_string = " ".join(
+        [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
+    )
     dataset = TextualInversionDataset(
         args.train_data_dir, args.resolution, args.center_crop, args.learnable_property, placeholder_string
     )

@@ -18,6 +18,7 @@ import argparse
 import collections
 import glob
 import gzip
+import itertools
 import json
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def train_bpe(words: list[str], max_merges: int) -> list[tuple[str, str]]:
     while len(merges) < max_merges:
         pairs = collections.Counter()
         for symbols, count in corpus.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break
@@ -99,7 +100,8 @@ def real_clip_merges() -> list[tuple[str, str]]:
             with zipfile.ZipFile(wheel) as zf:
                 (name,) = [n for n in zf.namelist() if n.endswith("bpe_simple_vocab_16e6.txt.gz")]
                 cached.write_bytes(zf.read(name))
-    lines = gzip.open(cached, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(cached, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     # The file's first line is a header; CLIP uses the next 49152 - 256 - 2 merges.
     return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
 

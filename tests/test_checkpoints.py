@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_args
 from safetensors.torch import load_file
 
 import textual_inversion as ti
+from conftest import train_args
 
 
 def learned(out):
@@ -48,7 +48,9 @@ def test_resume_accepts_a_path_or_a_name_inside_output_dir(tiny_sd, photos, tmp_
 
 
 def test_resume_latest_without_checkpoints_starts_from_step_zero(tiny_sd, photos, tmp_path, run_trainer):
-    result = run_trainer(train_args(tiny_sd, photos, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest"))
+    result = run_trainer(
+        train_args(tiny_sd, photos, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
+    )
     assert result.steps == 2
 
 

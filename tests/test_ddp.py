@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, train_args
 from safetensors.torch import load_file
+
+from conftest import ROOT, train_args
 
 
 def launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:
@@ -23,11 +24,12 @@ def launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     # A rare hang at exit has been seen with two gloo processes: never wait forever.
     return subprocess.run(
-        command + [str(ROOT / "textual_inversion.py"), *argv],
+        [*command, str(ROOT / "textual_inversion.py"), *argv],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
 
 
@@ -40,7 +42,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, photos
     assert one.returncode == 0, one.stderr[-3000:]
 
     learned = [load_file(tmp_path / run / "learned_embeds.safetensors")["<concept>"] for run in ("two", "one")]
-    assert not torch.equal(learned[0], load_file(tmp_path / "two" / "checkpoint-2" / "learned_embeds.safetensors")["<concept>"])
+    assert not torch.equal(
+        learned[0], load_file(tmp_path / "two" / "checkpoint-2" / "learned_embeds.safetensors")["<concept>"]
+    )
     # Same samples, same noise; only the order of the float additions differs.
     torch.testing.assert_close(learned[0], learned[1], rtol=1e-4, atol=1e-6)
     # The main process alone wrote the files: the same set a one-process run writes.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RESOLUTION, train_args
 from safetensors.torch import load_file
+
+from conftest import RESOLUTION, train_args
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import RESOLUTION, train_args
 from safetensors.torch import load_file
 
 import textual_inversion as ti
+from conftest import RESOLUTION, train_args
 
 
 def build_stages(model, photos, tmp_path, num_vectors=1, dtype=torch.float32, **flags):
@@ -98,7 +98,10 @@ def test_one_fused_call_gives_the_gradient_of_accumulation(tiny_sd, photos, tmp_
 def test_the_loss_is_mse_on_epsilon(tiny_sd, photos, tmp_path):
     s = build_stages(tiny_sd, photos, tmp_path)
     batch = a_batch(s, size=2)
-    latents = s.concept.latent_mean[batch.image, batch.flip] + s.concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+    latents = (
+        s.concept.latent_mean[batch.image, batch.flip]
+        + s.concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+    )
     noisy = s.models.noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
     with torch.no_grad():
         hidden = s.models.text_encoders[0](s.concept.prompt_ids[0][batch.template])[0]
@@ -110,7 +113,10 @@ def test_v_prediction_models_are_trained_on_velocity(tiny_sd_v, photos, tmp_path
     s = build_stages(tiny_sd_v, photos, tmp_path)
     assert s.models.noise_scheduler.config.prediction_type == "v_prediction"
     batch = a_batch(s, size=2)
-    latents = s.concept.latent_mean[batch.image, batch.flip] + s.concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+    latents = (
+        s.concept.latent_mean[batch.image, batch.flip]
+        + s.concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+    )
     scheduler = s.models.noise_scheduler
     noisy = scheduler.add_noise(latents, batch.noise, batch.timesteps)
     velocity = scheduler.get_velocity(latents, batch.noise, batch.timesteps)

@@ -1,0 +1,165 @@
+"""Training learns: a planted concept is recovered from an unrelated initializer word.
+
+A random-weight UNet is no denoiser: its loss hardly depends on the prompt, so nothing can be
+learned from it. The fixture therefore first teaches the tiny UNet, briefly, to draw three
+concepts: the words "red" and "blue", and one hidden random embedding (the planted concept).
+It teaches through the trainer's own loss function, so SD and SDXL are conditioned exactly as
+in training.
+
+The models predict v, as SD 2.x does: at high noise levels the target is essentially the clean
+latent, which the noisy input no longer shows, so there the prompt is the UNet's only clue and
+it learns to read it within a few hundred steps (with epsilon prediction those levels carry
+almost no weight, and a random UNet ignores its prompt for thousands of steps).
+
+The training photos are new pictures of the hidden concept, drawn by the same procedure the
+UNet was taught on. (Rendering them with the pipeline would not plant anything: the photos
+would pass through the random VAE's decoder and encoder, which are far from inverse, so the
+latents the trainer sees would not be the ones the model drew.) Textual Inversion, starting
+from the word "toy", must then explain them about as well as the hidden embedding does, on
+noise, timesteps and prompts the run never drew.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import textual_inversion as ti
+from bench.models import build_pipeline
+from conftest import train_args
+
+SIZE = 32  # 4x4 latents: enough for three flat concepts, cheap to teach
+TEACH_STEPS = 600
+WORDS = ["red", "blue", "<hidden>"]
+HIDDEN = 2  # the concept taught under the hidden embedding
+
+
+def concept_pictures(kind: int, count: int, rng: np.random.Generator) -> torch.Tensor:
+    """A flat colour per concept, barely shaded: the prompt alone then tells the UNet what the
+    picture is at high noise, the strongest reason a denoiser can have to read its prompt."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    colours = [(0.9, 0.1, 0.1), (0.1, 0.2, 0.9), (0.1, 0.8, 0.2)]
+    pictures = []
+    for _ in range(count):
+        shade = 0.02 * (rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y)
+        pictures.append((np.array(colours[kind]) + shade[..., None]).clip(0, 1) * 2 - 1)
+    return torch.tensor(np.stack(pictures), dtype=torch.float32).permute(0, 3, 1, 2)
+
+
+def stages(model, photos, out, placeholder: str):
+    """The trainer's models and new token for `model`, in fp32 on the CPU."""
+    args = ti.parse_args(train_args(model, photos, out, resolution=SIZE, placeholder_token=placeholder))
+    models = ti.load_models(args, torch.device("cpu"), torch.float32)
+    return models, ti.add_placeholder_tokens(models, placeholder, "toy", 1)
+
+
+def teach(models, pictures_per_concept: int = 24) -> None:
+    """Train the UNet (not the embedding) on the three concepts under all object templates."""
+    rng = np.random.default_rng(0)
+    templates = ti.read_templates("object")
+    pictures = torch.cat([concept_pictures(k, pictures_per_concept, rng) for k in range(len(WORDS))])
+    examples = [
+        {"pixel_values": p.expand(2, -1, -1, -1), "original_size": (SIZE, SIZE), "crop_top_left": (0, 0)}
+        for p in pictures
+    ]
+    prompts = [t.replace("{}", word) for word in WORDS for t in templates]
+    with torch.no_grad():
+        latents = torch.stack([models.vae.encode(e["pixel_values"]).latent_dist.mean for e in examples])
+    latents = latents * models.vae.config.scaling_factor
+    time_ids = [models.family.time_ids((SIZE, SIZE), (0, 0), SIZE) for _ in examples]
+    concept = ti.Concept(
+        latent_mean=latents,
+        latent_std=torch.zeros_like(latents),
+        prompt_ids=[tok(prompts, padding="max_length", return_tensors="pt").input_ids for tok in models.tokenizers],
+        time_ids=None if time_ids[0] is None else torch.tensor(time_ids, dtype=torch.float32),
+        prompts=prompts,
+    )
+    unet = models.unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(TEACH_STEPS):
+        kind = torch.randint(0, len(WORDS), (16,), generator=generator)
+        batch = ti.Batch(
+            image=kind * pictures_per_concept + torch.randint(0, pictures_per_concept, (16,), generator=generator),
+            flip=torch.zeros(16, dtype=torch.long),
+            template=kind * len(templates) + torch.randint(0, len(templates), (16,), generator=generator),
+            timesteps=torch.randint(0, 1000, (16,), generator=generator),
+            posterior_noise=torch.zeros(16, *latents.shape[2:]),
+            noise=torch.randn(16, *latents.shape[2:], generator=generator),
+        )
+        loss = ti.denoising_loss(models, concept, batch).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-xl"], ids=["sd", "sdxl"])
+def planted(request, tmp_path_factory):
+    """(pipeline folder with the taught UNet, photos of the hidden concept, hidden rows per encoder)."""
+    root = tmp_path_factory.mktemp(f"planted-{request.param}")
+    base = build_pipeline(request.param, root / "base", prediction_type="v_prediction")
+    models, placeholders = stages(base, root, root / "unused", "<hidden>")
+    generator = torch.Generator().manual_seed(1234)
+    hidden = []
+    for rows, encoder in zip(placeholders.rows, models.text_encoders):
+        table = encoder.get_input_embeddings().frozen.weight
+        scale = table.norm(dim=1).median() / table.shape[1] ** 0.5
+        hidden.append(torch.randn(rows.shape, generator=generator) * scale)
+    with torch.no_grad():
+        for rows, value in zip(placeholders.rows, hidden):
+            rows.copy_(value)
+    teach(models)
+
+    # The taught UNet beside the untouched tokenizers and text encoders: the hidden embedding
+    # is not part of the model the trainer sees.
+    folder = root / "pipe"
+    shutil.copytree(base, folder)
+    shutil.rmtree(folder / "unet")
+    models.unet.save_pretrained(folder / "unet")
+
+    photos = root / "photos"
+    photos.mkdir()
+    for i, pixels in enumerate(concept_pictures(HIDDEN, 4, np.random.default_rng(99))):
+        array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(array).save(photos / f"{i}.png")
+    return folder, photos, hidden
+
+
+def held_out_scorer(model, photos, tmp_path):
+    """loss(rows per encoder): the mean denoising loss on fixed noise, timesteps, flips and
+    prompts that the run never drew; also returns the initializer's rows."""
+    models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
+    dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>")
+    concept = ti.encode_concept(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders, SIZE)
+    batch = ti.draw_batch(torch.Generator().manual_seed(999), torch.arange(96) % concept.num_images, concept, 1000)
+    initializer = [r.detach().clone() for r in placeholders.rows]
+
+    def loss(rows: list[torch.Tensor]) -> float:
+        with torch.no_grad():
+            for target, value in zip(placeholders.rows, rows):
+                target.copy_(value)
+            return ti.denoising_loss(models, concept, batch).mean().item()
+
+    return loss, initializer
+
+
+def test_training_recovers_the_planted_concept(planted, tmp_path, run_trainer):
+    model, photos, hidden = planted
+    out = tmp_path / "out"
+    flags = dict(resolution=SIZE, train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3)
+    run_trainer(train_args(model, photos, out, max_train_steps=80, **flags))
+    files = ["learned_embeds.safetensors", "learned_embeds_2.safetensors"][: len(hidden)]
+    learned = [load_file(out / name)["<concept>"] for name in files]
+
+    loss, initializer = held_out_scorer(model, photos, tmp_path)
+    start, end, truth = loss(initializer), loss(learned), loss(hidden)
+    summary = f"held-out loss: initializer {start:.4f}, learned {end:.4f}, hidden embedding {truth:.4f}"
+    print(summary)
+    assert truth < 0.8 * start, f"the taught model does not know the hidden concept: {summary}"
+    assert end < start - 0.8 * (start - truth), f"training did not recover the concept: {summary}"
