@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -156,14 +156,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
 
-    g = p.add_argument_group("validation and the Hub")
-    g.add_argument("--validation_prompt", default=None, help="Prompt for validation images.")
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=100)
+    g = p.add_argument_group("watching the run")
+    g.add_argument(
+        "--validation_prompt",
+        action="append",
+        default=None,
+        help="Prompt for validation images; repeat the flag for several. Images come from the models in "
+        "memory in one batched call, with fixed seeds, into output_dir/validation/step-N.png.",
+    )
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps per image.")
+    g.add_argument(
+        "--validation_steps",
+        type=int,
+        default=100,
+        help="Every N steps: the fixed-noise validation loss (always) and validation images (with a prompt).",
+    )
     g.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_token", default=None)
-    g.add_argument("--hub_model_id", default=None)
+    g.add_argument(
+        "--early_stopping_patience",
+        type=int,
+        default=None,
+        help="Stop when the validation loss has not improved in K evaluations, and save the best step's "
+        "embedding as learned_embeds (the last one as learned_embeds-last).",
+    )
+    g.add_argument(
+        "--max_embedding_norm",
+        type=float,
+        default=None,
+        help="After each step, scale any learned vector longer than this back to this L2 norm. Off by "
+        "default; an inflated norm makes the word drown the rest of the prompt.",
+    )
+
+    g = p.add_argument_group("the Hugging Face Hub")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the embedding files, loss.png, the last validation grid and a model card at the end.",
+    )
+    g.add_argument("--hub_model_id", default=None, help="Repo name (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: your `hf auth login`); never logged.")
+    g.add_argument("--hub_private", action="store_true", help="Create the repo as private.")
     return p
 
 
@@ -182,6 +215,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
         (args.logging_steps >= 1, "--logging_steps must be at least 1"),
+        (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (args.num_validation_images >= 1, "--num_validation_images must be at least 1"),
+        (args.validation_inference_steps >= 1, "--validation_inference_steps must be at least 1"),
+        (
+            args.early_stopping_patience is None or args.early_stopping_patience >= 1,
+            "--early_stopping_patience must be >= 1",
+        ),
+        (args.max_embedding_norm is None or args.max_embedding_norm > 0, "--max_embedding_norm must be positive"),
         (
             args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
             "--checkpoints_total_limit must be >= 1",
@@ -710,16 +751,245 @@ def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------
-# Training.
+# Watching a run: a validation loss that means something, validation images, metrics, a plot.
 
 
 @dataclass
 class RunState:
-    """What a checkpoint holds: enough to continue bit for bit."""
+    """Where a run stands. A checkpoint holds all of it, so a resumed run continues bit for bit."""
 
     step: int
     seed: int
-    extra: dict = field(default_factory=dict)
+    best_loss: float | None = None  # the lowest validation loss so far, and when
+    best_step: int | None = None
+    best_rows: list[torch.Tensor] | None = None  # the rows at best_step (with --early_stopping_patience)
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+
+def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_view: int = 4) -> Batch:
+    """A fixed batch: every photo, as-is and mirrored, at `per_view` timesteps spread evenly over
+    the schedule, with noise and prompts drawn once from the seed.
+
+    With noise and timesteps fixed, the loss only moves when the embedding does: unlike the
+    training loss, which the random timestep dominates, it tracks what is being learned
+    (Voronov et al., "Is This Loss Informative?", NeurIPS 2023).
+    """
+    device = concept.latent_mean.device
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION))
+    views = concept.num_images * 2
+    count = views * per_view
+    strata = torch.arange(per_view, device=device).repeat(views)
+    jitter = torch.rand(count, generator=generator, device=device)
+    shape = (count, *concept.latent_mean.shape[2:])
+    return Batch(
+        image=torch.arange(concept.num_images, device=device).repeat_interleave(2 * per_view),
+        flip=torch.arange(2, device=device).repeat_interleave(per_view).repeat(concept.num_images),
+        template=torch.randint(0, len(concept.prompts), (count,), generator=generator, device=device),
+        timesteps=((strata + jitter) * num_timesteps / per_view).long().clamp(max=num_timesteps - 1),
+        posterior_noise=torch.randn(shape, generator=generator, device=device),
+        noise=torch.randn(shape, generator=generator, device=device),
+    )
+
+
+@torch.no_grad()
+def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) -> float:
+    total = sum(denoising_loss(models, concept, batch[slice(i, i + chunk)]).sum() for i in range(0, len(batch), chunk))
+    return float(total) / len(batch)
+
+
+def validation_pipeline(models: Models):
+    """A pipeline around the modules already in memory (no reload from disk)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
+    parts = dict(vae=models.vae, unet=models.unet, scheduler=scheduler)
+    if models.family is StableDiffusionXL:
+        pipe = StableDiffusionXLPipeline(
+            text_encoder=models.text_encoders[0],
+            text_encoder_2=models.text_encoders[1],
+            tokenizer=models.tokenizers[0],
+            tokenizer_2=models.tokenizers[1],
+            **parts,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            text_encoder=models.text_encoders[0],
+            tokenizer=models.tokenizers[0],
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **parts,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def validation_images(pipe, prompts: list[str], count: int, seed: int, size: int, steps: int) -> list[list]:
+    """`count` images per prompt in one batched call, each from its own fixed seed, so the
+    grids of different steps show the same noise and can be compared."""
+    device = pipe.unet.device
+    generators = [
+        torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION, k)) for k in range(count)
+    ] * len(prompts)
+    images = pipe(
+        prompt=[p for p in prompts for _ in range(count)],
+        generator=generators,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+    ).images
+    return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
+
+
+def image_grid(rows: list[list]) -> Image.Image:
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(map(len, rows)), height * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * width, r * height))
+    return grid
+
+
+def plot_run(history: list[dict], path: Path) -> bool:
+    """loss.png: training loss (raw and smoothed), validation loss, embedding norm. Returns
+    False when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    norms = [(h["step"], h["embedding_norm"], h["vocab_median_norm"]) for h in history if "embedding_norm" in h]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[2, 1])
+    if train:
+        steps, losses = zip(*train)
+        smooth, value = [], losses[0]
+        for loss in losses:
+            value = 0.9 * value + 0.1 * loss
+            smooth.append(value)
+        top.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1)
+        top.plot(steps, smooth, color="tab:blue", label="training loss (smoothed)")
+    if val:
+        top.plot(*zip(*val), "o-", color="tab:orange", label="validation loss (fixed noise)")
+    top.set_ylabel("loss")
+    top.legend(loc="upper right")
+    if norms:
+        steps, norm, median = zip(*norms)
+        bottom.plot(steps, norm, color="tab:green", label="learned vectors' norm")
+        bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
+        bottom.legend(loc="upper left")
+    bottom.set_ylabel("L2 norm")
+    bottom.set_xlabel("step")
+    figure.tight_layout()
+    infer.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return True
+
+
+class Watch:
+    """What a person follows during a run: every --logging_steps the training loss, lr, speed
+    and embedding norm; every --validation_steps the fixed-noise validation loss (every
+    process computes it, so all agree on early stopping without talking) and, on the main
+    process, validation images; all of it in metrics.jsonl, the trackers and loss.png."""
+
+    def __init__(self, models, placeholders, concept, args, accelerator, state: RunState, chunk: int):
+        self.models, self.placeholders, self.concept, self.args = models, placeholders, concept, args
+        self.accelerator, self.chunk, self.seed = accelerator, chunk, state.seed
+        self.out = Path(args.output_dir)
+        self.main = accelerator.is_main_process
+        self.batch = validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps)
+        self.vocab_median_norm = [
+            float(e.get_input_embeddings().frozen.weight.float().norm(dim=1).median()) for e in models.text_encoders
+        ]
+        self.pipe = None
+        self.last_grid: Path | None = None
+        self.plotted = self.said_no_plot = False
+        self.history = self.read_history(state.step) if args.resume_from_checkpoint else []
+        if self.main:  # a resumed run continues the log from its checkpoint's step
+            infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+
+    def read_history(self, step: int) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in records if r.get("step", 0) <= step]
+
+    def training(self, loss: float, lr: float, speed: float) -> dict:
+        norms = [float(r.detach().norm(dim=1).mean()) for r in self.placeholders.rows]
+        record = {"loss": loss, "lr": lr, "samples_per_second": speed}
+        for i, (norm, median) in enumerate(zip(norms, self.vocab_median_norm)):
+            suffix = f"_{i + 1}" if i else ""
+            record[f"embedding_norm{suffix}"] = norm
+            record[f"vocab_median_norm{suffix}"] = median
+        return record
+
+    def validate(self, state: RunState, images: bool = True) -> dict:
+        """The validation loss, best-step bookkeeping and early stopping; validation images."""
+        loss = validation_loss(self.models, self.concept, self.batch, self.chunk)
+        if state.best_loss is None or loss < state.best_loss:
+            state.best_loss, state.best_step, state.evals_since_best = loss, state.step, 0
+            if self.args.early_stopping_patience:
+                state.best_rows = [r.detach().clone() for r in self.placeholders.rows]
+        else:
+            state.evals_since_best += 1
+            patience = self.args.early_stopping_patience
+            state.stopped_early = bool(patience) and state.evals_since_best >= patience
+        if images and self.main and self.args.validation_prompt:
+            self.images(state.step)
+        return {"val_loss": loss}
+
+    def images(self, step: int) -> None:
+        args = self.args
+        if self.pipe is None:
+            self.pipe = validation_pipeline(self.models)
+        rows = validation_images(
+            self.pipe,
+            args.validation_prompt,
+            args.num_validation_images,
+            self.seed,
+            args.resolution,
+            args.validation_inference_steps,
+        )
+        folder = self.out / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = image_grid(rows)
+        self.last_grid = infer.atomic_write(folder / f"step-{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                pixels = np.stack([np.asarray(image) for row in rows for image in row])
+                tracker.writer.add_images("validation", pixels, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                captioned = [wandb.Image(i, caption=p) for p, row in zip(args.validation_prompt, rows) for i in row]
+                tracker.log({"validation": captioned}, step=step)
+
+    def record(self, step: int, record: dict, plot: bool) -> None:
+        record = {"step": step, **record}
+        self.history.append(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if plot:
+                self.plot()
+
+    def plot(self) -> None:
+        if plot_run(self.history, self.out / "loss.png"):
+            self.plotted = True
+        elif not self.said_no_plot:
+            logger.info("matplotlib is not installed, so loss.png was skipped (pip install matplotlib)")
+            self.said_no_plot = True
+
+
+# ----------------------------------------------------------------------------------------
+# Training.
 
 
 def make_optimizer(rows: list[torch.Tensor], args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
@@ -735,8 +1005,12 @@ def make_optimizer(rows: list[torch.Tensor], args: argparse.Namespace, lr: float
 def total_steps(args: argparse.Namespace, num_images: int, world_size: int) -> int:
     if args.max_train_steps is not None:
         return args.max_train_steps
+    return args.num_train_epochs * steps_per_epoch(args, num_images, world_size)
+
+
+def steps_per_epoch(args: argparse.Namespace, num_images: int, world_size: int) -> int:
     per_step = args.train_batch_size * args.gradient_accumulation_steps * world_size
-    return args.num_train_epochs * math.ceil(num_images * args.repeats / per_step)
+    return math.ceil(num_images * args.repeats / per_step)
 
 
 @dataclass
@@ -762,6 +1036,13 @@ def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: 
     return total
 
 
+@torch.no_grad()
+def clamp_norms(rows: list[torch.Tensor], max_norm: float) -> None:
+    """Project each learned vector back inside the ball of radius max_norm (no host sync)."""
+    for r in rows:
+        r.mul_((max_norm / r.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+
 def train(
     models: Models,
     placeholders: Placeholders,
@@ -769,6 +1050,7 @@ def train(
     args: argparse.Namespace,
     accelerator,
     state: RunState,
+    watch: Watch,
     optimizer_state: dict | None = None,
 ) -> TrainResult:
     """The training loop: one optimizer step per iteration, nothing else on the hot path."""
@@ -800,15 +1082,17 @@ def train(
             "grad_scaler": scaler.state_dict(),
         }
 
-    chunk = args.micro_batch_size or per_process
+    chunk = watch.chunk
     generator = torch.Generator(device)
     progress = tqdm_bar(max_steps, state.step, accelerator.is_local_main_process)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     last_loss = None
     started = window_start = time.perf_counter()
     first_step, window_steps = state.step, 0
+    if state.step == 0:  # the baseline: how well the initializer word already explains the photos
+        watch.record(0, watch.validate(state, images=False), plot=False)
     try:
-        while state.step < max_steps:
+        while state.step < max_steps and not state.stopped_early:
             # Every process draws the whole global batch and keeps its own slice: N processes
             # compute exactly what one process would with N times the batch.
             generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
@@ -826,7 +1110,7 @@ def train(
                         raise
                     optimizer.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
-                    chunk = (chunk + 1) // 2
+                    chunk = watch.chunk = (chunk + 1) // 2
                     logger.warning("Out of GPU memory; retrying with --micro_batch_size %d", chunk)
             if world > 1:
                 for rows in placeholders.rows:
@@ -836,25 +1120,33 @@ def train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
+            if args.max_embedding_norm:
+                clamp_norms(placeholders.rows, args.max_embedding_norm)
             state.step += 1
             window_steps += 1
             loss_sum += loss
             loss_count += 1
             progress.update(1)
 
-            if state.step % args.logging_steps == 0 or state.step == max_steps:
+            last = state.step == max_steps
+            record = {}
+            if state.step % args.logging_steps == 0 or last:
                 last_loss = (loss_sum / loss_count).item()  # the one host sync, once per interval
                 now = time.perf_counter()
                 speed = window_steps * global_batch / (now - window_start)
-                logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_second": speed}
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", samples_s=f"{speed:.1f}")
-                accelerator.log(logs, step=state.step)
+                record.update(watch.training(last_loss, lr_scheduler.get_last_lr()[0], speed))
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{speed:.1f}")
                 loss_sum.zero_()
                 loss_count, window_start, window_steps = 0, now, 0
-            if accelerator.is_main_process:
-                if state.step % args.save_steps == 0 and state.step < max_steps:
-                    save_embeddings(placeholders, models, args, suffix=f"-steps-{state.step}", with_extras=False)
-                if state.step % args.checkpointing_steps == 0 and state.step < max_steps:
+            validating = state.step % args.validation_steps == 0 or last
+            if validating:
+                record.update(watch.validate(state))
+            if record:
+                watch.record(state.step, record, plot=validating)
+            if accelerator.is_main_process and not last and not state.stopped_early:
+                if state.step % args.save_steps == 0:
+                    save_embeddings(placeholders.rows, placeholders.token, models, args, f"-steps-{state.step}")
+                if state.step % args.checkpointing_steps == 0:
                     save_checkpoint(args, placeholders, models, state, snapshot())
     except KeyboardInterrupt:
         progress.close()
@@ -880,9 +1172,8 @@ def tqdm_bar(total: int, initial: int, enabled: bool):
 # Files: embeddings, checkpoints, the full pipeline. Every file is written atomically.
 
 
-def embedding_files(placeholders: Placeholders, models: Models, args: argparse.Namespace, suffix: str) -> dict:
-    """{file name: tensors} for the embedding files of one moment of training."""
-    token, rows = placeholders.token, placeholders.rows
+def embedding_files(rows: list[torch.Tensor], token: str, models: Models, args, suffix: str) -> dict:
+    """{file name: tensors} of the learned_embeds files (the diffusers layouts) for `rows`."""
     ext = ".bin" if args.no_safe_serialization else ".safetensors"
     files = {f"learned_embeds{suffix}{ext}": {token: rows[0]}}
     if models.family is StableDiffusionXL:
@@ -890,51 +1181,56 @@ def embedding_files(placeholders: Placeholders, models: Models, args: argparse.N
     return files
 
 
-def save_embeddings(
-    placeholders: Placeholders, models: Models, args: argparse.Namespace, suffix: str = "", with_extras: bool = True
-) -> list[Path]:
-    """learned_embeds files (+ .bin, token_identifier.txt, type_of_concept.txt when final)."""
+def save_embeddings(rows: list[torch.Tensor], token: str, models: Models, args, suffix: str = "") -> list[Path]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [
-        infer.write_tensors(out / name, tensors)
-        for name, tensors in embedding_files(placeholders, models, args, suffix).items()
-    ]
-    if with_extras:
-        if models.family is StableDiffusion and not args.no_safe_serialization:
-            written.append(
-                infer.write_diffusers_embedding(out / "learned_embeds.bin", placeholders.token, placeholders.rows[0])
-            )
-        if models.family is StableDiffusionXL:
-            name = infer.file_name_for_token(placeholders.token) + ".safetensors"
-            written.append(infer.write_sdxl_embedding(out / name, placeholders.rows[0], placeholders.rows[1]))
-        written.append(infer.write_text(out / "token_identifier.txt", placeholders.token))
-        written.append(infer.write_text(out / "type_of_concept.txt", args.learnable_property))
+    files = embedding_files(rows, token, models, args, suffix)
+    return [infer.write_tensors(out / name, tensors) for name, tensors in files.items()]
+
+
+def save_outputs(placeholders: Placeholders, models: Models, args: argparse.Namespace, state: RunState) -> list[Path]:
+    """The files users expect: learned_embeds (the kept step), token_identifier.txt,
+    type_of_concept.txt; learned_embeds.bin too (SD), the single clip_l/clip_g file (SDXL),
+    and learned_embeds-last when early stopping kept an earlier step."""
+    out = Path(args.output_dir)
+    token, rows = placeholders.token, placeholders.rows
+    kept = state.best_rows if args.early_stopping_patience and state.best_rows is not None else rows
+    written = save_embeddings(kept, token, models, args)
+    if kept is not rows:
+        written += save_embeddings(rows, token, models, args, "-last")
+    if models.family is StableDiffusion and not args.no_safe_serialization:
+        written.append(infer.write_diffusers_embedding(out / "learned_embeds.bin", token, kept[0]))
+    if models.family is StableDiffusionXL:
+        name = infer.file_name_for_token(token) + ".safetensors"
+        written.append(infer.write_sdxl_embedding(out / name, kept[0], kept[1]))
+    written.append(infer.write_text(out / "token_identifier.txt", token))
+    written.append(infer.write_text(out / "type_of_concept.txt", args.learnable_property))
     return written
 
 
 def save_checkpoint(
     args: argparse.Namespace, placeholders: Placeholders, models: Models, state: RunState, optimizer_state: dict
 ) -> Path:
-    """checkpoint-N/: the rows, optimizer, lr schedule, step and seed (kilobytes), plus the
+    """checkpoint-N/: the rows, optimizer, lr schedule and RunState (kilobytes), plus the
     embedding as it stands, loadable like any output folder."""
     out = Path(args.output_dir)
     final = out / f"checkpoint-{state.step}"
     tmp = out / f".checkpoint-{state.step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    run_state = {f: getattr(state, f) for f in RunState.__dataclass_fields__}
+    if state.best_rows is not None:
+        run_state["best_rows"] = [r.cpu() for r in state.best_rows]
     payload = {
         "format": "textual-inversion-checkpoint/1",
-        "step": state.step,
-        "seed": state.seed,
         "tokens": placeholders.tokens,
         "rows": [r.detach().cpu() for r in placeholders.rows],
         "batch": [args.train_batch_size, args.gradient_accumulation_steps],
-        "extra": state.extra,
+        "state": run_state,
         **optimizer_state,
     }
     infer.atomic_write(tmp / CHECKPOINT_STATE, lambda path: torch.save(payload, path))
-    for name, tensors in embedding_files(placeholders, models, args, "").items():
+    for name, tensors in embedding_files(placeholders.rows, placeholders.token, models, args, "").items():
         infer.write_tensors(tmp / name, tensors)
     infer.write_text(tmp / "token_identifier.txt", placeholders.token)
     if final.exists():
@@ -990,12 +1286,15 @@ def load_checkpoint(path: Path, placeholders: Placeholders, args: argparse.Names
         )
     if payload["batch"] != [args.train_batch_size, args.gradient_accumulation_steps]:
         logger.warning("Resuming with a different batch size than %s was trained with; the run will differ", path)
-    if args.seed is not None and args.seed != payload["seed"]:
-        logger.warning("Resuming with the checkpoint's seed %d, not --seed %d", payload["seed"], args.seed)
+    state = RunState(**payload["state"])
+    if args.seed is not None and args.seed != state.seed:
+        logger.warning("Resuming with the checkpoint's seed %d, not --seed %d", state.seed, args.seed)
+    device = placeholders.rows[0].device
     with torch.no_grad():
         for rows, saved in zip(placeholders.rows, payload["rows"]):
             rows.copy_(saved)
-    state = RunState(payload["step"], payload["seed"], payload.get("extra", {}))
+    if state.best_rows is not None:
+        state.best_rows = [r.to(device) for r in state.best_rows]
     return state, {k: payload[k] for k in ("optimizer", "lr_scheduler", "grad_scaler")}
 
 
@@ -1015,6 +1314,147 @@ def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Pat
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
+
+
+# ----------------------------------------------------------------------------------------
+# The Hub: the embedding files, the plot, the last grid and a model card; no checkpoints.
+
+
+def hub_api(token: str | None):
+    """The Hugging Face Hub client (tests put a recording stand-in here)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """Create (or reuse) the repo before training, so a bad token fails in seconds, not at the end."""
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        return hub_api(args.hub_token).create_repo(repo_id=name, private=args.hub_private, exist_ok=True).repo_id
+    except Exception as e:  # auth, network, naming: all one line for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--push_to_hub: cannot create the Hub repo {name!r} ({reason})") from None
+
+
+def model_card(
+    repo_id: str, args: argparse.Namespace, models: Models, state: RunState, result, files: list[str]
+) -> str:
+    token = args.placeholder_token
+    xl = models.family is StableDiffusionXL
+    tags = ["textual-inversion", "text-to-image", "diffusers", "stable-diffusion-xl" if xl else "stable-diffusion"]
+    if xl:
+        load = (
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors",\n'
+            f"                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors",\n'
+            f"                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+        )
+        single = infer.file_name_for_token(token) + ".safetensors"
+        other_tools = (
+            f"`{single}` holds both encoders' vectors (`clip_l`, `clip_g`), the layout A1111 and ComfyUI read."
+        )
+    else:
+        load = f'pipe.load_textual_inversion("{repo_id}")'
+        other_tools = "Convert for A1111 or ComfyUI with `python infer.py convert REPO OUT --to a1111`."
+    kept = (
+        f"step {state.best_step} of {state.step} (lowest validation loss {state.best_loss:.4f})"
+        if args.early_stopping_patience and state.best_rows is not None
+        else f"the last step ({state.step})"
+    )
+    settings = {
+        "steps": state.step,
+        "batch": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
+        "learning rate": f"{args.learning_rate} ({args.lr_scheduler})",
+        "vectors": args.num_vectors,
+        "initializer": args.initializer_token,
+        "resolution": args.resolution,
+        "seed": state.seed,
+        "kept": kept,
+    }
+    lines = [
+        "---",
+        f"base_model: {args.pretrained_model_name_or_path}",
+        "library_name: diffusers",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# {token}",
+        "",
+        f"A Textual Inversion embedding of a{'' if args.learnable_property == 'object' else ' style'} concept "
+        f"({args.learnable_property}) for `{args.pretrained_model_name_or_path}`. "
+        f"Write `{token}` in a prompt to use it.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in settings.items()],
+        "",
+        "## Use it",
+        "",
+        "```python",
+        "from diffusers import AutoPipelineForText2Image",
+        "",
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_model_name_or_path}")',
+        load,
+        f'image = pipe("a {token} on the beach").images[0]',
+        "```",
+        "",
+        "With this project's `infer.py`:",
+        "",
+        "```bash",
+        f"python infer.py --model {args.pretrained_model_name_or_path} \\",
+        f'    --embedding {repo_id} --prompt "a {token} on the beach"',
+        "```",
+        "",
+        other_tools,
+        "",
+    ]
+    if "validation.png" in files:
+        prompts = "; ".join(args.validation_prompt)
+        lines += ["## Validation images", "", f"Prompts: {prompts}", "", "![validation](validation.png)", ""]
+    if "loss.png" in files:
+        lines += ["## Training", "", "![loss](loss.png)", ""]
+    return "\n".join(lines)
+
+
+def prepare_hub_folder(args, models: Models, state: RunState, result, repo_id: str, watch: Watch) -> Path:
+    """output_dir/hub/: exactly what is uploaded (the final embedding files, token and concept
+    type, loss.png, the last validation grid, README.md). Checkpoints and logs stay local."""
+    out = Path(args.output_dir)
+    folder = out / "hub"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    names = [
+        p.name
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.suffix in (".safetensors", ".bin") and "-steps-" not in p.name
+    ]
+    names += ["token_identifier.txt", "type_of_concept.txt"]
+    if watch.plotted:
+        names.append("loss.png")
+    for name in names:
+        shutil.copy2(out / name, folder / name)
+    if watch.last_grid is not None:
+        shutil.copy2(watch.last_grid, folder / "validation.png")
+        names.append("validation.png")
+    infer.write_text(folder / "README.md", model_card(repo_id, args, models, state, result, names))
+    return folder
+
+
+def push_to_hub(args, models: Models, state: RunState, result, repo_id: str, watch: Watch) -> None:
+    folder = prepare_hub_folder(args, models, state, result, repo_id, watch)
+    try:
+        hub_api(args.hub_token).upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=f"Textual Inversion: {state.step} steps"
+        )
+    except Exception as e:  # the files are safe locally; say how to retry
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"--push_to_hub: upload to {repo_id} failed ({reason}); everything is saved in {folder}; "
+            f"retry with: hf upload {repo_id} {folder}"
+        ) from None
+    logger.info("Pushed to https://huggingface.co/%s", repo_id)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1088,6 +1528,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     diffusers.logging.set_verbosity_error()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1096,18 +1537,19 @@ def run(args: argparse.Namespace) -> TrainResult:
     checkpoint = find_checkpoint(args)
 
     # Everything that can fail on the user's input fails here, before a file is written.
-    placeholder_string = " ".join(
-        [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
-    )
+    tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
     dataset = TextualInversionDataset(
-        args.train_data_dir, args.resolution, args.center_crop, args.learnable_property, placeholder_string
+        args.train_data_dir, args.resolution, args.center_crop, args.learnable_property, " ".join(tokens)
     )
     examples = decode_images(dataset, args.dataloader_num_workers)
     models = load_models(args, accelerator.device, weight_dtype)
     placeholders = add_placeholder_tokens(models, args.placeholder_token, args.initializer_token, args.num_vectors)
     concept = encode_concept(examples, dataset.prompts, models, placeholders, args.resolution)
     del examples
-    models.vae = None  # encoded once; the loop never needs it
+    if args.validation_prompt:
+        models.vae.to(weight_dtype)  # kept for validation images, at the UNet's precision
+    else:
+        models.vae = None  # encoded once; the loop never needs it
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
     if checkpoint is not None:
@@ -1115,11 +1557,14 @@ def run(args: argparse.Namespace) -> TrainResult:
         logger.info("Resuming from %s (step %d)", checkpoint, state.step)
     else:
         state, optimizer_state = RunState(step=0, seed=resolve_seed(args, accelerator)), None
+    world = accelerator.num_processes
+    if args.validation_epochs is not None:
+        args.validation_steps = args.validation_epochs * steps_per_epoch(args, concept.num_images, world)
+    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
-    world = accelerator.num_processes
     logger.info(
         "%s: %d photos, %d prompts, %d vector(s) of width %s, %d steps x %d samples (%d process(es)), seed %d",
         models.family.name,
@@ -1132,23 +1577,39 @@ def run(args: argparse.Namespace) -> TrainResult:
         world,
         state.seed,
     )
-    result = train(models, placeholders, concept, args, accelerator, state, optimizer_state)
+    chunk = args.micro_batch_size or args.train_batch_size * args.gradient_accumulation_steps
+    watch = Watch(models, placeholders, concept, args, accelerator, state, chunk)
+    result = train(models, placeholders, concept, args, accelerator, state, watch, optimizer_state)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = Path(args.output_dir)
-        written = save_embeddings(placeholders, models, args)
+        written = save_outputs(placeholders, models, args, state)
         if args.save_as_full_pipeline:
             save_full_pipeline(args, models, out)
         logger.info(
-            "Done: %d steps in %.1f s (%.1f samples/s); embedding in %s",
+            "Done: %d steps in %.1f s (%.1f samples/s); kept %s; files in %s",
             result.steps,
             result.seconds,
             result.samples_per_second,
-            written[0],
+            kept_step_reason(args, state),
+            written[0].parent,
         )
+        if repo_id is not None:
+            push_to_hub(args, models, state, result, repo_id, watch)
     accelerator.end_training()
     return result
+
+
+def kept_step_reason(args: argparse.Namespace, state: RunState) -> str:
+    if args.early_stopping_patience and state.best_rows is not None:
+        why = (
+            f"stopped early: no better validation loss in {args.early_stopping_patience} evaluations"
+            if state.stopped_early
+            else "the lowest validation loss"
+        )
+        return f"step {state.best_step} ({why}, {state.best_loss:.4f})"
+    return f"the last step {state.step}"
 
 
 if __name__ == "__main__":

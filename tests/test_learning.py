@@ -21,6 +21,7 @@ noise, timesteps and prompts the run never drew.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -132,19 +133,19 @@ def planted(request, tmp_path_factory):
 
 
 def held_out_scorer(model, photos, tmp_path):
-    """loss(rows per encoder): the mean denoising loss on fixed noise, timesteps, flips and
-    prompts that the run never drew; also returns the initializer's rows."""
+    """loss(rows per encoder): the trainer's validation loss (fixed noise, timesteps, flips and
+    prompts) with a seed the training run never used; also returns the initializer's rows."""
     models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>")
     concept = ti.encode_concept(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders, SIZE)
-    batch = ti.draw_batch(torch.Generator().manual_seed(999), torch.arange(96) % concept.num_images, concept, 1000)
+    batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_view=12)
     initializer = [r.detach().clone() for r in placeholders.rows]
 
     def loss(rows: list[torch.Tensor]) -> float:
         with torch.no_grad():
             for target, value in zip(placeholders.rows, rows):
                 target.copy_(value)
-            return ti.denoising_loss(models, concept, batch).mean().item()
+        return ti.validation_loss(models, concept, batch, chunk=32)
 
     return loss, initializer
 
@@ -153,7 +154,7 @@ def test_training_recovers_the_planted_concept(planted, tmp_path, run_trainer):
     model, photos, hidden = planted
     out = tmp_path / "out"
     flags = dict(resolution=SIZE, train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3)
-    run_trainer(train_args(model, photos, out, max_train_steps=80, **flags))
+    run_trainer(train_args(model, photos, out, max_train_steps=80, validation_steps=40, **flags))
     files = ["learned_embeds.safetensors", "learned_embeds_2.safetensors"][: len(hidden)]
     learned = [load_file(out / name)["<concept>"] for name in files]
 
@@ -163,3 +164,8 @@ def test_training_recovers_the_planted_concept(planted, tmp_path, run_trainer):
     print(summary)
     assert truth < 0.8 * start, f"the taught model does not know the hidden concept: {summary}"
     assert end < start - 0.8 * (start - truth), f"training did not recover the concept: {summary}"
+    # The run's own validation loss, the one users watch, fell too.
+    logged = [
+        r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
+    ]
+    assert logged[-1] < 0.8 * logged[0]

@@ -1,0 +1,330 @@
+"""Watching a run: validation images and loss, metrics, early stopping, norms, the plot, the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import textual_inversion as ti
+from conftest import RESOLUTION, train_args
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def learned(out, name="learned_embeds.safetensors"):
+    return load_file(out / name)["<concept>"]
+
+
+VALIDATION = dict(validation_prompt="a photo of a <concept>", num_validation_images=2, validation_inference_steps=2)
+
+
+def test_validation_grids_appear_every_validation_steps_and_at_the_end(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=5, validation_steps=2, **VALIDATION))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-4.png", "step-5.png"]
+    assert Image.open(out / "validation" / "step-5.png").size == (2 * RESOLUTION, RESOLUTION)
+
+
+def test_each_validation_prompt_is_a_row_of_the_grid(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    argv = train_args(tiny_sd, photos, out, "--validation_prompt", "a <concept> on the beach", max_train_steps=1)
+    more = [
+        "--validation_prompt",
+        "a red <concept>",
+        "--num_validation_images",
+        "3",
+        "--validation_inference_steps",
+        "2",
+    ]
+    run_trainer([*argv, *more])
+    assert Image.open(out / "validation" / "step-1.png").size == (3 * RESOLUTION, 2 * RESOLUTION)
+
+
+def test_validation_images_use_fixed_seeds_so_grids_compare(tiny_sd, photos, tmp_path, run_trainer):
+    """With a zero learning rate nothing changes between steps, so neither may the images."""
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, validation_steps=1, learning_rate=0, **VALIDATION))
+    first, second = (np.asarray(Image.open(out / "validation" / f"step-{k}.png")) for k in (1, 2))
+    assert np.array_equal(first, second)
+
+
+def test_validation_images_come_from_the_models_in_memory(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
+    import diffusers
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("validation reloaded a pipeline from disk")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_reload)
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", no_reload)
+    run_trainer(train_args(tiny_sd, photos, tmp_path / "out", max_train_steps=1, **VALIDATION))
+
+
+def test_validation_loss_is_bit_identical_when_evaluated_twice(tiny_sd, photos, tmp_path):
+    from test_training import build_stages
+
+    s = build_stages(tiny_sd, photos, tmp_path)
+    batch = ti.validation_batch(seed=3, concept=s.concept, num_timesteps=1000)
+    assert len(batch) == s.concept.num_images * 2 * 4  # every photo, both flips, 4 timesteps
+    first = ti.validation_loss(s.models, s.concept, batch, chunk=8)
+    assert ti.validation_loss(s.models, s.concept, batch, chunk=8) == first
+    assert ti.validation_loss(s.models, s.concept, batch, chunk=5) == pytest.approx(first, rel=1e-6)
+    again = ti.validation_batch(seed=3, concept=s.concept, num_timesteps=1000)
+    assert torch.equal(again.noise, batch.noise) and torch.equal(again.timesteps, batch.timesteps)
+
+
+def test_validation_timesteps_cover_the_schedule_evenly(tiny_sd, photos, tmp_path):
+    from test_training import build_stages
+
+    s = build_stages(tiny_sd, photos, tmp_path)
+    timesteps = ti.validation_batch(seed=0, concept=s.concept, num_timesteps=1000).timesteps.view(-1, 4)
+    for quarter, column in enumerate(timesteps.T):
+        assert ((column >= 250 * quarter) & (column < 250 * (quarter + 1))).all()
+
+
+def test_metrics_jsonl_has_one_object_per_log_event(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=4, logging_steps=2, validation_steps=3))
+    records = metrics(out)
+    assert [r["step"] for r in records] == [0, 2, 3, 4]
+    assert set(records[0]) == {"step", "val_loss"}  # the initializer's loss, before any step
+    assert {"loss", "lr", "samples_per_second", "embedding_norm", "vocab_median_norm"} <= set(records[1])
+    assert set(records[2]) == {"step", "val_loss"}
+    assert {"loss", "val_loss"} <= set(records[3])  # the last step is logged and validated
+
+
+def test_resumed_run_continues_metrics_from_its_checkpoint(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    flags = dict(logging_steps=1, validation_steps=1, checkpointing_steps=2)
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=3, **flags))
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=4, resume_from_checkpoint="checkpoint-2", **flags))
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3, 4]
+
+
+def test_sdxl_metrics_watch_both_encoders(tiny_sdxl, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sdxl, photos, out, max_train_steps=2, logging_steps=1))
+    record = metrics(out)[1]
+    assert {"embedding_norm", "embedding_norm_2", "vocab_median_norm", "vocab_median_norm_2"} <= set(record)
+
+
+def scripted_validation_loss(monkeypatch, losses):
+    sequence = iter(losses)
+    monkeypatch.setattr(ti, "validation_loss", lambda *a, **k: next(sequence))
+
+
+def test_early_stopping_can_keep_the_initializer_when_nothing_beats_it(
+    tiny_sd, photos, tmp_path, run_trainer, monkeypatch
+):
+    scripted_validation_loss(monkeypatch, [0.5, 0.9, 0.9])
+    out = tmp_path / "out"
+    result = run_trainer(
+        train_args(tiny_sd, photos, out, validation_steps=1, early_stopping_patience=2, max_train_steps=9)
+    )
+    assert result.steps == 2  # step 0 stayed best through two evaluations
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    init_id = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer").encode("toy", add_special_tokens=False)[0]
+    row = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").get_input_embeddings().weight[init_id]
+    assert torch.equal(learned(out)[0], row)  # the kept embedding is the untouched initializer
+
+
+def test_early_stopping_stops_and_keeps_the_best_step(tiny_sd, photos, tmp_path, run_trainer, monkeypatch, caplog):
+    scripted_validation_loss(monkeypatch, [1.1, 1.0, 0.8, 0.9, 0.95, 0.7])  # step 0, then best at step 4
+    out = tmp_path / "out"
+    flags = dict(validation_steps=2, save_steps=2, early_stopping_patience=2, max_train_steps=20)
+    with caplog.at_level(logging.INFO, logger="textual_inversion"):
+        result = run_trainer(train_args(tiny_sd, photos, out, **flags))
+    assert result.steps == 8  # evaluations at 2, 4 (best), 6, 8: two without improvement
+    assert torch.equal(learned(out), learned(out, "learned_embeds-steps-4.safetensors"))
+    assert not torch.equal(learned(out, "learned_embeds-last.safetensors"), learned(out))
+    assert torch.equal(torch.load(out / "learned_embeds.bin", weights_only=True)["<concept>"], learned(out))
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Done"))
+    assert "kept step 4 (stopped early: no better validation loss in 2 evaluations, 0.8000)" in summary
+
+
+def test_without_early_stopping_the_last_step_is_kept(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
+    scripted_validation_loss(monkeypatch, [1.1, 1.0, 0.8, 0.9, 0.95])
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, validation_steps=2, max_train_steps=8))
+    assert not (out / "learned_embeds-last.safetensors").exists()
+
+
+def test_early_stopping_state_survives_a_resume(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
+    flags = dict(validation_steps=1, early_stopping_patience=2, checkpointing_steps=2, max_train_steps=10)
+    scripted_validation_loss(monkeypatch, [1.1, 1.0, 0.5, 0.9])  # steps 0-3: best at step 2, checkpoint at 2
+    out = tmp_path / "out"
+    with pytest.raises(StopIteration):
+        run_trainer(train_args(tiny_sd, photos, out, **flags))
+    scripted_validation_loss(monkeypatch, [0.9, 0.9])  # steps 3 and 4: no improvement on 0.5
+    result = run_trainer(train_args(tiny_sd, photos, out, resume_from_checkpoint="checkpoint-2", **flags))
+    assert result.steps == 4
+    assert torch.equal(learned(out), learned(out / "checkpoint-2"))
+
+
+def test_embedding_norm_is_logged_next_to_the_vocabulary_median(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, logging_steps=1))
+    first = metrics(out)[1]
+    assert first["embedding_norm"] == pytest.approx(learned(out, "learned_embeds.safetensors").norm(), rel=0.5)
+    assert first["vocab_median_norm"] > 0
+
+
+def test_max_embedding_norm_projects_the_rows_back(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=3, num_vectors=2, max_embedding_norm=0.05))
+    assert (learned(out).norm(dim=1) <= 0.05 + 1e-6).all()
+
+
+def test_loss_plot_is_drawn_at_each_validation(tiny_sd, photos, tmp_path, run_trainer):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=3, logging_steps=1, validation_steps=2))
+    with Image.open(out / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 300
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_one_line(
+    tiny_sd, photos, tmp_path, run_trainer, monkeypatch, caplog
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="textual_inversion"):
+        run_trainer(train_args(tiny_sd, photos, out, max_train_steps=3, validation_steps=1))
+    assert not (out / "loss.png").exists()
+    assert sum("loss.png was skipped" in r.getMessage() for r in caplog.records) == 1
+
+
+class RecordingHub:
+    """Stands in for huggingface_hub.HfApi: nothing can reach the Hub from the test machines,
+    so the test checks the exact calls and the folder that would be uploaded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, token):
+        self.calls.append(("HfApi", {"token": token}))
+        return self
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        return SimpleNamespace(repo_id=f"someone/{kwargs['repo_id']}")
+
+    def upload_folder(self, **kwargs):
+        from pathlib import Path
+
+        kwargs["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        self.calls.append(("upload_folder", kwargs))
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    recorder = RecordingHub()
+    monkeypatch.setattr(ti, "hub_api", recorder)
+    return recorder
+
+
+def hub_run(run_trainer, model, photos, out, *extra, **flags):
+    argv = train_args(
+        model, photos, out, "--push_to_hub", "--hub_token", "hf_SECRET", *extra, max_train_steps=2, **flags
+    )
+    return run_trainer([*argv, "--hub_model_id", "my-concept", "--hub_private"])
+
+
+def test_push_to_hub_uploads_exactly_the_embedding_files_plot_grid_and_card(
+    tiny_sd, photos, tmp_path, run_trainer, hub
+):
+    out = tmp_path / "out"
+    hub_run(run_trainer, tiny_sd, photos, out, checkpointing_steps=1, save_steps=1, **VALIDATION)
+    names = [name for name, _ in hub.calls]
+    assert names == ["HfApi", "create_repo", "HfApi", "upload_folder"]
+    assert hub.calls[1][1] == {"repo_id": "my-concept", "private": True, "exist_ok": True}
+    upload = hub.calls[3][1]
+    assert upload["repo_id"] == "someone/my-concept"
+    expected = [
+        "README.md",
+        "learned_embeds.bin",
+        "learned_embeds.safetensors",
+        "loss.png",
+        "token_identifier.txt",
+        "type_of_concept.txt",
+        "validation.png",
+    ]
+    assert upload["files"] == expected
+    assert (out / "checkpoint-1").exists()  # checkpoints stay local
+
+
+def test_model_card_says_what_was_trained_and_how_to_use_it(tiny_sd, photos, tmp_path, run_trainer, hub):
+    out = tmp_path / "out"
+    hub_run(run_trainer, tiny_sd, photos, out, **VALIDATION)
+    card = (out / "hub" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ")
+    assert f"base_model: {tiny_sd}" in card
+    for expected in ("# <concept>", "(object)", "| steps | 2 |", "| initializer | toy |", "| seed | 0 |"):
+        assert expected in card
+    assert 'pipe.load_textual_inversion("someone/my-concept")' in card
+    assert "python infer.py --model" in card and "--embedding someone/my-concept" in card
+    assert "![validation](validation.png)" in card and "![loss](loss.png)" in card
+
+
+def test_sdxl_model_card_loads_both_encoders(tiny_sdxl, photos, tmp_path, run_trainer, hub):
+    out = tmp_path / "out"
+    hub_run(run_trainer, tiny_sdxl, photos, out)
+    card = (out / "hub" / "README.md").read_text()
+    assert 'weight_name="learned_embeds_2.safetensors"' in card and "text_encoder=pipe.text_encoder_2" in card
+    assert hub.calls[-1][1]["files"] == [
+        "README.md",
+        "concept.safetensors",
+        "learned_embeds.safetensors",
+        "learned_embeds_2.safetensors",
+        "loss.png",
+        "token_identifier.txt",
+        "type_of_concept.txt",
+    ]
+
+
+def test_the_hub_token_is_never_written_or_logged(tiny_sd, photos, tmp_path, run_trainer, hub, caplog, capsys):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        hub_run(run_trainer, tiny_sd, photos, out, **VALIDATION)
+    assert "hf_SECRET" not in caplog.text + capsys.readouterr().err
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRET" not in path.read_bytes(), path
+    assert "hub_token" not in ti.tracker_config(
+        ti.parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                "m",
+                "--train_data_dir",
+                "d",
+                "--placeholder_token",
+                "<x>",
+                "--initializer_token",
+                "a",
+                "--hub_token",
+                "hf_SECRET",
+            ]
+        )
+    )
+
+
+def test_a_hub_repo_that_cannot_be_created_fails_before_training(tiny_sd, photos, tmp_path, capsys, monkeypatch):
+    def refuse(token):
+        raise RuntimeError("401 Client Error: Unauthorized")
+
+    monkeypatch.setattr(ti, "hub_api", refuse)
+    out = tmp_path / "out"
+    argv = train_args(tiny_sd, photos, out, "--push_to_hub")
+    assert ti.main([str(a) for a in argv]) == 2
+    assert "--push_to_hub: cannot create the Hub repo 'out' (401 Client Error: Unauthorized)" in capsys.readouterr().err
+    assert not out.exists()
