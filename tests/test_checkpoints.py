@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_args
 from safetensors.torch import load_file
 
 import textual_inversion as ti
-from conftest import train_args
 
 
 def learned(out):

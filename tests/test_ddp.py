@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, train_args
+from safetensors.torch import load_file
 
 
 def launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:

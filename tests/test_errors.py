@@ -6,10 +6,10 @@ import io
 import json
 
 import pytest
+from conftest import make_photo, train_args
 from PIL import Image
 
 import textual_inversion as ti
-from conftest import make_photo, train_args
 
 
 def snapshot(folder):

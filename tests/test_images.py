@@ -7,10 +7,10 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import make_photo
 from PIL import Image
 
 import textual_inversion as ti
-from conftest import make_photo
 
 
 def pixels_of(path, size=16, center_crop=False) -> np.ndarray:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RESOLUTION, ROOT, train_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer
-from conftest import RESOLUTION, ROOT, train_args
 
 STEPS = 2
 

@@ -27,12 +27,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import train_args
 from PIL import Image
 from safetensors.torch import load_file
 
 import textual_inversion as ti
 from bench.models import build_pipeline
-from conftest import train_args
 
 SIZE = 32  # 4x4 latents: enough for three flat concepts, cheap to teach
 TEACH_STEPS = 600

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import RESOLUTION, train_args
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import RESOLUTION, train_args
 from safetensors.torch import load_file
 
 import textual_inversion as ti
-from conftest import RESOLUTION, train_args
 
 
 def build_stages(model, photos, tmp_path, num_vectors=1, dtype=torch.float32, **flags):
     """models -> placeholders -> concept, through the script's own stage functions."""
     args = ti.parse_args(train_args(model, photos, tmp_path / "out", num_vectors=num_vectors, **flags))
-    dataset = ti.TextualInversionDataset(photos, RESOLUTION, placeholder_token="<concept>")
+    dataset = ti.TextualInversionDataset(photos, RESOLUTION, args.center_crop, placeholder_token="<concept>")
     models = ti.load_models(args, torch.device("cpu"), dtype)
     placeholders = ti.add_placeholder_tokens(models, "<concept>", "toy", num_vectors)
     prompts = [t.replace("{}", " ".join(placeholders.tokens)) for t in dataset.templates]

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import RESOLUTION, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
 import textual_inversion as ti
-from conftest import RESOLUTION, train_args
 
 
 def metrics(out) -> list[dict]:
