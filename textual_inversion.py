@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and text encoder(s): a one-time compile, then faster steps on GPU.",
+    )
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile.")
+    g.add_argument(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
         help="Use xformers attention if installed (PyTorch's SDPA, the default, is as fast).",
@@ -313,6 +319,8 @@ def square_pixels(image: Image.Image, size: int, center_crop: bool) -> tuple[np.
 
 def read_templates(learnable_property: str) -> list[str]:
     path = HERE / "templates" / f"{learnable_property}.txt"
+    if not path.exists():
+        raise UserError(f"{path} is missing: keep the templates/ folder (and infer.py) beside textual_inversion.py")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if "{}" in line]
 
 
@@ -413,6 +421,31 @@ class Models:
     noise_scheduler: object
     weight_dtype: torch.dtype
     source: str
+    # What the loss calls: the modules themselves, or their torch.compile'd forms (--compile).
+    # Validation images keep the plain modules, so sampling shapes never cause a recompile.
+    unet_forward: object = None
+    text_encoder_forwards: list | None = None
+    graphs_before: int = 0  # torch.compile graphs that existed before this run compiled its own
+
+    def __post_init__(self):
+        self.unet_forward = self.unet_forward or self.unet
+        self.text_encoder_forwards = self.text_encoder_forwards or list(self.text_encoders)
+
+
+def compile_models(models: Models, backend: str) -> None:
+    """torch.compile the UNet and text encoder(s) for the training loss. Shapes never change
+    during a run (fixed chunks, the validation batch padded to them), so each graph compiles
+    once; grad and no-grad (validation) calls make two."""
+    torch._dynamo.reset()  # a run compiles its own graphs, whatever ran in this process before
+    models.graphs_before = compiled_graphs()
+    models.unet_forward = torch.compile(models.unet, backend=backend)
+    models.text_encoder_forwards = [torch.compile(e, backend=backend) for e in models.text_encoders]
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def read_model_index(name: str, revision: str | None) -> dict:
@@ -711,7 +744,7 @@ class Batch:
     def __len__(self) -> int:
         return self.image.shape[0]
 
-    def __getitem__(self, s: slice) -> Batch:
+    def __getitem__(self, s: slice | torch.Tensor) -> Batch:
         return Batch(*(getattr(self, f)[s] for f in self.__dataclass_fields__))
 
 
@@ -743,8 +776,8 @@ def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tens
         raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
     prompt_ids = [ids[batch.template] for ids in concept.prompt_ids]
     time_ids = None if concept.time_ids is None else concept.time_ids[batch.image]
-    hidden, added = models.family.condition(models.text_encoders, prompt_ids, time_ids)
-    prediction = models.unet(
+    hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids)
+    prediction = models.unet_forward(
         noisy.to(models.weight_dtype), batch.timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added
     ).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -794,8 +827,13 @@ def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_view: 
 
 @torch.no_grad()
 def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) -> float:
-    total = sum(denoising_loss(models, concept, batch[slice(i, i + chunk)]).sum() for i in range(0, len(batch), chunk))
-    return float(total) / len(batch)
+    """Mean loss over the batch, in calls of exactly `chunk` samples (the last one wraps around
+    and its repeats are dropped), so a compiled UNet sees one shape only."""
+    n, total = len(batch), 0.0
+    for start in range(0, n, chunk):
+        index = torch.arange(start, start + chunk, device=batch.image.device) % n
+        total += float(denoising_loss(models, concept, batch[index])[: n - start].sum())
+    return total / n
 
 
 def validation_pipeline(models: Models):
@@ -1019,6 +1057,7 @@ class TrainResult:
     seconds: float
     samples_per_second: float
     final_loss: float | None
+    compiled_graphs: int | None = None  # with --compile: graphs compiled in the whole run
 
 
 def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: int, scaler) -> torch.Tensor:
@@ -1159,7 +1198,8 @@ def train(
     progress.close()
     seconds = time.perf_counter() - started
     done = state.step - first_step
-    return TrainResult(state.step, seconds, done * global_batch / max(seconds, 1e-9), last_loss)
+    graphs = compiled_graphs() - models.graphs_before if args.compile else None
+    return TrainResult(state.step, seconds, done * global_batch / max(seconds, 1e-9), last_loss, graphs)
 
 
 def tqdm_bar(total: int, initial: int, enabled: bool):
@@ -1546,6 +1586,8 @@ def run(args: argparse.Namespace) -> TrainResult:
     placeholders = add_placeholder_tokens(models, args.placeholder_token, args.initializer_token, args.num_vectors)
     concept = encode_concept(examples, dataset.prompts, models, placeholders, args.resolution)
     del examples
+    if args.compile:
+        compile_models(models, args.compile_backend)
     if args.validation_prompt:
         models.vae.to(weight_dtype)  # kept for validation images, at the UNet's precision
     else:
@@ -1587,6 +1629,8 @@ def run(args: argparse.Namespace) -> TrainResult:
         written = save_outputs(placeholders, models, args, state)
         if args.save_as_full_pipeline:
             save_full_pipeline(args, models, out)
+        if result.compiled_graphs is not None:
+            logger.info("torch.compile: %d graphs compiled in this run", result.compiled_graphs)
         logger.info(
             "Done: %d steps in %.1f s (%.1f samples/s); kept %s; files in %s",
             result.steps,

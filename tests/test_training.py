@@ -182,3 +182,15 @@ def test_total_steps_come_from_epochs_when_max_steps_is_unset():
         max_train_steps=None, num_train_epochs=3, train_batch_size=2, gradient_accumulation_steps=2, repeats=10
     )
     assert ti.total_steps(args, num_images=4, world_size=1) == 3 * 10  # 40 samples / 4 per step
+
+
+def test_compile_builds_each_graph_once_and_never_recompiles(tiny_sd, photos, tmp_path, run_trainer):
+    """UNet and text encoder, with and without grad (validation): four graphs, however long
+    the run. (The eager backend traces like inductor but skips code generation.)"""
+    counts = []
+    for steps in (2, 7):
+        flags = dict(max_train_steps=steps, validation_steps=3, compile_backend="eager", train_batch_size=3)
+        counts.append(
+            run_trainer(train_args(tiny_sd, photos, tmp_path / f"out{steps}", "--compile", **flags)).compiled_graphs
+        )
+    assert counts == [4, 4]

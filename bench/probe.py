@@ -1,0 +1,63 @@
+"""Run a training script in this process and record what bench.py measures.
+
+    python bench/probe.py RECORD.json SCRIPT [script flags ...]
+
+Records, without changing the script: the time of every real optimizer step (a global
+torch.optim post-step hook, so gradient-accumulation micro-steps that do not step are not
+counted), every `Accelerator.log` call (the losses), the peak resident memory and, on CUDA,
+the peak allocated memory. Times are seconds since this process started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import resource
+import runpy
+import sys
+import time
+
+START = time.perf_counter()
+
+
+def main() -> None:
+    record_path, script, *argv = sys.argv[1:]
+    import accelerate
+    import torch
+
+    steps: list[float] = []
+    logs: list[dict] = []
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(lambda *_: steps.append(time.perf_counter() - START))
+
+    log = accelerate.Accelerator.log
+
+    def recording_log(self, values: dict, step: int | None = None, log_kwargs: dict | None = None):
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        logs.append({"time": time.perf_counter() - START, "step": step, **numbers})
+        return log(self, values, step=step, log_kwargs=log_kwargs or {})
+
+    accelerate.Accelerator.log = recording_log
+
+    def dump() -> None:
+        cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+        record = {
+            "steps": steps,
+            "logs": logs,
+            "end": time.perf_counter() - START,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "cuda_peak_allocated_bytes": cuda_peak,
+        }
+        with open(record_path, "w") as f:
+            json.dump(record, f)
+
+    atexit.register(dump)
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
