@@ -669,9 +669,11 @@ def encode_concept(
     device = next(vae.parameters()).device
     means, stds = [], []
     for example in examples:
-        posterior = vae.encode(example["pixel_values"].to(device, torch.float32)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        # One view at a time: the VAE's activations at full resolution dominate peak memory
+        # (gigabytes for SDXL at 1024 px in fp32), and this runs once, so batching buys nothing.
+        views = [vae.encode(view[None].to(device, torch.float32)).latent_dist for view in example["pixel_values"]]
+        means.append(torch.cat([v.mean for v in views]))
+        stds.append(torch.cat([v.std for v in views]))
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latent_mean = (torch.stack(means) - shift) * scale

@@ -190,7 +190,9 @@ def measure(args: argparse.Namespace, trainer: str, script: Path, model: Path, w
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     extra = shlex.split(args.ours_flags if trainer == "ours" else args.reference_flags)
     if trainer == "ours":
-        extra += ["--logging_steps", "1" if precision == "no" else "10"]
+        # Per-step losses for the comparison; on GPU every 10 steps, so that reading them back
+        # does not add a host sync per step. (Flags given with --ours_flags come later and win.)
+        extra = ["--logging_steps", "1" if precision == "no" else "10", *extra]
     else:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "shims"), env.get("PYTHONPATH")]))
     runs = {}
