@@ -15,7 +15,7 @@ The file reads top to bottom as the run does:
     placeholders = add_placeholder_tokens(models, ...)
     concept = encode_concept(images, models, ...)  # cached VAE posteriors + prompt token ids
     train(models, placeholders, concept, args, ...)  # the loop, nothing else
-    save_embeddings(placeholders, output_dir)
+    save_outputs(placeholders, models, args, ...)  # learned_embeds.*, token_identifier.txt, ...
 Why it is fast: every image is encoded by the VAE once, before the loop; each step samples
 from the cached posterior (the distribution the reference script re-encodes for every
 sample); prompts are tokenized once; the micro-batches of a gradient-accumulation step run
@@ -101,8 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient_accumulation_steps) in one call, the same gradient as accumulation but faster; "
         "on a CUDA out-of-memory error it halves by itself.",
     )
-    g.add_argument("--num_train_epochs", type=int, default=100, help="Used only if --max_train_steps is unset.")
-    g.add_argument("--max_train_steps", type=int, default=5000, help="Optimizer steps to train.")
+    g.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help="Epochs (photos x repeats samples each) to train, if --max_train_steps is not given.",
+    )
+    g.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps to train. Default: 5000, or --num_train_epochs when that is given (the "
+        "diffusers script ignores --num_train_epochs unless you could unset this, which you cannot).",
+    )
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
     g.add_argument(
@@ -219,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
         (args.repeats >= 1, "--repeats must be at least 1"),
         (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
+        (args.num_train_epochs is None or args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
         (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
         (args.logging_steps >= 1, "--logging_steps must be at least 1"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
@@ -428,8 +440,10 @@ class Models:
     graphs_before: int = 0  # torch.compile graphs that existed before this run compiled its own
 
     def __post_init__(self):
-        self.unet_forward = self.unet_forward or self.unet
-        self.text_encoder_forwards = self.text_encoder_forwards or list(self.text_encoders)
+        if self.unet_forward is None:
+            self.unet_forward = self.unet
+        if self.text_encoder_forwards is None:
+            self.text_encoder_forwards = list(self.text_encoders)
 
 
 def compile_models(models: Models, backend: str) -> None:
@@ -873,13 +887,15 @@ def validation_images(pipe, prompts: list[str], count: int, seed: int, size: int
     generators = [
         torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION, k)) for k in range(count)
     ] * len(prompts)
-    images = pipe(
-        prompt=[p for p in prompts for _ in range(count)],
-        generator=generators,
-        num_inference_steps=steps,
-        height=size,
-        width=size,
-    ).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # SDXL's fp16 VAE upcast announces a deprecation
+        images = pipe(
+            prompt=[p for p in prompts for _ in range(count)],
+            generator=generators,
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+        ).images
     return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
 
 
@@ -937,7 +953,7 @@ class Watch:
     process computes it, so all agree on early stopping without talking) and, on the main
     process, validation images; all of it in metrics.jsonl, the trackers and loss.png."""
 
-    def __init__(self, models, placeholders, concept, args, accelerator, state: RunState, chunk: int):
+    def __init__(self, models, placeholders, concept, args, accelerator, state: RunState, chunk: int, resumed: bool):
         self.models, self.placeholders, self.concept, self.args = models, placeholders, concept, args
         self.accelerator, self.chunk, self.seed = accelerator, chunk, state.seed
         self.out = Path(args.output_dir)
@@ -949,7 +965,7 @@ class Watch:
         self.pipe = None
         self.last_grid: Path | None = None
         self.plotted = self.said_no_plot = False
-        self.history = self.read_history(state.step) if args.resume_from_checkpoint else []
+        self.history = self.read_history(state.step) if resumed else []
         if self.main:  # a resumed run continues the log from its checkpoint's step
             infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
 
@@ -1042,10 +1058,15 @@ def make_optimizer(rows: list[torch.Tensor], args: argparse.Namespace, lr: float
     )
 
 
+DEFAULT_STEPS = 5000
+
+
 def total_steps(args: argparse.Namespace, num_images: int, world_size: int) -> int:
     if args.max_train_steps is not None:
         return args.max_train_steps
-    return args.num_train_epochs * steps_per_epoch(args, num_images, world_size)
+    if args.num_train_epochs is not None:
+        return args.num_train_epochs * steps_per_epoch(args, num_images, world_size)
+    return DEFAULT_STEPS
 
 
 def steps_per_epoch(args: argparse.Namespace, num_images: int, world_size: int) -> int:
@@ -1622,7 +1643,7 @@ def run(args: argparse.Namespace) -> TrainResult:
         state.seed,
     )
     chunk = args.micro_batch_size or args.train_batch_size * args.gradient_accumulation_steps
-    watch = Watch(models, placeholders, concept, args, accelerator, state, chunk)
+    watch = Watch(models, placeholders, concept, args, accelerator, state, chunk, resumed=checkpoint is not None)
     result = train(models, placeholders, concept, args, accelerator, state, watch, optimizer_state)
 
     accelerator.wait_for_everyone()

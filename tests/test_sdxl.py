@@ -165,3 +165,15 @@ def test_sdxl_bf16_runs_frozen_models_in_bf16_with_fp32_rows_and_an_fp32_vae(tin
     for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
         rows = load_file(out / name)["<concept>"]
         assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+
+
+def test_sdxl_fp16_trains_with_fp32_rows_and_makes_validation_images(tiny_sdxl, photos, tmp_path, run_trainer):
+    """fp16 frozen models with fp32 rows and a gradient scaler (the diffusers SDXL script fails
+    here with "Attempting to unscale FP16 gradients"). Runs on the CPU too."""
+    out = tmp_path / "fp16"
+    flags = dict(mixed_precision="fp16", validation_prompt="a <concept>", validation_inference_steps=2)
+    run_trainer(train_args(tiny_sdxl, photos, out, num_validation_images=1, **flags))
+    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
+        rows = load_file(out / name)["<concept>"]
+        assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+    assert (out / "validation" / "step-4.png").exists()

@@ -182,6 +182,8 @@ def test_total_steps_come_from_epochs_when_max_steps_is_unset():
         max_train_steps=None, num_train_epochs=3, train_batch_size=2, gradient_accumulation_steps=2, repeats=10
     )
     assert ti.total_steps(args, num_images=4, world_size=1) == 3 * 10  # 40 samples / 4 per step
+    assert ti.total_steps(argparse.Namespace(**{**vars(args), "max_train_steps": 7}), 4, 1) == 7
+    assert ti.total_steps(argparse.Namespace(**{**vars(args), "num_train_epochs": None}), 4, 1) == 5000
 
 
 def test_compile_builds_each_graph_once_and_never_recompiles(tiny_sd, photos, tmp_path, run_trainer):

@@ -110,6 +110,13 @@ def test_resumed_run_continues_metrics_from_its_checkpoint(tiny_sd, photos, tmp_
     assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3, 4]
 
 
+def test_resume_latest_without_a_checkpoint_starts_a_fresh_log(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, logging_steps=1, checkpointing_steps=9))
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, logging_steps=1, resume_from_checkpoint="latest"))
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2]
+
+
 def test_sdxl_metrics_watch_both_encoders(tiny_sdxl, photos, tmp_path, run_trainer):
     out = tmp_path / "out"
     run_trainer(train_args(tiny_sdxl, photos, out, max_train_steps=2, logging_steps=1))
