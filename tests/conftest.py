@@ -71,14 +71,28 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def reset_accelerate_state() -> None:
     """Each in-process run builds its own Accelerator (with its own precision)."""
-    yield
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
+def train_once(argv: list[str]):
+    """Run textual_inversion.py in this process (for module-scoped fixtures): -> TrainResult."""
+    import textual_inversion
+
+    try:
+        return textual_inversion.run(textual_inversion.parse_args([str(a) for a in argv]))
+    finally:
+        reset_accelerate_state()
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str, **flags) -> list[str]:
@@ -111,9 +125,4 @@ def train_args(model: Path, data: Path, out: Path, *extra: str, **flags) -> list
 @pytest.fixture
 def run_trainer():
     """Run textual_inversion.py in this process: run_trainer(argv) -> TrainResult."""
-    import textual_inversion
-
-    def run(argv: list[str]):
-        return textual_inversion.run(textual_inversion.parse_args(argv))
-
-    return run
+    return train_once

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RESOLUTION, ROOT, train_args
+from conftest import RESOLUTION, ROOT, train_args, train_once
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -46,15 +46,7 @@ def vectors(n: int, width: int, seed: int = 0) -> torch.Tensor:
 
 def train(model: Path, photos: Path, out: Path, **flags) -> Path:
     """The real trainer, in this process, so "our output folder" is what users really get."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    import textual_inversion
-
-    try:
-        textual_inversion.run(textual_inversion.parse_args(train_args(model, photos, out, **flags)))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    train_once(train_args(model, photos, out, **flags))
     return out
 
 

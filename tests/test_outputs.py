@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RESOLUTION, train_args
+from conftest import RESOLUTION, train_args, train_once
 from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd, photos, tmp_path_factory):
     """One SD run, two vectors, embeddings saved every 2 steps."""
-    import textual_inversion as ti
-
     out = tmp_path_factory.mktemp("trained") / "out"
-    ti.run(ti.parse_args(train_args(tiny_sd, photos, out, num_vectors=2, max_train_steps=5, save_steps=2)))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    train_once(train_args(tiny_sd, photos, out, num_vectors=2, max_train_steps=5, save_steps=2))
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RESOLUTION, make_photo, train_args
+from conftest import RESOLUTION, make_photo, train_args, train_once
 from safetensors.torch import load_file
 from test_training import a_batch, build_stages
 
@@ -14,10 +14,7 @@ import textual_inversion as ti
 @pytest.fixture(scope="module")
 def trained_xl(tiny_sdxl, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("xl") / "out"
-    ti.run(ti.parse_args(train_args(tiny_sdxl, photos, out, num_vectors=2, max_train_steps=3, train_batch_size=2)))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    train_once(train_args(tiny_sdxl, photos, out, num_vectors=2, max_train_steps=3, train_batch_size=2))
     return out
 
 
