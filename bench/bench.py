@@ -100,7 +100,11 @@ def commit() -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # Code changes make a figure belong to no commit; the results file growing does not.
+    changed = [
+        line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if "RESULTS.md" not in line
+    ]
+    return head + ("-dirty" if changed else "")
 
 
 def model_folder(args: argparse.Namespace) -> Path:
