@@ -816,9 +816,9 @@ class RunState:
     stopped_early: bool = False
 
 
-def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_view: int = 4) -> Batch:
-    """A fixed batch: every photo, as-is and mirrored, at `per_view` timesteps spread evenly over
-    the schedule, with noise and prompts drawn once from the seed.
+def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo: int = 4) -> Batch:
+    """A fixed batch: every photo at `per_photo` timesteps spread evenly over the schedule,
+    each with a flip, prompt and noise drawn once from the seed.
 
     With noise and timesteps fixed, the loss only moves when the embedding does: unlike the
     training loss, which the random timestep dominates, it tracks what is being learned
@@ -826,16 +826,15 @@ def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_view: 
     """
     device = concept.latent_mean.device
     generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION))
-    views = concept.num_images * 2
-    count = views * per_view
-    strata = torch.arange(per_view, device=device).repeat(views)
+    count = concept.num_images * per_photo
+    strata = torch.arange(per_photo, device=device).repeat(concept.num_images)
     jitter = torch.rand(count, generator=generator, device=device)
     shape = (count, *concept.latent_mean.shape[2:])
     return Batch(
-        image=torch.arange(concept.num_images, device=device).repeat_interleave(2 * per_view),
-        flip=torch.arange(2, device=device).repeat_interleave(per_view).repeat(concept.num_images),
+        image=torch.arange(concept.num_images, device=device).repeat_interleave(per_photo),
+        flip=torch.randint(0, 2, (count,), generator=generator, device=device),
         template=torch.randint(0, len(concept.prompts), (count,), generator=generator, device=device),
-        timesteps=((strata + jitter) * num_timesteps / per_view).long().clamp(max=num_timesteps - 1),
+        timesteps=((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1),
         posterior_noise=torch.randn(shape, generator=generator, device=device),
         noise=torch.randn(shape, generator=generator, device=device),
     )

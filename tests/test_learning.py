@@ -138,7 +138,7 @@ def held_out_scorer(model, photos, tmp_path):
     models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>")
     concept = ti.encode_concept(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders, SIZE)
-    batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_view=12)
+    batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
     initializer = [r.detach().clone() for r in placeholders.rows]
 
     def loss(rows: list[torch.Tensor]) -> float:

@@ -74,7 +74,7 @@ def test_validation_loss_is_bit_identical_when_evaluated_twice(tiny_sd, photos, 
 
     s = build_stages(tiny_sd, photos, tmp_path)
     batch = ti.validation_batch(seed=3, concept=s.concept, num_timesteps=1000)
-    assert len(batch) == s.concept.num_images * 2 * 4  # every photo, both flips, 4 timesteps
+    assert len(batch) == s.concept.num_images * 4  # every photo at 4 timesteps
     first = ti.validation_loss(s.models, s.concept, batch, chunk=8)
     assert ti.validation_loss(s.models, s.concept, batch, chunk=8) == first
     assert ti.validation_loss(s.models, s.concept, batch, chunk=5) == pytest.approx(first, rel=1e-6)
@@ -190,6 +190,21 @@ def test_max_embedding_norm_projects_the_rows_back(tiny_sd, photos, tmp_path, ru
     out = tmp_path / "out"
     run_trainer(train_args(tiny_sd, photos, out, max_train_steps=3, num_vectors=2, max_embedding_norm=0.05))
     assert (learned(out).norm(dim=1) <= 0.05 + 1e-6).all()
+
+
+def test_tensorboard_receives_the_metrics_and_validation_images(tiny_sd, photos, tmp_path, run_trainer):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    run_trainer(
+        train_args(tiny_sd, photos, out, max_train_steps=2, logging_steps=1, report_to="tensorboard", **VALIDATION)
+    )
+    run_folder = out / "logs" / "textual_inversion"  # (accelerate puts the hparams in a subfolder)
+    accumulator = EventAccumulator(str(run_folder), size_guidance={"images": 0})
+    accumulator.Reload()
+    assert {"loss", "val_loss", "embedding_norm"} <= set(accumulator.Tags()["scalars"])
+    assert accumulator.Tags()["images"]
 
 
 def test_loss_plot_is_drawn_at_each_validation(tiny_sd, photos, tmp_path, run_trainer):
