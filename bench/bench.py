@@ -226,11 +226,13 @@ def summarize(args: argparse.Namespace, trainer: str, runs: dict) -> dict:
     first = max(1, args.long // 4)
     steady = (len(steps) - first) * per_step / (steps[-1] - steps[first - 1])
     differenced = (long["wall"] - short["wall"]) / ((args.long - args.short) * per_step)
+    if differenced <= 0:  # the extra steps cost less than start-up varies: too few steps to tell
+        differenced = None
     losses = step_losses(long, trainer, args.gradient_accumulation_steps)
     return {
         "first_step_s": steps[0],
         "steady_samples_per_s": steady,
-        "differenced_ms_per_sample": 1000 * differenced,
+        "differenced_ms_per_sample": None if differenced is None else 1000 * differenced,
         "wall_s": long["wall"],
         "peak_rss_gb": long["peak_rss_bytes"] / 2**30,
         "cuda_peak_gb": None
@@ -314,11 +316,16 @@ def report(args: argparse.Namespace, figures: dict, floor_ms: float | None, prec
         row("checkpoint size (bytes)", "checkpoint_bytes", "{:,}", "lower"),
     ]
     if floor_ms is not None:
+        ratios = [
+            f"{name} / floor: {figures[name]['differenced_ms_per_sample'] / floor_ms:.2f}x"
+            for name in names
+            if figures[name]["differenced_ms_per_sample"] is not None
+        ]
         lines += [
             "",
             f"Floor (bare text encoder + UNet forward/backward at batch {per_step}): {floor_ms:.0f} ms/sample. "
-            f"Ours / floor: {ours['differenced_ms_per_sample'] / floor_ms:.2f}x"
-            + (f"; reference / floor: {ref['differenced_ms_per_sample'] / floor_ms:.2f}x." if ref else "."),
+            + "; ".join(ratios)
+            + ".",
         ]
     lines += ["", "Training loss over the long run, mean ± std of per-step values, by window:", ""]
     for name in names:

@@ -92,10 +92,13 @@ def real_clip_merges() -> list[tuple[str, str]]:
     if not cached.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "open_clip_torch"],
-                check=True,
-            )
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "open_clip_torch"]
+            if subprocess.run(command, check=False).returncode != 0:
+                raise SystemExit(
+                    f"could not download open_clip_torch for its CLIP vocabulary; on a machine without "
+                    f"PyPI, copy bpe_simple_vocab_16e6.txt.gz (from any open_clip_torch wheel, or from "
+                    f"{CACHE} on another machine) to {cached}"
+                )
             (wheel,) = glob.glob(f"{tmp}/open_clip_torch-*.whl")
             with zipfile.ZipFile(wheel) as zf:
                 (name,) = [n for n in zf.namelist() if n.endswith("bpe_simple_vocab_16e6.txt.gz")]
