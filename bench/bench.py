@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours_flags", default="", help="Extra flags for this trainer only (a lever to measure).")
     p.add_argument("--reference_flags", default="", help="Extra flags for the reference only.")
     p.add_argument("--both_flags", default="", help="Extra flags for both (e.g. --gradient_checkpointing).")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Environment for the trainer runs, e.g. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for a cold compile.",
+    )
     p.add_argument("--no_floor", action="store_true", help="Skip the bare text-encoder + UNet measurement.")
     p.add_argument("--no_checkpoint", action="store_true", help="Skip the checkpoint-size runs.")
     p.add_argument("--label", default="", help="A title for this measurement in RESULTS.md.")
@@ -192,6 +199,7 @@ def step_losses(result: dict, trainer: str, accumulation: int) -> list[tuple[int
 
 def measure(args: argparse.Namespace, trainer: str, script: Path, model: Path, work: Path, precision: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(item.split("=", 1) for item in args.env)
     extra = shlex.split(args.ours_flags if trainer == "ours" else args.reference_flags)
     if trainer == "ours":
         # Per-step losses for the comparison; on GPU every 10 steps, so that reading them back
