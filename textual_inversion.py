@@ -1078,7 +1078,6 @@ class TrainResult:
     steps: int
     seconds: float
     samples_per_second: float
-    final_loss: float | None
     compiled_graphs: int | None = None  # with --compile: graphs compiled in the whole run
 
 
@@ -1147,7 +1146,6 @@ def train(
     generator = torch.Generator(device)
     progress = tqdm_bar(max_steps, state.step, accelerator.is_local_main_process)
     loss_sum, loss_count = torch.zeros((), device=device), 0
-    last_loss = None
     started = window_start = time.perf_counter()
     first_step, window_steps = state.step, 0
     if state.step == 0:  # the baseline: how well the initializer word already explains the photos
@@ -1192,11 +1190,11 @@ def train(
             last = state.step == max_steps
             record = {}
             if state.step % args.logging_steps == 0 or last:
-                last_loss = (loss_sum / loss_count).item()  # the one host sync, once per interval
+                mean_loss = (loss_sum / loss_count).item()  # the one host sync, once per interval
                 now = time.perf_counter()
                 speed = window_steps * global_batch / (now - window_start)
-                record.update(watch.training(last_loss, lr_scheduler.get_last_lr()[0], speed))
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{speed:.1f}")
+                record.update(watch.training(mean_loss, lr_scheduler.get_last_lr()[0], speed))
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{speed:.1f}")
                 loss_sum.zero_()
                 loss_count, window_start, window_steps = 0, now, 0
             validating = state.step % args.validation_steps == 0 or last
@@ -1221,7 +1219,7 @@ def train(
     seconds = time.perf_counter() - started
     done = state.step - first_step
     graphs = compiled_graphs() - models.graphs_before if args.compile else None
-    return TrainResult(state.step, seconds, done * global_batch / max(seconds, 1e-9), last_loss, graphs)
+    return TrainResult(state.step, seconds, done * global_batch / max(seconds, 1e-9), graphs)
 
 
 def tqdm_bar(total: int, initial: int, enabled: bool):

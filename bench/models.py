@@ -129,7 +129,7 @@ def make_tokenizer(vocab: str, folder: Path, pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token=pad_token)
 
 
-def clip_text_config(width: int, layers: int, heads: int, act: str, vocab_size: int, eos_id: int, proj: int):
+def clip_text_config(width: int, layers: int, heads: int, act: str, vocab_size: int, proj: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -263,7 +263,7 @@ def build_pipeline(shape: str, folder: str | Path, prediction_type: str = "epsil
             tokenizers.append(make_tokenizer(spec["vocab"], Path(tmp) / "tok2", pad_token="!"))
     encoders = []
     for i, (width, layers, heads, act) in enumerate(spec["text"]):
-        config = clip_text_config(width, layers, heads, act, len(tokenizers[i]), 2, proj=width)
+        config = clip_text_config(width, layers, heads, act, len(tokenizers[i]), proj=width)
         encoders.append(CLIPTextModelWithProjection(config) if i == 1 else CLIPTextModel(config))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     scheduler = DDIMScheduler(
