@@ -50,6 +50,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
@@ -706,14 +707,19 @@ def generate(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    clip_skip: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> list:
     """One image per seed, each from its own generator, so image k can be made again alone.
 
     The generators live on the CPU: the same seed gives the same starting noise on any device.
+    `clip_skip` is diffusers' (1: the penultimate CLIP layer); use the one the embedding was
+    trained with.
     """
     prompt, negative_prompt = normalize_prompt(pipe, prompt), normalize_prompt(pipe, negative_prompt)
     options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    if clip_skip:
+        enable_clip_skip(pipe)
 
     def step_done(_pipe, _step, _timestep, callback_kwargs):
         if on_step is not None:
@@ -729,11 +735,24 @@ def generate(
             height=height,
             width=width,
             generator=torch.Generator("cpu").manual_seed(seed),
+            clip_skip=clip_skip or None,
             callback_on_step_end=step_done,
             **options,
         )
         images.append(result.images[0])
     return images
+
+
+def enable_clip_skip(pipe) -> None:
+    """Let `pipe(..., clip_skip=N)` run on SD 1.x/2.x pipelines with transformers >= 5.6.
+
+    diffusers reads text_encoder.text_model.final_layer_norm there, and those versions moved
+    the layer onto CLIPTextModel itself (diffusers issue #14124). The old name is pointed at
+    the same layer without registering a submodule, so weights and state_dict are unchanged.
+    """
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
 
 def write_png(path: str | Path, image, parameters: dict) -> Path:
@@ -865,6 +884,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
         choices=list(SCHEDULERS),
         help="Sampler (default dpm++, i.e. DPM-Solver++ 2M); 'default' keeps the model's own.",
     )
+    p.add_argument(
+        "--clip_skip",
+        type=int,
+        default=0,
+        help="CLIP layers to skip, as diffusers' clip_skip (1: the penultimate layer, A1111's 'Clip skip: 2'). "
+        "Use the embedding's training value. Default 0: off.",
+    )
     p.add_argument("--height", type=int, default=None, help="Pixels, a multiple of 8. Default: the model's size.")
     p.add_argument("--width", type=int, default=None, help="Pixels, a multiple of 8. Default: the model's size.")
     p.add_argument(
@@ -892,7 +918,11 @@ def build_convert_parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from tqdm.auto import tqdm
 
-    for flag, value, low in (("--num_images", args.num_images, 1), ("--steps", args.steps, 1)):
+    for flag, value, low in (
+        ("--num_images", args.num_images, 1),
+        ("--steps", args.steps, 1),
+        ("--clip_skip", args.clip_skip, 0),
+    ):
         if value < low:
             raise EmbeddingError(f"{flag} must be at least {low} (got {value})")
     for flag, value in (("--height", args.height), ("--width", args.width)):
@@ -915,6 +945,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     pipe = load_pipeline(args.model, dtype, device)
     set_scheduler(pipe, args.scheduler)
+    layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
+    if args.clip_skip >= layers:
+        raise EmbeddingError(
+            f"--clip_skip {args.clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}"
+        )
     triggers = []
     for emb in embeddings:
         tokens = load_embedding(pipe, emb)
@@ -944,6 +979,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
             guidance_scale=guidance,
             height=args.height,
             width=args.width,
+            clip_skip=args.clip_skip,
             on_step=lambda: bar.update(1),
         )
 
@@ -957,6 +993,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         "height": images[0].size[1],
         "model": args.model,
         "dtype": str(dtype).removeprefix("torch."),
+        **({"clip_skip": args.clip_skip} if args.clip_skip else {}),  # recorded when used, as A1111 does
         "embeddings": [
             {"token": t, "vectors": e.num_vectors, "source": e.source, "sha256": e.sha256}
             for t, e in zip(triggers, embeddings)

@@ -74,9 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or path, if not the model's own.")
     g.add_argument("--train_data_dir", required=True, help="Folder with the concept's photos (3-5 are typical).")
     g.add_argument("--placeholder_token", required=True, help='The new word, e.g. "<cat-toy>".')
-    g.add_argument("--initializer_token", required=True, help="One existing token the new word starts from.")
+    g.add_argument(
+        "--initializer_token",
+        default=None,
+        help="A word or phrase the new word starts from. With N vectors and a phrase of T tokens, vector i "
+        "starts from token i*T/N (N >= T), or from the mean of its share of the phrase (N < T).",
+    )
+    g.add_argument(
+        "--initializer_embedding",
+        default=None,
+        metavar="SRC",
+        help="Instead of --initializer_token, continue an existing embedding: anything infer.py reads (an "
+        "output folder, a diffusers, A1111, kohya, OneTrainer or SDXL file, a Hub id). It sets --num_vectors.",
+    )
+    g.add_argument(
+        "--clip_skip",
+        type=int,
+        default=0,
+        help="Condition on a CLIP layer this many before the one the model uses, as diffusers' "
+        "pipe(..., clip_skip=N): 1 is A1111's 'Clip skip: 2'. 0: off.",
+    )
     g.add_argument("--learnable_property", default="object", choices=["object", "style"])
-    g.add_argument("--num_vectors", type=int, default=1, help="Embedding vectors the new word is made of.")
+    g.add_argument(
+        "--num_vectors",
+        type=int,
+        default=None,
+        help="Embedding vectors the new word is made of. Default: 1, or the --initializer_embedding's count.",
+    )
     g.add_argument(
         "--repeats", type=int, default=100, help="Passes over the photos per epoch (sets the shuffling period)."
     )
@@ -220,7 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     checks = [
-        (args.num_vectors >= 1, f"--num_vectors must be at least 1 (got {args.num_vectors})"),
+        (
+            (args.initializer_token is None) != (args.initializer_embedding is None),
+            "give --initializer_token (a word or phrase to start from) or --initializer_embedding "
+            "(an embedding to continue), one of the two",
+        ),
+        (
+            args.initializer_token is None or args.initializer_token.strip() != "",
+            "--initializer_token is empty; give a word or phrase the new word starts from",
+        ),
+        (
+            args.num_vectors is None or args.num_vectors >= 1,
+            f"--num_vectors must be at least 1 (got {args.num_vectors})",
+        ),
+        (args.clip_skip >= 0, f"--clip_skip must be at least 0 (got {args.clip_skip})"),
         (
             args.resolution >= 8 and args.resolution % 8 == 0,
             f"--resolution must be a multiple of 8 (got {args.resolution})",
@@ -255,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--output_dir {out} is a file; give a folder path")
     if args.validation_epochs is not None:
         logger.warning("--validation_epochs is deprecated; use --validation_steps")
+    if args.num_vectors is None and args.initializer_embedding is None:
+        args.num_vectors = 1  # with an embedding, read_initializer_embedding sets it from the file
     return args
 
 
@@ -395,14 +434,23 @@ class StableDiffusion:
         return None
 
     @staticmethod
-    def condition(text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None):
-        return text_encoders[0](prompt_ids[0])[0], None
+    def condition(
+        text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
+    ):
+        # As diffusers' pipeline: the output of the layer clip_skip before the last, through the
+        # final layer norm the last layer's output passes (clip_skip=0: last_hidden_state itself).
+        encoder = text_encoders[0]
+        out = encoder(prompt_ids[0], output_hidden_states=True)
+        # transformers >= 5.6 holds the layer norm on CLIPTextModel itself, earlier on its text_model.
+        final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return final_layer_norm(out.hidden_states[-(clip_skip + 1)]), None
 
 
 class StableDiffusionXL:
     """SDXL, exactly as its diffusers pipeline conditions at inference: both encoders'
-    penultimate hidden states side by side, the second encoder's pooled projection, and each
-    image's size and crop as `time_ids`."""
+    penultimate hidden states side by side (clip_skip counts back from the penultimate, as the
+    pipeline does), the second encoder's pooled projection, and each image's size and crop as
+    `time_ids`."""
 
     name = "Stable Diffusion XL"
     encoders = ("text_encoder", "text_encoder_2")
@@ -413,13 +461,14 @@ class StableDiffusionXL:
         return [*original_size, *crop_top_left, size, size]
 
     @staticmethod
-    def condition(text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor):
+    def condition(text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor, clip_skip: int = 0):
         first = text_encoders[0](prompt_ids[0], output_hidden_states=True)
         # Run through the model's own forward so the pooled position is chosen exactly as at
         # inference (with eos_token_id=2 configs transformers pools at the highest token id,
         # which is the placeholder's when the prompt contains it).
         second = text_encoders[1](prompt_ids[1], output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        layer = -(clip_skip + 2)
+        hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1)
         return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
 
 
@@ -433,6 +482,7 @@ class Models:
     noise_scheduler: object
     weight_dtype: torch.dtype
     source: str
+    clip_skip: int = 0  # CLIP layers skipped, in diffusers' sense (see the family's condition)
     # What the loss calls: the modules themselves, or their torch.compile'd forms (--compile).
     # Validation images keep the plain modules, so sampling shapes never cause a recompile.
     unet_forward: object = None
@@ -578,7 +628,10 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
             unet.enable_xformers_memory_efficient_attention()
         except Exception as e:
             logger.warning("xformers attention unavailable (%s); using PyTorch's SDPA attention", e)
-    return Models(family, tokenizers, text_encoders, unet, vae, noise_scheduler, weight_dtype, name)
+    layers = min(encoder.config.num_hidden_layers for encoder in text_encoders)
+    if args.clip_skip >= layers:
+        raise UserError(f"--clip_skip {args.clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}")
+    return Models(family, tokenizers, text_encoders, unet, vae, noise_scheduler, weight_dtype, name, args.clip_skip)
 
 
 # ----------------------------------------------------------------------------------------
@@ -619,17 +672,58 @@ class Placeholders:
         return self.tokens[0]
 
 
-def add_placeholder_tokens(models: Models, placeholder: str, initializer: str, num_vectors: int) -> Placeholders:
+def read_initializer_embedding(args: argparse.Namespace) -> infer.Embedding | None:
+    """The embedding --initializer_embedding names, read before any model loads; its vector
+    count becomes --num_vectors (which shapes the prompts)."""
+    if args.initializer_embedding is None:
+        return None
+    try:
+        embedding = infer.read_embedding(args.initializer_embedding)
+    except infer.EmbeddingError as e:
+        raise UserError(f"--initializer_embedding {e}") from None
+    if args.num_vectors not in (None, embedding.num_vectors):
+        raise UserError(
+            f"--num_vectors {args.num_vectors}: the --initializer_embedding {args.initializer_embedding} has "
+            f"{embedding.num_vectors}; leave --num_vectors out, or give {embedding.num_vectors}"
+        )
+    args.num_vectors = embedding.num_vectors
+    return embedding
+
+
+def phrase_rows(weight: torch.Tensor, ids: list[int], num_vectors: int) -> torch.Tensor:
+    """fp32 [N, D] starting rows from a phrase's T tokens: vector i starts from token i*T/N
+    (rounded down) when N >= T, as A1111 spreads a phrase; else from the mean of its
+    consecutive share of the phrase."""
+    rows = []
+    for i in range(num_vectors):
+        first = i * len(ids) // num_vectors
+        end = max((i + 1) * len(ids) // num_vectors, first + 1)
+        rows.append(weight[ids[first:end]].float().mean(dim=0))
+    return torch.stack(rows)
+
+
+def add_placeholder_tokens(
+    models: Models, placeholder: str, initializer: str | infer.Embedding, num_vectors: int
+) -> Placeholders:
+    """Add `placeholder`'s tokens to every tokenizer, and their trainable rows to every text
+    encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an embedding's
+    own vectors (fitted to the encoders as infer.py loads it)."""
     tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+    slots = infer.SLOTS[: len(models.text_encoders)]
+    weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
+    if isinstance(initializer, infer.Embedding):
+        try:
+            fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
+        except infer.EmbeddingError as e:
+            raise UserError(f"--initializer_embedding {e}") from None
+        start = [fitted[slot] for slot in slots]
+    else:
+        start = [
+            phrase_rows(weight, tokenizer.encode(initializer, add_special_tokens=False), num_vectors)
+            for tokenizer, weight in zip(models.tokenizers, weights)
+        ]
     all_ids, all_rows = [], []
-    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-        init_ids = tokenizer.encode(initializer, add_special_tokens=False)
-        if len(init_ids) != 1:
-            pieces = " + ".join(tokenizer.convert_ids_to_tokens(init_ids)) or "nothing"
-            raise UserError(
-                f"--initializer_token {initializer!r} is {len(init_ids)} tokens ({pieces}); "
-                "choose a word that is exactly one token"
-            )
+    for tokenizer, encoder, initial in zip(models.tokenizers, models.text_encoders, start):
         suggestion = f"choose a new string such as <{placeholder.strip('<>')}-concept>"
         pieces = tokenizer.tokenize(placeholder)
         if len(pieces) == 1 and pieces[0] != placeholder and pieces[0] in tokenizer.get_vocab():
@@ -646,7 +740,7 @@ def add_placeholder_tokens(models: Models, placeholder: str, initializer: str, n
         ids = tokenizer.convert_tokens_to_ids(tokens)
         assert ids == list(range(ids[0], ids[0] + num_vectors)), ids
         frozen = encoder.get_input_embeddings()
-        rows = frozen.weight[init_ids[0]].detach().float().repeat(num_vectors, 1).requires_grad_(True)
+        rows = initial.to(frozen.weight.device, torch.float32).detach().clone().requires_grad_(True)
         encoder.set_input_embeddings(PlaceholderEmbedding(frozen, ids[0], rows))
         all_ids.append(ids)
         all_rows.append(rows)
@@ -792,7 +886,7 @@ def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tens
         raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
     prompt_ids = [ids[batch.template] for ids in concept.prompt_ids]
     time_ids = None if concept.time_ids is None else concept.time_ids[batch.image]
-    hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids)
+    hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids, models.clip_skip)
     prediction = models.unet_forward(
         noisy.to(models.weight_dtype), batch.timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added
     ).sample
@@ -879,10 +973,14 @@ def validation_pipeline(models: Models):
 
 
 @torch.no_grad()
-def validation_images(pipe, prompts: list[str], count: int, seed: int, size: int, steps: int) -> list[list]:
+def validation_images(
+    pipe, prompts: list[str], count: int, seed: int, size: int, steps: int, clip_skip: int = 0
+) -> list[list]:
     """`count` images per prompt in one batched call, each from its own fixed seed, so the
     grids of different steps show the same noise and can be compared."""
     device = pipe.unet.device
+    if clip_skip:
+        infer.enable_clip_skip(pipe)
     generators = [
         torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION, k)) for k in range(count)
     ] * len(prompts)
@@ -894,6 +992,7 @@ def validation_images(pipe, prompts: list[str], count: int, seed: int, size: int
             num_inference_steps=steps,
             height=size,
             width=size,
+            clip_skip=clip_skip or None,
         ).images
     return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
 
@@ -1010,6 +1109,7 @@ class Watch:
             self.seed,
             args.resolution,
             args.validation_inference_steps,
+            self.models.clip_skip,
         )
         folder = self.out / "validation"
         folder.mkdir(parents=True, exist_ok=True)
@@ -1427,11 +1527,16 @@ def model_card(
         "batch": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
         "learning rate": f"{args.learning_rate} ({args.lr_scheduler})",
         "vectors": args.num_vectors,
-        "initializer": args.initializer_token,
+        "initializer": args.initializer_token or f"the embedding {args.initializer_embedding}",
         "resolution": args.resolution,
         "seed": state.seed,
         "kept": kept,
     }
+    clip_skip = models.clip_skip  # images come out best from the layer it was trained on
+    if clip_skip:
+        settings["clip skip"] = f"{clip_skip} (generate with clip_skip={clip_skip})"
+    pipe_clip_skip = f", clip_skip={clip_skip}" if clip_skip else ""
+    infer_clip_skip = f" --clip_skip {clip_skip}" if clip_skip else ""
     lines = [
         "---",
         f"base_model: {args.pretrained_model_name_or_path}",
@@ -1457,14 +1562,14 @@ def model_card(
         "",
         f'pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_model_name_or_path}")',
         load,
-        f'image = pipe("a {token} on the beach").images[0]',
+        f'image = pipe("a {token} on the beach"{pipe_clip_skip}).images[0]',
         "```",
         "",
         "With this project's `infer.py`:",
         "",
         "```bash",
         f"python infer.py --model {args.pretrained_model_name_or_path} \\",
-        f'    --embedding {repo_id} --prompt "a {token} on the beach"',
+        f'    --embedding {repo_id} --prompt "a {token} on the beach"{infer_clip_skip}',
         "```",
         "",
         other_tools,
@@ -1597,13 +1702,15 @@ def run(args: argparse.Namespace) -> TrainResult:
     checkpoint = find_checkpoint(args)
 
     # Everything that can fail on the user's input fails here, before a file is written.
+    initial_embedding = read_initializer_embedding(args)  # first: it sets --num_vectors
     tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
     dataset = TextualInversionDataset(
         args.train_data_dir, args.resolution, args.center_crop, args.learnable_property, " ".join(tokens)
     )
     examples = decode_images(dataset, args.dataloader_num_workers)
     models = load_models(args, accelerator.device, weight_dtype)
-    placeholders = add_placeholder_tokens(models, args.placeholder_token, args.initializer_token, args.num_vectors)
+    initializer = initial_embedding or args.initializer_token
+    placeholders = add_placeholder_tokens(models, args.placeholder_token, initializer, args.num_vectors)
     concept = encode_concept(examples, dataset.prompts, models, placeholders, args.resolution)
     del examples
     if args.compile:
