@@ -47,6 +47,7 @@ import sys
 import tempfile
 import textwrap
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -353,12 +354,18 @@ def load_tensor_file(path: Path, source: str) -> object:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e:
             raise EmbeddingError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
+    return load_pickle(path, source)
+
+
+def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
+    """A torch pickle (.pt/.bin/.ckpt) read with the tensors-only unpickler; `mmap` maps the
+    tensors' bytes from the file instead of reading them (zip-format files only)."""
     try:
         # ParameterDict appears in embeddings of the original (2022) textual_inversion code;
         # allowing that one torch class lets them load without allowing arbitrary objects.
         with torch.serialization.safe_globals([torch.nn.ParameterDict]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:
         message = str(e)
         refused = f"{source}: refused {path.name}: it is a pickle that"
@@ -373,7 +380,10 @@ def load_tensor_file(path: Path, source: str) -> object:
         if unpickler:
             raise EmbeddingError(f"{refused} the tensors-only loader cannot read ({unpickler[1]}); {advice}") from None
         reason = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-        raise EmbeddingError(f"{source}: {path.name} is neither safetensors nor a PyTorch file ({reason})") from None
+        raise EmbeddingError(
+            f"{source}: {path.name} is neither safetensors nor a readable PyTorch file; is it truncated or "
+            f"corrupt? ({reason})"
+        ) from None
 
 
 def parse_embedding_data(data: object, path: Path, source: str) -> tuple[str | None, dict[str, torch.Tensor], str]:
@@ -660,24 +670,315 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A text-to-image pipeline from a local diffusers folder or a Hub id, on `device`."""
+# ----------------------------------------------------------------------------------------
+# Base models in one original-layout file (A1111, ComfyUI, CivitAI): checked from key names
+# and shapes alone, then loaded by diffusers' own single-file converters. The trainer loads
+# its models through the same functions.
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# diffusers' names (from infer_diffusers_model_type) of the architectures handled here.
+MODEL_KINDS = {"v1": "SD 1.x", "v2": "SD 2.x", "xl_base": "SDXL"}
+UNET_PREFIX = "model.diffusion_model."
+# Where each component's weights live in the original layout.
+COMPONENT_PREFIXES = {
+    "unet": (UNET_PREFIX,),
+    "vae": ("first_stage_model.",),
+    "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
+    "text_encoder_2": ("conditioner.embedders.1.",),
+}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class ModelFile:
+    """An original-layout checkpoint that passed the checks, and the diffusers folder whose
+    configs, tokenizer(s) and scheduler describe it."""
+
+    path: Path
+    source: str  # how errors name it: the flag and the path
+    kind: str  # a key of MODEL_KINDS
+    config: str  # a local diffusers folder (or a configs-only snapshot of a Hub repo)
+    dtype: torch.dtype  # the precision the UNet is stored in
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components whose weights the file holds."""
+        return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if self.kind == "xl_base" else ())
+
+
+def is_model_file(name: str | Path) -> bool:
+    """A file (or a path to a file not there yet) rather than a folder or a Hub id."""
+    path = Path(name).expanduser()
+    return path.is_file() or (not path.exists() and str(name).endswith(MODEL_FILE_SUFFIXES))
+
+
+def tensor_headers(path: Path, source: str) -> dict[str, object]:
+    """A checkpoint's entries with every tensor as a meta tensor (name, shape, dtype, no data):
+    from the safetensors header, or from a pickle mapped into memory, never reading the weights."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":
+            length = int.from_bytes(head[:8], "little")
+            f.seek(8)
+            try:
+                header = json.loads(f.read(length)) if 8 + length <= size else None
+            except ValueError:
+                header = None
+            if not isinstance(header, dict):
+                raise EmbeddingError(
+                    f"{source}: its safetensors header is unreadable; the file is truncated or corrupt"
+                )
+            header.pop("__metadata__", None)
+            end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+            if end > size:
+                raise EmbeddingError(
+                    f"{source}: the file is truncated ({size:,} bytes of the {end:,} its header lists); "
+                    "download it again"
+                )
+            return {
+                key: torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v["dtype"], torch.uint8), device="meta")
+                for key, v in header.items()
+            }
+    data = state_dict_of(load_pickle(path, source, mmap=True), source)
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+
+
+def state_dict_of(data: object, source: str) -> dict:
+    """The weights of a loaded pickle: training code saved them under "state_dict", sometimes nested."""
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{source}: it holds a {type(data).__name__}, not a model's weights")
+    return data
+
+
+def model_kind(entries: dict[str, object], source: str) -> str:
+    """What the file is, from its key names and shapes: a key of MODEL_KINDS, or a one-line
+    error naming what it is instead."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    keys = list(entries)
+    if any(m in k for k in keys for m in ("hada_w1", "lokr_w1", "lokr_w2", ".oft_", "oft_blocks")):
+        raise EmbeddingError(
+            f"{source}: is a LyCORIS (LoHa/LoKr/OFT) file, not a base model; give the checkpoint it was made for"
+        )
+    if any(m in k for k in keys for m in ("lora_up.", "lora_down.", "lora_A.", "lora_B.", ".lora.")):
+        raise EmbeddingError(f"{source}: is a LoRA, not a base model; give the checkpoint it was made for")
+    tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
+    looks_like_embedding = "string_to_param" in entries or set(keys) & {"clip_l", "clip_g", *GENERIC_KEYS}
+    if looks_like_embedding or (0 < len(keys) <= 4 and all(t.ndim <= 2 for t in tensors) and len(tensors) == len(keys)):
+        raise EmbeddingError(
+            f"{source}: is a Textual Inversion embedding, not a base model; give the checkpoint it was trained "
+            "for (generate with an embedding through infer.py --embedding)"
+        )
+    try:
+        kind = infer_diffusers_model_type(entries)
+    except Exception:  # its rules read tensors' values for a few exotic models: not ours either way
+        kind = "unknown"
+    if "inpaint" in kind:
+        raise EmbeddingError(
+            f"{source}: is an inpainting model (its UNet takes 9 input channels, not 4); give the text-to-image "
+            "model it was made from"
+        )
+    if kind not in MODEL_KINDS:
+        raise EmbeddingError(
+            f"{source}: is a {kind} checkpoint (as diffusers names it), an architecture this does not handle; "
+            "give a Stable Diffusion 1.x, 2.x or SDXL text-to-image model"
+        )
+    if UNET_PREFIX + "input_blocks.0.0.weight" not in entries:
+        if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.")) for k in keys):
+            raise EmbeddingError(
+                f"{source}: is a VAE alone, not a base model; give it as --pretrained_vae_model_name_or_path"
+            )
+        raise EmbeddingError(
+            f"{source}: is not a Stable Diffusion checkpoint (no {UNET_PREFIX}input_blocks UNet weights)"
+        )
+    for part, prefixes in (("VAE", COMPONENT_PREFIXES["vae"]), ("text encoder", COMPONENT_PREFIXES["text_encoder"])):
+        if not any(k.startswith(prefixes) for k in keys):
+            raise EmbeddingError(f"{source}: holds no {part} weights, only part of a model; give a full checkpoint")
+    return kind
+
+
+def model_file_config(entries: dict[str, object], source: str, config: str | None) -> str:
+    """A local folder with the configs and tokenizer(s) describing the file: `config` itself, or
+    the configs-only part of a Hub repo (`config`, or diffusers' default repo for the file's kind)."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+
+    if config is not None and Path(config).expanduser().is_dir():
+        return str(Path(config).expanduser())
+    repo = config or fetch_diffusers_config(entries)["pretrained_model_name_or_path"]
+    try:
+        return snapshot_download(repo, allow_patterns=["*.json", "*.txt"])
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        given = "--single_file_config" if config else f"its configs come from {repo}, which"
+        raise EmbeddingError(
+            f"{source}: {given} is not a local folder and the Hub could not provide it ({reason}); pass "
+            "--single_file_config with a local diffusers folder of the same architecture"
+        ) from None
+
+
+def check_config_matches(entries: dict[str, object], kind: str, config: str, source: str, config_name: str) -> None:
+    """The config folder describes the file: the same family and the same key shapes."""
+
+    def read(sub: str) -> dict:
+        path = Path(config) / sub / "config.json"
+        if not path.is_file():
+            raise EmbeddingError(f"--single_file_config {config_name}: no {sub}/config.json; give a diffusers folder")
+        return json.loads(path.read_text())
+
+    is_xl = (Path(config) / "text_encoder_2").is_dir()
+    if is_xl != (kind == "xl_base"):
+        raise EmbeddingError(
+            f"--single_file_config {config_name} describes {'an SDXL' if is_xl else 'a SD 1.x/2.x'} pipeline but "
+            f"{source} is {MODEL_KINDS[kind]}; give the config of the model the file was made from"
+        )
+    unet, vae = read("unet"), read("vae")
+    input_blocks = {int(k.split(".")[3]) for k in entries if k.startswith(UNET_PREFIX + "input_blocks.")}
+    cross = next(v for k, v in entries.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
+    compared = [
+        ("UNet input blocks", len(input_blocks), len(unet["block_out_channels"]) * (unet["layers_per_block"] + 1)),
+        ("UNet width", entries[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0], unet["block_out_channels"][0]),
+        ("UNet cross-attention width", cross.shape[1], unet["cross_attention_dim"]),
+        ("VAE width", entries["first_stage_model.encoder.conv_in.weight"].shape[0], vae["block_out_channels"][0]),
+    ]
+    embeddings = {
+        "text_encoder": [
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            "cond_stage_model.model.token_embedding.weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+        ],
+        "text_encoder_2": ["conditioner.embedders.1.model.token_embedding.weight"],
+    }
+    for sub, names in embeddings.items():
+        found = [entries[n].shape for n in names if n in entries]
+        if sub == "text_encoder" or is_xl:
+            text = read(sub)
+            shape = tuple(found[0]) if found else None
+            compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
+    for what, in_file, in_config in compared:
+        if in_file != in_config:
+            raise EmbeddingError(
+                f"--single_file_config {config_name} does not match {source}: {what} is {in_file} in the file "
+                f"but {in_config} in the config; give the config of the model the file was made from"
+            )
+
+
+def inspect_model_file(name: str | Path, config: str | None, flag: str) -> ModelFile:
+    """Check an original-layout model file cheaply (key names and shapes, no weights read) and
+    find the configs describing it; every problem is a one-line EmbeddingError naming the file."""
+    path = Path(name).expanduser()
+    source = f"{flag} {name}"
+    if not path.is_file():
+        raise EmbeddingError(f"{source}: no such file")
+    entries = tensor_headers(path, source)
+    kind = model_kind(entries, source)
+    folder = model_file_config(entries, source, config)
+    check_config_matches(entries, kind, folder, source, config or folder)
+    return ModelFile(path, source, kind, folder, entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
+
+
+def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """All the weights of a checkpoint, mapped from the file rather than copied where the
+    format allows (safetensors; zip-format pickles), read with the tensors-only unpickler."""
+    with open(path, "rb") as f:
+        is_safetensors = f.read(9)[8:9] == b"{"
+    if is_safetensors:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return state_dict_of(load_pickle(path, source, mmap=True), source)
+
+
+def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[str, torch.nn.Module]:
+    """The components named in `dtypes` (unet, vae, text_encoder, text_encoder_2), each at its
+    precision, converted by diffusers' single-file loaders with the configs of `model.config`.
+
+    A component's original tensors are dropped as soon as it is built, so the file's weights
+    and the built modules do not both stay alive in full."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    state = read_tensors(model.path, model.source)
+    modules = {}
+    for name, dtype in dtypes.items():
+        try:
+            if name in ("unet", "vae"):
+                cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+                modules[name] = cls.from_single_file(
+                    state, config=model.config, subfolder=name, torch_dtype=dtype, local_files_only=True
+                )
+            else:
+                cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
+                modules[name] = create_diffusers_clip_model_from_ldm(
+                    cls, state, subfolder=name, config=model.config, torch_dtype=dtype, local_files_only=True
+                )
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EmbeddingError(f"{model.source}: cannot load its {name} ({reason})") from None
+        for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[name])]:
+            del state[key]
+    return modules
+
+
+def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
+    """An AutoencoderKL from a diffusers VAE folder or Hub id, or from one VAE file in the
+    original layout (its config: `config`'s vae/, the base model's)."""
+    from diffusers import AutoencoderKL
+
+    label = f"{flag} {source}"
+    try:
+        if is_model_file(source):
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise EmbeddingError(f"{label}: no such file")
+            keys = list(tensor_headers(path, label))
+            if not any(k.endswith("encoder.conv_in.weight") for k in keys):
+                raise EmbeddingError(f"{label}: not a VAE (no encoder.conv_in weights)")
+            state = read_tensors(path, label)
+            return AutoencoderKL.from_single_file(
+                state, config=config, subfolder="vae", torch_dtype=dtype, local_files_only=True
+            )
+        subfolder = "vae" if (Path(source).expanduser() / "vae").is_dir() else None
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
+    except EmbeddingError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # missing files, shapes that do not fit the config
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EmbeddingError(f"{label}: cannot load it as this model's VAE ({reason})") from None
+
+
+def load_pipeline(
+    model: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    single_file_config: str | None = None,
+    prediction_type: str | None = None,
+):
+    """A text-to-image pipeline on `device` from a local diffusers folder, a Hub id or an
+    original-layout model file (described by `single_file_config`, see inspect_model_file);
+    `prediction_type` overrides the scheduler's."""
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     path = Path(model).expanduser()
-    if path.is_file() or (not path.exists() and model.endswith((".safetensors", ".ckpt"))):
-        raise EmbeddingError(
-            f"--model {model}: single-file checkpoints are not supported; give a diffusers folder or a Hub id"
-        )
+    root, modules = str(path) if path.is_dir() else model, {}
+    if is_model_file(model):
+        model_file = inspect_model_file(model, single_file_config, "--model")
+        root, modules = model_file.config, load_model_file(model_file, dict.fromkeys(model_file.components, dtype))
     try:
-        config = DiffusionPipeline.load_config(str(path) if path.is_dir() else model)
+        config = DiffusionPipeline.load_config(root)
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
-        pipe = AutoPipelineForText2Image.from_pretrained(str(path) if path.is_dir() else model, dtype=dtype, **extra)
+        pipe = AutoPipelineForText2Image.from_pretrained(root, dtype=dtype, **modules, **extra)
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EmbeddingError(
             f"--model {model}: cannot load it as a diffusers text-to-image pipeline ({reason})"
         ) from None
+    if prediction_type is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -856,7 +1157,25 @@ def build_generate_parser() -> argparse.ArgumentParser:
         description="Generate images with Textual Inversion embeddings from any tool. "
         "(Also: 'infer.py convert SRC OUT --to diffusers|a1111|kohya'.)",
     )
-    p.add_argument("--model", required=True, help="Base model: a diffusers folder or Hub id (SD 1.x, 2.x or SDXL).")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Base model (SD 1.x, 2.x or SDXL): a diffusers folder, a Hub id, or one .safetensors/.ckpt file "
+        "as A1111 and ComfyUI use.",
+    )
+    p.add_argument(
+        "--single_file_config",
+        default=None,
+        metavar="DIR_OR_HUB_ID",
+        help="For a --model file: the diffusers folder or Hub repo whose configs and tokenizer(s) describe it. "
+        "Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
+    )
+    p.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
+    )
     p.add_argument(
         "--embedding",
         action="append",
@@ -943,7 +1262,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     renames = args.token + [""] * (len(args.embedding) - len(args.token))
     embeddings = [read_embedding(src, token or None) for src, token in zip(args.embedding, renames)]
     print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = load_pipeline(args.model, dtype, device)
+    pipe = load_pipeline(args.model, dtype, device, args.single_file_config, args.prediction_type)
     set_scheduler(pipe, args.scheduler)
     layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
     if args.clip_skip >= layers:

@@ -68,10 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub model id or local diffusers folder.")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="Hub model id, local diffusers folder, or one original-layout .safetensors/.ckpt file (A1111, ComfyUI).",
+    )
     g.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
     g.add_argument("--variant", default=None, help="Weight file variant to load, e.g. fp16.")
     g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or path, if not the model's own.")
+    g.add_argument(
+        "--single_file_config",
+        default=None,
+        metavar="DIR_OR_HUB_ID",
+        help="For a single-file model: the diffusers folder or Hub repo whose configs and tokenizer(s) describe "
+        "it. Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
+    )
+    g.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
+    )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE to use instead of the model's (folder, Hub id or single file), e.g. SDXL's fp16-fix VAE.",
+    )
     g.add_argument("--train_data_dir", required=True, help="Folder with the concept's photos (3-5 are typical).")
     g.add_argument("--placeholder_token", required=True, help='The new word, e.g. "<cat-toy>".')
     g.add_argument(
@@ -523,11 +545,6 @@ def read_model_index(name: str, revision: str | None) -> dict:
                 "Diffusion folder (expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
         return json.loads(index.read_text())
-    if path.exists() or name.endswith((".safetensors", ".ckpt", ".pt")):
-        raise UserError(
-            f"--pretrained_model_name_or_path {name}: single-file checkpoints are not supported; "
-            "give a diffusers folder or a Hub id (convert with diffusers' from_single_file + save_pretrained)"
-        )
     from huggingface_hub import hf_hub_download
 
     try:
@@ -554,6 +571,9 @@ def model_family(index: dict, name: str) -> type[StableDiffusion] | type[StableD
 def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype) -> Models:
     """Tokenizer(s), text encoder(s), UNet, VAE and noise scheduler, frozen, on `device`.
 
+    The source is a diffusers folder, a Hub id, or one original-layout file: that is checked
+    from its key names and shapes first, then converted by diffusers' single-file loaders, with
+    the tokenizer(s) and scheduler of the folder that describes it (--single_file_config).
     The UNet and text encoders load straight into the training precision; the VAE loads in
     fp32 because it encodes each photo once, where fp32 costs nothing and avoids SDXL's fp16
     VAE overflow.
@@ -562,15 +582,45 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     name = args.pretrained_model_name_or_path
-    family = model_family(read_model_index(name, args.revision), name)
-    common = dict(revision=args.revision)
+    vae_source = args.pretrained_vae_model_name_or_path
 
     def load(what: str, loader, **kwargs):
         try:
             return loader(**kwargs)
+        except infer.EmbeddingError as e:  # infer.py's checks name the flag and the file themselves
+            raise UserError(str(e)) from None
         except (OSError, ValueError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({first_line})") from None
+
+    model_file = None
+    if infer.is_model_file(name):
+        flag = "--pretrained_model_name_or_path"
+        model_file = load(name, infer.inspect_model_file, name=name, config=args.single_file_config, flag=flag)
+    root = name if model_file is None else model_file.config  # where configs and tokenizers are
+    family = model_family(read_model_index(root, args.revision), name)
+    common = dict(revision=args.revision) if model_file is None else {}
+    from_file = {}
+    if model_file is not None:
+        dtypes = dict.fromkeys(("unet", *family.encoders), weight_dtype)
+        if not vae_source:
+            dtypes["vae"] = torch.float32
+        from_file = load("its weights", infer.load_model_file, model=model_file, dtypes=dtypes)
+        logger.info("%s: %s single file, configs from %s", name, infer.MODEL_KINDS[model_file.kind], root)
+
+    def weights(sub: str, cls, dtype: torch.dtype, dtype_arg: str = "torch_dtype"):
+        """A component with weights: converted from the model file, or loaded from the folder or Hub."""
+        if model_file is not None:
+            return from_file[sub]
+        return load(
+            sub,
+            cls.from_pretrained,
+            pretrained_model_name_or_path=name,
+            subfolder=sub,
+            variant=args.variant,
+            **{dtype_arg: dtype},
+            **common,
+        )
 
     tokenizers = []
     for i, sub in enumerate(family.tokenizers):
@@ -579,40 +629,25 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
                 "--tokenizer_name", CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=args.tokenizer_name
             )
         else:
-            tok = load(sub, CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=name, subfolder=sub, **common)
+            tok = load(sub, CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=root, subfolder=sub, **common)
         tokenizers.append(tok)
-    text_encoders = []
-    for sub, cls in zip(family.encoders, (CLIPTextModel, CLIPTextModelWithProjection)):
-        encoder = load(
-            sub,
-            cls.from_pretrained,
-            pretrained_model_name_or_path=name,
-            subfolder=sub,
-            variant=args.variant,
-            dtype=weight_dtype,
-            **common,
-        )
-        text_encoders.append(encoder)
-    unet = load(
-        "unet",
-        UNet2DConditionModel.from_pretrained,
-        pretrained_model_name_or_path=name,
-        subfolder="unet",
-        variant=args.variant,
-        torch_dtype=weight_dtype,
-        **common,
-    )
-    vae = load(
-        "vae",
-        AutoencoderKL.from_pretrained,
-        pretrained_model_name_or_path=name,
-        subfolder="vae",
-        variant=args.variant,
-        torch_dtype=torch.float32,
-        **common,
-    )
+    # transformers names its precision argument `dtype`, diffusers `torch_dtype`.
+    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
+    text_encoders = [weights(sub, cls, weight_dtype, "dtype") for sub, cls in zip(family.encoders, encoder_classes)]
+    unet = weights("unet", UNet2DConditionModel, weight_dtype)
+    if vae_source:
+        vae_flag = "--pretrained_vae_model_name_or_path"
+        vae = load(vae_flag, infer.load_vae, source=vae_source, config=root, dtype=torch.float32, flag=vae_flag)
+    else:
+        vae = weights("vae", AutoencoderKL, torch.float32)
+    overrides = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
     noise_scheduler = load(
-        "scheduler", DDPMScheduler.from_pretrained, pretrained_model_name_or_path=name, subfolder="scheduler", **common
+        "scheduler",
+        DDPMScheduler.from_pretrained,
+        pretrained_model_name_or_path=root,
+        subfolder="scheduler",
+        **common,
+        **overrides,
     )
     for module in (*text_encoders, unet, vae):
         module.requires_grad_(False)
@@ -1463,7 +1498,16 @@ def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Pat
     by the same loader users call; written beside the embedding files."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(models.source, revision=args.revision, variant=args.variant)
+    if infer.is_model_file(models.source):  # checked when training started; this re-reads headers only
+        stored = infer.inspect_model_file(models.source, args.single_file_config, "--pretrained_model_name_or_path")
+        pipe = infer.load_pipeline(models.source, stored.dtype, "cpu", args.single_file_config)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(models.source, revision=args.revision, variant=args.variant)
+    if args.prediction_type is not None:  # the pipeline predicts what it was trained with
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=args.prediction_type)
+    if args.pretrained_vae_model_name_or_path:
+        flag = "--pretrained_vae_model_name_or_path"
+        pipe.vae = infer.load_vae(args.pretrained_vae_model_name_or_path, pipe.name_or_path, pipe.vae.dtype, flag)
     infer.load_embedding(pipe, output_dir)
     tmp = output_dir / ".pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1502,6 +1546,14 @@ def model_card(
 ) -> str:
     token = args.placeholder_token
     xl = models.family is StableDiffusionXL
+    base = args.pretrained_model_name_or_path
+    if infer.is_model_file(base):  # a local file: the card names it; it has no Hub id to link
+        base, metadata = Path(base).name, []
+        pipeline_class = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+        load_base = f'{pipeline_class}.from_single_file("{base}")'
+    else:
+        metadata, pipeline_class = [f"base_model: {base}"], "AutoPipelineForText2Image"
+        load_base = f'AutoPipelineForText2Image.from_pretrained("{base}")'
     tags = ["textual-inversion", "text-to-image", "diffusers", "stable-diffusion-xl" if xl else "stable-diffusion"]
     if xl:
         load = (
@@ -1539,7 +1591,7 @@ def model_card(
     infer_clip_skip = f" --clip_skip {clip_skip}" if clip_skip else ""
     lines = [
         "---",
-        f"base_model: {args.pretrained_model_name_or_path}",
+        *metadata,
         "library_name: diffusers",
         "tags:",
         *[f"- {t}" for t in tags],
@@ -1548,7 +1600,7 @@ def model_card(
         f"# {token}",
         "",
         f"A Textual Inversion embedding of a{'' if args.learnable_property == 'object' else ' style'} concept "
-        f"({args.learnable_property}) for `{args.pretrained_model_name_or_path}`. "
+        f"({args.learnable_property}) for `{base}`. "
         f"Write `{token}` in a prompt to use it.",
         "",
         "| setting | value |",
@@ -1558,9 +1610,9 @@ def model_card(
         "## Use it",
         "",
         "```python",
-        "from diffusers import AutoPipelineForText2Image",
+        f"from diffusers import {pipeline_class}",
         "",
-        f'pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f"pipe = {load_base}",
         load,
         f'image = pipe("a {token} on the beach"{pipe_clip_skip}).images[0]',
         "```",
@@ -1568,7 +1620,7 @@ def model_card(
         "With this project's `infer.py`:",
         "",
         "```bash",
-        f"python infer.py --model {args.pretrained_model_name_or_path} \\",
+        f"python infer.py --model {base} \\",
         f'    --embedding {repo_id} --prompt "a {token} on the beach"{infer_clip_skip}',
         "```",
         "",

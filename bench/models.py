@@ -187,6 +187,41 @@ SHAPES = {
         text=[(32, 5, 4, "quick_gelu"), (64, 5, 4, "gelu")],
         vocab="tiny",
     ),
+    # The original (A1111/ComfyUI) single-file layout numbers blocks by position, so these keep
+    # the real block structure at tiny widths: SD 1.x's four UNet levels (three with cross
+    # attention), SDXL's three levels with transformer depth growing per level and a second
+    # text encoder deep enough (10 layers) for diffusers to recognise the file as SDXL.
+    "tiny-sd1-layout": dict(
+        unet=dict(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            sample_size=32,
+            attention_head_dim=2,
+            cross_attention_dim=32,
+        ),
+        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, scaling_factor=4.0),
+        text=[(32, 5, 4, "quick_gelu")],
+        vocab="tiny",
+    ),
+    "tiny-xl-layout": dict(
+        unet=dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            sample_size=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1, 2),
+            projection_class_embeddings_input_dim=112,  # 6 * 8 + 64
+            cross_attention_dim=96,  # 32 + 64
+        ),
+        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, scaling_factor=4.0, force_upcast=True),
+        text=[(32, 5, 4, "quick_gelu"), (64, 10, 4, "gelu")],
+        vocab="tiny",
+    ),
     "sd15": dict(
         unet=dict(
             block_out_channels=(320, 640, 1280, 1280),
@@ -227,8 +262,26 @@ SHAPES = {
 }
 
 
-def build_pipeline(shape: str, folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a random-weight diffusers pipeline folder of the given shape; return its path."""
+def build_pipeline(
+    shape: str,
+    folder: str | Path,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random-weight diffusers pipeline folder of the given shape; return its path.
+
+    `dtype` is the precision the modules are created and stored in (float16 keeps building
+    the SDXL shape within a few GB: no float32 copy ever exists)."""
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _build_pipeline(shape, Path(folder), prediction_type, seed)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+
+
+def _build_pipeline(shape: str, folder: Path, prediction_type: str, seed: int) -> Path:
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -239,7 +292,6 @@ def build_pipeline(shape: str, folder: str | Path, prediction_type: str = "epsil
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     spec = SHAPES[shape]
-    folder = Path(folder)
     torch.manual_seed(seed)
     n_blocks = len(spec["vae"]["block_out_channels"])
     vae = AutoencoderKL(
@@ -300,10 +352,162 @@ def build_pipeline(shape: str, folder: str | Path, prediction_type: str = "epsil
     return folder
 
 
+# ----------------------------------------------------------------------------------------
+# diffusers folder -> original (A1111/ComfyUI, "LDM") single-file layout. Test and bench
+# tooling only: the product loads such files through diffusers' own from_single_file.
+
+
+def _unet_key(key: str, layers: int, has_attention: list[bool]) -> str:
+    """A diffusers UNet key in the original layout (input_blocks/middle_block/output_blocks)."""
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1"}
+    resnet |= {"norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    top = {
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+    }
+    for old, new in top.items():
+        if key.startswith(old + "."):
+            return new + key[len(old) :]
+    parts = key.split(".")
+    if parts[0] == "mid_block":
+        block = {("resnets", "0"): "middle_block.0", ("attentions", "0"): "middle_block.1"}
+        block[("resnets", "1")] = "middle_block.2"
+        head, rest = block[(parts[1], parts[2])], parts[3:]
+    else:
+        level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if parts[0] == "down_blocks":
+            if kind == "downsamplers":  # downsamplers.0.conv -> input_blocks.N.0.op
+                return f"input_blocks.{(level + 1) * (layers + 1)}.0.op.{rest[-1]}"
+            head = f"input_blocks.{1 + level * (layers + 1) + index}.{0 if kind == 'resnets' else 1}"
+        else:
+            block = level * (layers + 1)
+            if kind == "upsamplers":
+                return f"output_blocks.{block + layers}.{2 if has_attention[level] else 1}.conv.{rest[-1]}"
+            head = f"output_blocks.{block + index}.{0 if kind == 'resnets' else 1}"
+    if parts[0] in ("down_blocks", "up_blocks", "mid_block") and ("resnets" in parts):
+        rest = [".".join([resnet.get(rest[0], rest[0]), *rest[1:]])]
+    return ".".join([head, *rest])
+
+
+def _vae_key(key: str, levels: int) -> str:
+    """A diffusers VAE key in the original layout (down/up/mid with numbered blocks)."""
+    replacements = [
+        ("conv_norm_out", "norm_out"),
+        ("mid_block.resnets.0", "mid.block_1"),
+        ("mid_block.resnets.1", "mid.block_2"),
+        ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
+        ("mid_block.attentions.0.to_q", "mid.attn_1.q"),
+        ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
+        ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
+        ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"),
+        ("conv_shortcut", "nin_shortcut"),
+    ]
+    for old, new in replacements:
+        key = key.replace(old, new)
+    parts = key.split(".")
+    if len(parts) > 3 and parts[1] in ("down_blocks", "up_blocks"):
+        level = int(parts[2])
+        if parts[1] == "up_blocks":  # the original decoder counts its levels from the bottom
+            level = levels - 1 - level
+        side = "down" if parts[1] == "down_blocks" else "up"
+        if parts[3] in ("downsamplers", "upsamplers"):
+            return f"{parts[0]}.{side}.{level}.{side}sample.conv.{parts[-1]}"
+        return ".".join([parts[0], side, str(level), "block", *parts[4:]])
+    return key
+
+
+def _open_clip_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder in the OpenCLIP layout (SD 2.x, SDXL's second encoder)."""
+    out = {}
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out[prefix + "token_embedding.weight"] = state.pop("embeddings.token_embedding.weight")
+    out[prefix + "positional_embedding"] = state.pop("embeddings.position_embedding.weight")
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    layer_names["self_attn.out_proj"] = "attn.out_proj"
+    for key in sorted(state):
+        if key.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + key.split(".")[-1]] = state[key]
+            continue
+        if not key.startswith("encoder.layers."):
+            continue
+        _, _, n, *rest = key.split(".")
+        name = ".".join(rest)
+        block = f"{prefix}transformer.resblocks.{n}."
+        if name.startswith("self_attn.q_proj."):  # q, k, v stacked as one in_proj
+            kind = name.split(".")[-1]
+            qkv = [state[f"encoder.layers.{n}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+        elif not name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            module, param = name.rsplit(".", 1)
+            out[block + layer_names[module] + "." + param] = state[key]
+    return out
+
+
+def _read_component(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+def original_layout(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers SD 1.x or SDXL folder as an original-layout state dict."""
+    folder = Path(folder)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    layers = unet_config["layers_per_block"]
+    has_attention = ["CrossAttn" in t for t in unet_config["up_block_types"]]
+    out = {}
+    for key, value in _read_component(folder / "unet").items():
+        out["model.diffusion_model." + _unet_key(key, layers, has_attention)] = value
+    levels = len(vae_config["block_out_channels"])
+    for key, value in _read_component(folder / "vae").items():
+        # The mid-block attention's linear layers are 1x1 convolutions there.
+        out["first_stage_model." + _vae_key(key, levels)] = value[:, :, None, None] if value.ndim == 2 else value
+    first = {k.removeprefix("text_model."): v for k, v in _read_component(folder / "text_encoder").items()}
+    if (folder / "text_encoder_2").is_dir():
+        prefix = "conditioner.embedders.0.transformer.text_model."
+        out |= {prefix + k: v for k, v in first.items()}
+        out |= _open_clip_keys(_read_component(folder / "text_encoder_2"), "conditioner.embedders.1.model.")
+    else:
+        out |= {"cond_stage_model.transformer.text_model." + k: v for k, v in first.items()}
+    return out
+
+
+def write_single_file(folder: str | Path, path: str | Path) -> Path:
+    """Write a diffusers folder as one original-layout .safetensors, or .ckpt/.pt (a torch
+    pickle with the weights under "state_dict", as the original training code saved them)."""
+    path = Path(path)
+    state = original_layout(folder)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    return path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("folder")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="Precision to build and store.")
+    parser.add_argument(
+        "--single_file", default=None, help="Also write the weights as one original-layout .safetensors/.ckpt here."
+    )
     args = parser.parse_args()
-    print(build_pipeline(args.shape, args.folder, args.prediction_type))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    print(build_pipeline(args.shape, args.folder, args.prediction_type, dtype=dtype))
+    if args.single_file:
+        print(write_single_file(args.folder, args.single_file))

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.models import build_pipeline  # noqa: E402
+from bench.models import build_pipeline, write_single_file  # noqa: E402
 
 RESOLUTION = 64  # 8x8 latents with the tiny 8x VAE
 
@@ -126,3 +126,38 @@ def train_args(model: Path, data: Path, out: Path, *extra: str, **flags) -> list
 def run_trainer():
     """Run textual_inversion.py in this process: run_trainer(argv) -> TrainResult."""
     return train_once
+
+
+# Original-layout single files (A1111/ComfyUI), written from tiny folders that keep the real
+# block structure, with the project's own converter (bench/models.py). Each file sits beside
+# the folder it was written from; the folder doubles as its --single_file_config.
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_layout(tmp_path_factory) -> Path:
+    """A tiny SD 1.x pipeline folder with SD 1.x's block structure (four UNet levels)."""
+    return build_pipeline("tiny-sd1-layout", tmp_path_factory.mktemp("tiny_sd1_layout") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_file(tiny_sd1_layout) -> Path:
+    """tiny_sd1_layout as one original-layout .safetensors file."""
+    return write_single_file(tiny_sd1_layout, tiny_sd1_layout.parent / "tiny-sd1.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_ckpt(tiny_sd1_layout) -> Path:
+    """tiny_sd1_layout as one original-layout .ckpt (a torch pickle, weights under state_dict)."""
+    return write_single_file(tiny_sd1_layout, tiny_sd1_layout.parent / "tiny-sd1.ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_layout(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline folder with SDXL's block structure (three UNet levels)."""
+    return build_pipeline("tiny-xl-layout", tmp_path_factory.mktemp("tiny_xl_layout") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_file(tiny_xl_layout) -> Path:
+    """tiny_xl_layout as one original-layout .safetensors file."""
+    return write_single_file(tiny_xl_layout, tiny_xl_layout.parent / "tiny-xl.safetensors")
