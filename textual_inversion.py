@@ -613,6 +613,27 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         ]
 
 
+def dataset_from_args(args: argparse.Namespace) -> TextualInversionDataset:
+    tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
+    buckets = None
+    if args.aspect_buckets:
+        buckets = bucket_sizes(
+            args.resolution, args.bucket_step, args.min_bucket_resolution, args.max_bucket_resolution
+        )
+    return TextualInversionDataset(
+        args.train_data_dir,
+        args.resolution,
+        args.center_crop,
+        args.learnable_property,
+        " ".join(tokens),
+        caption_extension=args.caption_extension,
+        template_file=args.template_file,
+        masked=args.masked_loss,
+        mask_dir=args.mask_dir,
+        buckets=buckets,
+    )
+
+
 def decode_images(dataset: TextualInversionDataset, workers: int) -> list[dict]:
     """Decode every photo once (in threads: Pillow releases the GIL), failing on the first bad one."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -1970,24 +1991,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     checkpoint = find_checkpoint(args)
 
     # Everything that can fail on the user's input fails here, before a file is written.
-    tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
-    buckets = None
-    if args.aspect_buckets:
-        buckets = bucket_sizes(
-            args.resolution, args.bucket_step, args.min_bucket_resolution, args.max_bucket_resolution
-        )
-    dataset = TextualInversionDataset(
-        args.train_data_dir,
-        args.resolution,
-        args.center_crop,
-        args.learnable_property,
-        " ".join(tokens),
-        caption_extension=args.caption_extension,
-        template_file=args.template_file,
-        masked=args.masked_loss,
-        mask_dir=args.mask_dir,
-        buckets=buckets,
-    )
+    dataset = dataset_from_args(args)
     examples = decode_images(dataset, args.dataloader_num_workers)
     records = dataset.records(examples)
     models = load_models(args, accelerator.device, weight_dtype)
