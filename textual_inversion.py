@@ -31,12 +31,13 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -128,6 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--resolution", type=int, default=512, help="Training size in pixels (a multiple of 8).")
     g.add_argument("--center_crop", action="store_true", help="Crop each photo to its centre square first.")
+    g.add_argument(
+        "--caption_extension",
+        default=None,
+        help="Read each photo's caption from the file of the same stem with this extension (e.g. .txt); "
+        "[name] or the placeholder token in it marks where the new word goes.",
+    )
+    g.add_argument(
+        "--template_file",
+        default=None,
+        help="A1111-style prompt templates, one per line, replacing the built-in ones: [name] (or {}) for "
+        "the new word, [filewords] for the photo's caption (or its file name's words).",
+    )
+    g.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="Weight the loss by a mask per photo: NAME-masklabel.png beside NAME.jpg, or NAME.* in "
+        "--mask_dir; white is the subject.",
+    )
+    g.add_argument("--mask_dir", default=None, help="Folder of masks named like the photos (with --masked_loss).")
+    g.add_argument(
+        "--unmasked_weight", type=float, default=0.1, help="Loss weight of the background (black in the mask)."
+    )
+    g.add_argument(
+        "--aspect_buckets",
+        action="store_true",
+        help="Train each photo at the bucket size nearest its aspect ratio (area at most --resolution squared) "
+        "instead of a square.",
+    )
+    g.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (pixels).")
+    g.add_argument(
+        "--min_bucket_resolution", type=int, default=None, help="Shortest bucket side. Default: --resolution / 2."
+    )
+    g.add_argument(
+        "--max_bucket_resolution", type=int, default=None, help="Longest bucket side. Default: --resolution x 2."
+    )
     g.add_argument(
         "--dataloader_num_workers",
         type=int,
@@ -305,10 +341,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--checkpoints_total_limit must be >= 1",
         ),
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (0 <= args.unmasked_weight <= 1, f"--unmasked_weight must be between 0 and 1 (got {args.unmasked_weight})"),
+        (args.bucket_step >= 1, f"--bucket_step must be at least 1 (got {args.bucket_step})"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    args.min_bucket_resolution = args.min_bucket_resolution or args.resolution // 2
+    args.max_bucket_resolution = args.max_bucket_resolution or args.resolution * 2
+    if args.min_bucket_resolution > args.max_bucket_resolution:
+        raise UserError(
+            f"--min_bucket_resolution {args.min_bucket_resolution} is more than --max_bucket_resolution "
+            f"{args.max_bucket_resolution}"
+        )
+    if args.mask_dir and not args.masked_loss:
+        raise UserError("--mask_dir needs --masked_loss")
+    if args.caption_extension is not None and not args.caption_extension.strip(". "):
+        raise UserError(f"--caption_extension {args.caption_extension!r}: give an extension such as .txt")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; give a folder path")
@@ -320,18 +369,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------
-# Images: every readable photo in the folder, as a square of --resolution pixels.
+# Images: every readable photo in the folder, at --resolution (a square, or its aspect
+# bucket), with its prompts (templates or its caption) and, with --masked_loss, its mask.
+
+MASK_SUFFIX = "-masklabel.png"  # OneTrainer's convention: NAME-masklabel.png beside NAME.jpg
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files in `folder`, sorted; anything else is skipped with one warning."""
+def list_images(folder: Path, companions: tuple[str, ...] = ()) -> list[Path]:
+    """Image files in `folder`, sorted; masks (NAME-masklabel.png) and files ending in one of
+    `companions` (caption extensions) belong to photos; anything else is skipped with one warning."""
     if not folder.exists():
         raise UserError(f"--train_data_dir {folder}: no such folder")
     if not folder.is_dir():
         raise UserError(f"--train_data_dir {folder}: not a folder")
     entries = sorted(folder.iterdir())
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in images]
+    belongs = [p for p in entries if p.is_file() and p.name.lower().endswith((MASK_SUFFIX, *companions))]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p not in belongs]
+    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in images and p not in belongs]
     if not images:
         found = f" (it holds: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
         raise UserError(f"--train_data_dir {folder}: no images (png, jpg, webp, bmp, tiff, gif) found{found}")
@@ -373,21 +427,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def square_pixels(image: Image.Image, size: int, center_crop: bool) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resize (after an optional centre-square crop) to size x size, bicubic.
-
-    Returns uint8 HxWx3 pixels and the crop's top-left corner in the resized frame, which
-    SDXL is conditioned on.
-    """
-    width, height = image.size
-    crop_top_left = (0, 0)
+def crop_box(size: tuple[int, int], target: tuple[int, int], center_crop: bool, fill: bool) -> tuple[int, ...]:
+    """The part (left, top, right, bottom) of a w x h photo that is resized to `target` (w, h):
+    the whole photo (squashed, as the reference does), its centre square (--center_crop), and
+    with `fill` the largest centred part of the target's aspect ratio (cropped only by rounding)."""
+    width, height = size
+    left, top, right, bottom = 0, 0, width, height
     if center_crop:
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        crop_top_left = (round(top * size / side), round(left * size / side))
-    image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8), crop_top_left
+        right, bottom = left + side, top + side
+    if fill:
+        w, h = right - left, bottom - top
+        if w * target[1] > h * target[0]:  # wider than the target
+            cut = w - round(h * target[0] / target[1])
+            left, right = left + cut // 2, right - (cut - cut // 2)
+        else:
+            cut = h - round(w * target[1] / target[0])
+            top, bottom = top + cut // 2, bottom - (cut - cut // 2)
+    return left, top, right, bottom
+
+
+def fit_pixels(
+    image: Image.Image,
+    target: tuple[int, int],
+    center_crop: bool,
+    fill: bool = False,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The photo (or its mask) at `target` (w, h): uint8 pixels HxW(x3) and the crop's top-left
+    corner (y, x) in the resized frame, which SDXL is conditioned on."""
+    left, top, right, bottom = crop_box(image.size, target, center_crop, fill)
+    resized = image.crop((left, top, right, bottom)).resize(target, resample)
+    crop_top_left = (round(top * target[1] / (bottom - top)), round(left * target[0] / (right - left)))
+    return np.asarray(resized, dtype=np.uint8), crop_top_left
+
+
+def bucket_sizes(resolution: int, step: int, smallest: int, largest: int) -> list[tuple[int, int]]:
+    """Bucket sizes (w, h): sides multiples of `step` within [smallest, largest], area at most
+    resolution², for each width the tallest such height."""
+    sizes = []
+    for width in range(math.ceil(smallest / step) * step, largest + 1, step):
+        height = min(largest, resolution * resolution // width // step * step)
+        if height >= max(smallest, step):
+            sizes.append((width, height))
+    if not sizes:
+        raise UserError(
+            f"--aspect_buckets: no bucket has sides that are multiples of --bucket_step {step} within "
+            f"--min_bucket_resolution {smallest} and --max_bucket_resolution {largest} and an area of at most "
+            f"--resolution {resolution} squared"
+        )
+    return sizes
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the photo's (on a log scale; the larger on a tie)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 9), -b[0] * b[1]))
 
 
 def read_templates(learnable_property: str) -> list[str]:
@@ -397,12 +493,78 @@ def read_templates(learnable_property: str) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if "{}" in line]
 
 
-class TextualInversionDataset(torch.utils.data.Dataset):
-    """The concept's examples: each photo as a square, as-is and mirrored, plus its prompts.
+def read_utf8(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is fine
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
 
-    `dataset[i]` decodes photo i: `pixel_values` [2, 3, size, size] in [-1, 1] (as-is,
-    mirrored), `original_size` (h, w) and `crop_top_left` (y, x). `prompts` are the
-    templates of --learnable_property with the placeholder string in them.
+
+def read_template_file(path: Path) -> list[str]:
+    """An A1111 template file: its lines that contain the new word ([name] or {})."""
+    if not path.is_file():
+        raise UserError(f"--template_file {path}: no such file")
+    lines = [line.strip() for line in read_utf8(path, "--template_file").splitlines()]
+    templates = [line for line in lines if "[name]" in line or "{}" in line]
+    if not templates:
+        raise UserError(f"--template_file {path}: no line contains [name] (or {{}}) where the new word goes")
+    return templates
+
+
+def file_words(path: Path) -> str:
+    """A photo's file name as words, as A1111 uses it for [filewords] without a caption."""
+    stem = re.sub(r"^[-\d]+\s*", "", path.stem)  # drop numbering such as "00012-"
+    return " ".join(re.sub(r"[_\-]+", " ", stem).split())
+
+
+def fill_template(template: str, word: str, filewords: str) -> str:
+    return template.replace("[name]", word).replace("{}", word).replace("[filewords]", filewords)
+
+
+def caption_prompt(caption: str, token: str, word: str) -> tuple[str, bool]:
+    """The caption with [name] or the placeholder token replaced by the new word (all its
+    vector tokens), or "<word>, " in front when it has neither; and whether it was put in front."""
+    pattern = "|".join(map(re.escape, ("[name]", token)))
+    if re.search(pattern, caption):
+        return re.sub(pattern, lambda _: word, caption), False
+    return f"{word}, {caption}", True
+
+
+def find_mask(photo: Path, mask_dir: Path | None) -> Path | None:
+    if mask_dir is None:
+        path = photo.with_name(photo.stem + MASK_SUFFIX)
+        return path if path.is_file() else None
+    found = [p for p in sorted(mask_dir.iterdir()) if p.stem == photo.stem and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return found[0] if found else None
+
+
+def open_mask(path: Path, photo_size: tuple[int, int]) -> Image.Image:
+    """A mask as greyscale at its photo's size (white: the subject), with one-line errors."""
+    try:
+        with Image.open(path) as stored:
+            stored.load()
+            mask = ImageOps.exif_transpose(stored).convert("L")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"mask {path}: not an image ({e}); replace it with a black-and-white image") from None
+    (w, h), (pw, ph) = mask.size, photo_size
+    if abs((w / h) / (pw / ph) - 1) > 0.01:
+        raise UserError(
+            f"mask {path}: {w}x{h} does not have its photo's aspect ratio ({pw}x{ph}); make it the photo's size"
+        )
+    if mask.getextrema()[1] == 0:
+        raise UserError(f"mask {path}: all black, so nothing of the photo would be learned; paint the subject white")
+    return mask if mask.size == photo_size else mask.resize(photo_size, Image.Resampling.BILINEAR)
+
+
+class TextualInversionDataset(torch.utils.data.Dataset):
+    """The concept's examples: each photo at its training size, as-is and mirrored, plus its
+    prompts and mask.
+
+    `dataset[i]` decodes photo i: `pixel_values` [2, 3, h, w] in [-1, 1] (as-is, mirrored),
+    `mask` [2, 1, h, w] in [0, 1] or None, `original_size` (h, w), `crop_top_left` (y, x) and
+    `target_size` (h, w). `photo_prompts[i]` are the prompts photo i is trained with: its
+    caption, or the templates (built-in per --learnable_property, or --template_file) with the
+    placeholder string in them. `prompts` are all of them, each once.
     """
 
     def __init__(
@@ -412,26 +574,125 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         center_crop: bool = False,
         learnable_property: str = "object",
         placeholder_token: str = "*",
+        caption_extension: str | None = None,
+        template_file: str | Path | None = None,
+        masked: bool = False,
+        mask_dir: str | Path | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ):
-        self.image_paths = list_images(Path(data_root))
+        extension = None if caption_extension is None else "." + caption_extension.lstrip(".")
+        self.image_paths = list_images(Path(data_root), (extension.lower(),) if extension else ())
         self.size = size
         self.center_crop = center_crop
-        self.templates = read_templates(learnable_property)
-        self.prompts = [t.replace("{}", placeholder_token) for t in self.templates]
+        self.buckets = buckets
+        self.templates = (
+            read_template_file(Path(template_file)) if template_file else read_templates(learnable_property)
+        )
+        token = placeholder_token.split(" ", maxsplit=1)[0]  # as typed; the string holds all N vector tokens
+        self.caption_paths = [p.with_suffix(extension) for p in self.image_paths] if extension else []
+        self.captions = [self.read_caption(p) for p in self.caption_paths] or [None] * len(self.image_paths)
+        filewords = any("[filewords]" in t for t in self.templates)
+        self.photo_prompts, self.prompt_sources, prefixed = [], {}, 0
+        for path, caption in zip(self.image_paths, self.captions):
+            if caption is None or filewords:
+                words = caption if caption is not None else file_words(path)
+                source = str(path.with_suffix(extension)) if caption is not None else template_file
+                prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
+            else:
+                prompt, front = caption_prompt(caption, token, placeholder_token)
+                prompts, source, prefixed = [prompt], str(path.with_suffix(extension)), prefixed + front
+            self.photo_prompts.append(prompts)
+            self.prompt_sources.update((p, source) for p in prompts if source)
+        self.prompts = [p for prompts in dict.fromkeys(map(tuple, self.photo_prompts)) for p in prompts]
+        if extension:
+            missing = self.captions.count(None)
+            if missing:
+                logger.warning(
+                    "%d of %d photos have no caption (%s file) or a blank one; they use the templates",
+                    missing,
+                    len(self.image_paths),
+                    extension,
+                )
+            if prefixed:
+                logger.info("%d captions had no [name] or %s; the new word was put in front of them", prefixed, token)
+        self.mask_paths: list[Path | None] = []
+        if masked:
+            folder = Path(mask_dir) if mask_dir else None
+            if folder is not None and not folder.is_dir():
+                raise UserError(f"--mask_dir {folder}: no such folder")
+            self.mask_paths = [find_mask(p, folder) for p in self.image_paths]
+            missing = self.mask_paths.count(None)
+            if missing:
+                logger.warning("%d of %d photos have no mask; they count fully", missing, len(self.image_paths))
+        else:
+            self.mask_paths = [None] * len(self.image_paths)
+
+    @staticmethod
+    def read_caption(path: Path) -> str | None:
+        if not path.is_file():
+            return None
+        return " ".join(read_utf8(path, "caption").split()) or None
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, i: int) -> dict:
         image = open_rgb(self.image_paths[i])
-        pixels, crop_top_left = square_pixels(image, self.size, self.center_crop)
+        left, top, right, bottom = crop_box(image.size, image.size, self.center_crop, fill=False)
+        fill = self.buckets is not None
+        target = nearest_bucket((right - left, bottom - top), self.buckets) if fill else (self.size, self.size)
+        pixels, crop_top_left = fit_pixels(image, target, self.center_crop, fill)
         both = np.stack([pixels, pixels[:, ::-1]])  # the horizontal flip, p=0.5 at training time
         tensor = torch.from_numpy(both.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+        mask = None
+        if self.mask_paths[i] is not None:
+            # Through the same crop and resize as the pixels, and the same flip.
+            grey, _ = fit_pixels(open_mask(self.mask_paths[i], image.size), target, self.center_crop, fill)
+            mask = torch.from_numpy(np.stack([grey, grey[:, ::-1]]).astype(np.float32) / 255.0)[:, None]
         return {
             "pixel_values": tensor.contiguous(),
+            "mask": mask,
             "original_size": (image.height, image.width),
             "crop_top_left": crop_top_left,
+            "target_size": (target[1], target[0]),
         }
+
+    def records(self, examples: list[dict]) -> list[dict]:
+        """What the trainer sees, one dict per photo (dataset.jsonl)."""
+        return [
+            {
+                "file": str(path),
+                "size": list(example["original_size"][::-1]),
+                "bucket": list(example["target_size"][::-1]),
+                "caption": caption,
+                "mask": None if mask is None else str(mask),
+                "prompts": list(dict.fromkeys(prompts)),
+            }
+            for path, example, caption, mask, prompts in zip(
+                self.image_paths, examples, self.captions, self.mask_paths, self.photo_prompts
+            )
+        ]
+
+
+def dataset_from_args(args: argparse.Namespace) -> TextualInversionDataset:
+    tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
+    buckets = None
+    if args.aspect_buckets:
+        buckets = bucket_sizes(
+            args.resolution, args.bucket_step, args.min_bucket_resolution, args.max_bucket_resolution
+        )
+    return TextualInversionDataset(
+        args.train_data_dir,
+        args.resolution,
+        args.center_crop,
+        args.learnable_property,
+        " ".join(tokens),
+        caption_extension=args.caption_extension,
+        template_file=args.template_file,
+        masked=args.masked_loss,
+        mask_dir=args.mask_dir,
+        buckets=buckets,
+    )
 
 
 def decode_images(dataset: TextualInversionDataset, workers: int) -> list[dict]:
@@ -452,7 +713,9 @@ class StableDiffusion:
     tokenizers = ("tokenizer",)
 
     @staticmethod
-    def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], size: int) -> list[int] | None:
+    def time_ids(
+        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+    ) -> list[int] | None:
         return None
 
     @staticmethod
@@ -479,8 +742,10 @@ class StableDiffusionXL:
     tokenizers = ("tokenizer", "tokenizer_2")
 
     @staticmethod
-    def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], size: int) -> list[int]:
-        return [*original_size, *crop_top_left, size, size]
+    def time_ids(
+        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+    ) -> list[int]:
+        return [*original_size, *crop_top_left, *target_size]
 
     @staticmethod
     def condition(text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor, clip_skip: int = 0):
@@ -788,58 +1053,139 @@ def add_placeholder_tokens(
 
 @dataclass
 class Concept:
-    latent_mean: torch.Tensor  # [images, 2 (as-is, mirrored), C, h, w], in the UNet's latent scale
+    # [images, 2 (as-is, mirrored), C, h, w], in the UNet's latent scale. With aspect buckets
+    # h, w are the largest bucket's and each photo's latents sit at the top left.
+    latent_mean: torch.Tensor
     latent_std: torch.Tensor  # same shape
-    prompt_ids: list[torch.Tensor]  # per tokenizer: [templates, 77]
+    prompt_ids: list[torch.Tensor]  # per tokenizer: [prompts, 77]
     time_ids: torch.Tensor | None  # SDXL: [images, 6]
     prompts: list[str]
+    # [images, K]: photo i's prompts (rows of prompt_ids), each as often. Default: all, in order.
+    prompt_table: torch.Tensor | None = None
+    # [images, 2, 1, h, w]: the loss weight per latent pixel (masks), mean 1 over the photo's
+    # bucket. Default: ones.
+    loss_weight: torch.Tensor | None = None
+    bucket_sizes: list[tuple[int, int]] | None = None  # latent (h, w) per bucket. Default: one, h x w
+    bucket_of: list[int] | None = None  # each photo's bucket
+    bucket_members: list[torch.Tensor] = field(init=False)  # the photos of each bucket
+
+    def __post_init__(self):
+        images, device = self.latent_mean.shape[0], self.latent_mean.device
+        if self.prompt_table is None:
+            self.prompt_table = torch.arange(len(self.prompts), device=device).expand(images, -1)
+        if self.loss_weight is None:
+            self.loss_weight = torch.ones(images, 2, 1, *self.latent_mean.shape[3:], device=device)
+        if self.bucket_sizes is None:
+            self.bucket_sizes, self.bucket_of = [tuple(self.latent_mean.shape[3:])], [0] * images
+        self.bucket_members = [
+            torch.tensor([i for i, b in enumerate(self.bucket_of) if b == k], dtype=torch.long, device=device)
+            for k in range(len(self.bucket_sizes))
+        ]
 
     @property
     def num_images(self) -> int:
         return self.latent_mean.shape[0]
 
 
+def top_left_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors [..., h_i, w_i] stacked into one [n, ..., max h, max w], each at the top left."""
+    height, width = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
+    out = parts[0].new_zeros(len(parts), *parts[0].shape[:-2], height, width)
+    for i, part in enumerate(parts):
+        out[i, ..., : part.shape[-2], : part.shape[-1]] = part
+    return out
+
+
 @torch.no_grad()
 def encode_concept(
-    examples: list[dict], prompts: list[str], models: Models, placeholders: Placeholders, size: int
+    examples: list[dict],
+    prompts: list[str] | list[list[str]],
+    models: Models,
+    placeholders: Placeholders,
+    *,
+    unmasked_weight: float = 0.1,
+    sources: dict[str, str] | None = None,
 ) -> Concept:
-    """VAE posteriors of every photo and its mirror, and the prompts' token ids, on device.
+    """VAE posteriors of every photo and its mirror, their masks on the latent grid, and the
+    prompts' token ids, on device. `prompts` are each photo's (or one list for all);
+    `sources` names the file a prompt came from, for messages.
 
     Sampling mean + std * noise each step draws from the same distribution as encoding the
     photo every step, as the reference script does, at none of the cost.
     """
     vae = models.vae
     device = next(vae.parameters()).device
-    means, stds = [], []
+    means, stds, weights = [], [], []
     for example in examples:
         # One view at a time: the VAE's activations at full resolution dominate peak memory
         # (gigabytes for SDXL at 1024 px in fp32), and this runs once, so batching buys nothing.
         views = [vae.encode(view[None].to(device, torch.float32)).latent_dist for view in example["pixel_values"]]
         means.append(torch.cat([v.mean for v in views]))
         stds.append(torch.cat([v.std for v in views]))
+        weight = torch.ones(2, 1, *means[-1].shape[2:], device=device)
+        if example.get("mask") is not None:  # area average onto the latent grid
+            coverage = F.adaptive_avg_pool2d(example["mask"].to(device), means[-1].shape[2:])
+            weight = unmasked_weight + (1 - unmasked_weight) * coverage
+        weights.append(weight / weight.mean(dim=(1, 2, 3), keepdim=True))
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latent_mean = (torch.stack(means) - shift) * scale
-    latent_std = torch.stack(stds) * scale
+    latent_mean = (top_left_padded(means) - shift) * scale
+    latent_std = top_left_padded(stds) * scale
+    bucket_sizes = sorted({tuple(m.shape[2:]) for m in means})
 
-    prompt_ids = []
-    for tokenizer, ids in zip(models.tokenizers, placeholders.ids):
-        tokens = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        for prompt, row in zip(prompts, tokens):
-            found = [int((row == i).sum()) for i in ids]
-            if found != [1] * len(ids):
-                raise UserError(
-                    f"--placeholder_token {placeholders.token!r} does not tokenize as one new token in the "
-                    f"prompt {prompt!r} (each placeholder id found {found} times); use a distinctive "
-                    "lowercase string such as <my-concept>"
-                )
-        prompt_ids.append(tokens.to(device))
+    # Each distinct list of prompts (the templates, a caption) once; a photo's table row repeats
+    # its list's rows so that every photo's prompts are drawn equally often.
+    per_photo = [tuple(prompts)] * len(examples) if isinstance(prompts[0], str) else list(map(tuple, prompts))
+    first_row, unique = {}, []
+    for photo in dict.fromkeys(per_photo):
+        first_row[photo] = len(unique)
+        unique += photo
+    width = math.lcm(*map(len, per_photo))
+    prompt_table = torch.tensor(
+        [[first_row[photo] + i for i in range(len(photo))] * (width // len(photo)) for photo in per_photo]
+    )
+    prompt_ids = [
+        tokenize_prompts(unique, tokenizer, ids, placeholders.token, sources or {})
+        for tokenizer, ids in zip(models.tokenizers, placeholders.ids)
+    ]
 
-    time_ids = [models.family.time_ids(e["original_size"], e["crop_top_left"], size) for e in examples]
+    time_ids = [models.family.time_ids(e["original_size"], e["crop_top_left"], e["target_size"]) for e in examples]
     time_ids = None if time_ids[0] is None else torch.tensor(time_ids, dtype=torch.float32, device=device)
-    return Concept(latent_mean, latent_std, prompt_ids, time_ids, prompts)
+    return Concept(
+        latent_mean,
+        latent_std,
+        [ids.to(device) for ids in prompt_ids],
+        time_ids,
+        unique,
+        prompt_table.to(device),
+        top_left_padded(weights),
+        bucket_sizes,
+        [bucket_sizes.index(tuple(m.shape[2:])) for m in means],
+    )
+
+
+def tokenize_prompts(prompts: list[str], tokenizer, ids: list[int], token: str, sources: dict) -> torch.Tensor:
+    """[prompts, 77] token ids; each prompt must hold every placeholder id exactly once. A
+    prompt longer than the tokenizer's limit is cut, with a warning naming its file."""
+    limit = tokenizer.model_max_length
+    tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+    for prompt, row, full in zip(prompts, tokens, tokenizer(prompts).input_ids):
+        source = sources.get(prompt) or f"the prompt {prompt!r}"
+        found = [int((row == i).sum()) for i in ids]
+        if found == [1] * len(ids):
+            if len(full) > limit:
+                logger.warning("%s: %d tokens, more than the tokenizer's %d; the rest is cut", source, len(full), limit)
+            continue
+        if len(full) > limit and [full.count(i) for i in ids] == [1] * len(ids):
+            raise UserError(
+                f"{source}: {len(full)} tokens, more than the tokenizer's {limit}, and the cut removes the new "
+                "word; shorten it or put [name] nearer the start"
+            )
+        raise UserError(
+            f"--placeholder_token {token!r} does not tokenize as one new token in the prompt {prompt!r} (each "
+            f"placeholder id found {found} times); use a distinctive lowercase string such as <my-concept>"
+        )
+    return tokens
 
 
 # ----------------------------------------------------------------------------------------
@@ -852,7 +1198,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-STREAM_ORDER, STREAM_STEP, STREAM_VALIDATION = 1, 2, 3
+STREAM_ORDER, STREAM_STEP, STREAM_VALIDATION, STREAM_BUCKET = 1, 2, 3, 4
 
 
 @lru_cache(maxsize=4)
@@ -878,13 +1224,43 @@ def sample_images(seed: int, start: int, count: int, num_images: int, repeats: i
 
 
 @dataclass
+class BucketSchedule:
+    """Which aspect bucket each step trains, drawn once for the whole run, weighted by photo
+    count, so every UNet call sees one shape. Each bucket has its own sample stream."""
+
+    bucket: np.ndarray  # [steps]
+    earlier: np.ndarray  # [steps]: how many earlier steps drew the same bucket
+
+
+def bucket_schedule(seed: int, steps: int, concept: Concept) -> BucketSchedule:
+    counts = np.array([len(m) for m in concept.bucket_members], dtype=np.float64)
+    draws = np.random.default_rng(derive_seed(seed, STREAM_BUCKET)).random(steps)  # a prefix never changes
+    bucket = np.searchsorted(np.cumsum(counts) / counts.sum(), draws, side="right").clip(max=len(counts) - 1)
+    earlier = np.zeros(steps, dtype=np.int64)
+    for b in range(len(counts)):
+        earlier[bucket == b] = np.arange(int((bucket == b).sum()))
+    return BucketSchedule(bucket, earlier)
+
+
+def step_images(
+    seed: int, step: int, count: int, concept: Concept, schedule: BucketSchedule, repeats: int, device
+) -> tuple[torch.Tensor, int]:
+    """The photos of step `step`'s `count` samples, all from the step's bucket; and the bucket."""
+    bucket = int(schedule.bucket[step])
+    members = concept.bucket_members[bucket]
+    stream = seed if len(concept.bucket_members) == 1 else derive_seed(seed, STREAM_BUCKET, bucket)
+    picks = sample_images(stream, int(schedule.earlier[step]) * count, count, len(members), repeats, device)
+    return members[picks], bucket
+
+
+@dataclass
 class Batch:
     image: torch.Tensor  # [B] photo index
     flip: torch.Tensor  # [B] 0 as-is, 1 mirrored
-    template: torch.Tensor  # [B] prompt template index
+    template: torch.Tensor  # [B] column of the photo's prompt_table row
     timesteps: torch.Tensor  # [B]
     posterior_noise: torch.Tensor  # [B, C, h, w] draws the latent from the cached posterior
-    noise: torch.Tensor  # [B, C, h, w] the diffusion noise
+    noise: torch.Tensor  # [B, C, h, w] the diffusion noise; h, w: the batch's bucket
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -892,14 +1268,22 @@ class Batch:
     def __getitem__(self, s: slice | torch.Tensor) -> Batch:
         return Batch(*(getattr(self, f)[s] for f in self.__dataclass_fields__))
 
+    def cropped(self, height: int, width: int) -> Batch:
+        """The noise of a bucket of latent size height x width (the top left, as latents are stored)."""
+        return replace(
+            self, posterior_noise=self.posterior_noise[..., :height, :width], noise=self.noise[..., :height, :width]
+        )
 
-def draw_batch(generator: torch.Generator, image: torch.Tensor, concept: Concept, num_timesteps: int) -> Batch:
+
+def draw_batch(
+    generator: torch.Generator, image: torch.Tensor, concept: Concept, num_timesteps: int, bucket: int = 0
+) -> Batch:
     device, b = image.device, image.shape[0]
-    shape = (b, *concept.latent_mean.shape[2:])
+    shape = (b, concept.latent_mean.shape[2], *concept.bucket_sizes[bucket])
     return Batch(
         image=image,
         flip=torch.randint(0, 2, (b,), generator=generator, device=device),
-        template=torch.randint(0, len(concept.prompts), (b,), generator=generator, device=device),
+        template=torch.randint(0, concept.prompt_table.shape[1], (b,), generator=generator, device=device),
         timesteps=torch.randint(0, num_timesteps, (b,), generator=generator, device=device),
         posterior_noise=torch.randn(shape, generator=generator, device=device),
         noise=torch.randn(shape, generator=generator, device=device),
@@ -907,9 +1291,12 @@ def draw_batch(generator: torch.Generator, image: torch.Tensor, concept: Concept
 
 
 def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tensor:
-    """Per-sample MSE of the UNet's prediction (epsilon or v, per the scheduler config)."""
-    latents = concept.latent_mean[batch.image, batch.flip]
-    latents = latents + concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+    """Per-sample MSE of the UNet's prediction (epsilon or v, per the scheduler config),
+    weighted per latent pixel by the photo's mask. All samples share one bucket."""
+    height, width = batch.noise.shape[-2:]
+    bucket = (slice(None), slice(None), slice(None), slice(0, height), slice(0, width))
+    latents = concept.latent_mean[bucket][batch.image, batch.flip]
+    latents = latents + concept.latent_std[bucket][batch.image, batch.flip] * batch.posterior_noise
     scheduler = models.noise_scheduler
     noisy = scheduler.add_noise(latents, batch.noise, batch.timesteps)
     prediction_type = scheduler.config.prediction_type
@@ -919,13 +1306,15 @@ def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tens
         target = scheduler.get_velocity(latents, batch.noise, batch.timesteps)
     else:
         raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-    prompt_ids = [ids[batch.template] for ids in concept.prompt_ids]
+    prompt = concept.prompt_table[batch.image, batch.template]
+    prompt_ids = [ids[prompt] for ids in concept.prompt_ids]
     time_ids = None if concept.time_ids is None else concept.time_ids[batch.image]
     hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids, models.clip_skip)
     prediction = models.unet_forward(
         noisy.to(models.weight_dtype), batch.timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added
     ).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    return (error * concept.loss_weight[bucket][batch.image, batch.flip]).mean(dim=(1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------------
@@ -958,11 +1347,11 @@ def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo:
     count = concept.num_images * per_photo
     strata = torch.arange(per_photo, device=device).repeat(concept.num_images)
     jitter = torch.rand(count, generator=generator, device=device)
-    shape = (count, *concept.latent_mean.shape[2:])
+    shape = (count, *concept.latent_mean.shape[2:])  # with buckets, each photo reads its bucket's top left
     return Batch(
         image=torch.arange(concept.num_images, device=device).repeat_interleave(per_photo),
         flip=torch.randint(0, 2, (count,), generator=generator, device=device),
-        template=torch.randint(0, len(concept.prompts), (count,), generator=generator, device=device),
+        template=torch.randint(0, concept.prompt_table.shape[1], (count,), generator=generator, device=device),
         timesteps=((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1),
         posterior_noise=torch.randn(shape, generator=generator, device=device),
         noise=torch.randn(shape, generator=generator, device=device),
@@ -971,13 +1360,19 @@ def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo:
 
 @torch.no_grad()
 def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) -> float:
-    """Mean loss over the batch, in calls of exactly `chunk` samples (the last one wraps around
-    and its repeats are dropped), so a compiled UNet sees one shape only."""
-    n, total = len(batch), 0.0
-    for start in range(0, n, chunk):
-        index = torch.arange(start, start + chunk, device=batch.image.device) % n
-        total += float(denoising_loss(models, concept, batch[index])[: n - start].sum())
-    return total / n
+    """Mean loss over the batch, bucket by bucket, in calls of exactly `chunk` samples (a
+    bucket's last call wraps around and its repeats are dropped), so a compiled UNet sees one
+    shape per bucket."""
+    bucket_of = torch.tensor(concept.bucket_of)[batch.image.cpu()]
+    total = 0.0
+    for bucket, (height, width) in enumerate(concept.bucket_sizes):
+        positions = (bucket_of == bucket).nonzero().flatten().to(batch.image.device)
+        n = len(positions)
+        for start in range(0, n, chunk):
+            index = positions[torch.arange(start, start + chunk, device=positions.device) % n]
+            part = batch[index].cropped(height, width)
+            total += float(denoising_loss(models, concept, part)[: n - start].sum())
+    return total / len(batch)
 
 
 def validation_pipeline(models: Models):
@@ -1279,6 +1674,7 @@ def train(
 
     chunk = watch.chunk
     generator = torch.Generator(device)
+    schedule = bucket_schedule(state.seed, max_steps, concept)
     progress = tqdm_bar(max_steps, state.step, accelerator.is_local_main_process)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     started = window_start = time.perf_counter()
@@ -1290,10 +1686,8 @@ def train(
             # Every process draws the whole global batch and keeps its own slice: N processes
             # compute exactly what one process would with N times the batch.
             generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
-            images = sample_images(
-                state.seed, state.step * global_batch, global_batch, concept.num_images, args.repeats, device
-            )
-            batch = draw_batch(generator, images, concept, models.noise_scheduler.config.num_train_timesteps)
+            images, bucket = step_images(state.seed, state.step, global_batch, concept, schedule, args.repeats, device)
+            batch = draw_batch(generator, images, concept, models.noise_scheduler.config.num_train_timesteps, bucket)
             batch = batch[slice(rank * per_process, (rank + 1) * per_process)]
             while True:
                 try:
@@ -1755,15 +2149,24 @@ def run(args: argparse.Namespace) -> TrainResult:
 
     # Everything that can fail on the user's input fails here, before a file is written.
     initial_embedding = read_initializer_embedding(args)  # first: it sets --num_vectors
-    tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
-    dataset = TextualInversionDataset(
-        args.train_data_dir, args.resolution, args.center_crop, args.learnable_property, " ".join(tokens)
-    )
+    dataset = dataset_from_args(args)
     examples = decode_images(dataset, args.dataloader_num_workers)
+    records = dataset.records(examples)
     models = load_models(args, accelerator.device, weight_dtype)
-    initializer = initial_embedding or args.initializer_token
-    placeholders = add_placeholder_tokens(models, args.placeholder_token, initializer, args.num_vectors)
-    concept = encode_concept(examples, dataset.prompts, models, placeholders, args.resolution)
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    if args.aspect_buckets and args.bucket_step % factor:
+        raise UserError(f"--bucket_step {args.bucket_step} must be a multiple of the VAE's downscaling factor {factor}")
+    placeholders = add_placeholder_tokens(
+        models, args.placeholder_token, initial_embedding or args.initializer_token, args.num_vectors
+    )
+    concept = encode_concept(
+        examples,
+        dataset.photo_prompts,
+        models,
+        placeholders,
+        unmasked_weight=args.unmasked_weight,
+        sources=dataset.prompt_sources,
+    )
     del examples
     if args.compile:
         compile_models(models, args.compile_backend)
@@ -1786,10 +2189,15 @@ def run(args: argparse.Namespace) -> TrainResult:
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
+        infer.write_text(Path(args.output_dir) / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     logger.info(
-        "%s: %d photos, %d prompts, %d vector(s) of width %s, %d steps x %d samples (%d process(es)), seed %d",
+        "%s: %d photos (%d captioned, %d masked, %d bucket(s)), %d prompts, %d vector(s) of width %s, "
+        "%d steps x %d samples (%d process(es)), seed %d",
         models.family.name,
         concept.num_images,
+        sum(r["caption"] is not None for r in records),
+        sum(r["mask"] is not None for r in records),
+        len(concept.bucket_sizes),
         len(concept.prompts),
         args.num_vectors,
         "+".join(str(r.shape[1]) for r in placeholders.rows),

@@ -14,7 +14,7 @@ import textual_inversion as ti
 
 
 def pixels_of(path, size=16, center_crop=False) -> np.ndarray:
-    return ti.square_pixels(ti.open_rgb(path), size, center_crop)[0]
+    return ti.fit_pixels(ti.open_rgb(path), (size, size), center_crop)[0]
 
 
 def test_every_supported_format_is_read_in_sorted_order(tmp_path):
@@ -101,7 +101,7 @@ def test_center_crop_takes_the_middle_square_before_resizing(tmp_path):
     image = Image.new("RGB", (30, 10), (255, 0, 0))
     image.paste((0, 255, 0), (10, 0, 20, 10))  # the middle square is green
     image.save(tmp_path / "wide.png")
-    pixels, crop = ti.square_pixels(ti.open_rgb(tmp_path / "wide.png"), 20, center_crop=True)
+    pixels, crop = ti.fit_pixels(ti.open_rgb(tmp_path / "wide.png"), (20, 20), center_crop=True)
     assert (pixels[..., 1] == 255).all() and (pixels[..., 0] == 0).all()
     assert crop == (0, 20)  # SDXL's crop offset, in the resized (short side = 20) frame
 

@@ -72,7 +72,7 @@ def teach(models, pictures_per_concept: int = 24) -> None:
     with torch.no_grad():
         latents = torch.stack([models.vae.encode(e["pixel_values"]).latent_dist.mean for e in examples])
     latents = latents * models.vae.config.scaling_factor
-    time_ids = [models.family.time_ids((SIZE, SIZE), (0, 0), SIZE) for _ in examples]
+    time_ids = [models.family.time_ids((SIZE, SIZE), (0, 0), (SIZE, SIZE)) for _ in examples]
     concept = ti.Concept(
         latent_mean=latents,
         latent_std=torch.zeros_like(latents),
@@ -137,7 +137,7 @@ def held_out_scorer(model, photos, tmp_path):
     prompts) with a seed the training run never used; also returns the initializer's rows."""
     models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>")
-    concept = ti.encode_concept(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders, SIZE)
+    concept = ti.encode_concept(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders)
     batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
     initializer = [r.detach().clone() for r in placeholders.rows]
 

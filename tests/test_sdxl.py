@@ -62,7 +62,7 @@ def test_training_conditioning_equals_the_pipelines_at_inference(tiny_sdxl, phot
     # highest token id: the placeholder's position, not the end token's.
     assert ids[1][0].argmax() == ids[1][0].tolist().index(s.placeholders.ids[1][0])
     time_ids = torch.tensor(
-        [s.models.family.time_ids((RESOLUTION, RESOLUTION), (0, 0), RESOLUTION)], dtype=torch.float32
+        [s.models.family.time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION))], dtype=torch.float32
     )
     with torch.no_grad():
         hidden, added = s.models.family.condition(s.models.text_encoders, ids, time_ids)

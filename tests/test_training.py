@@ -20,7 +20,7 @@ def build_stages(model, photos, tmp_path, num_vectors=1, dtype=torch.float32, **
     models = ti.load_models(args, torch.device("cpu"), dtype)
     placeholders = ti.add_placeholder_tokens(models, "<concept>", "toy", num_vectors)
     prompts = [t.replace("{}", " ".join(placeholders.tokens)) for t in dataset.templates]
-    concept = ti.encode_concept(ti.decode_images(dataset, 0), prompts, models, placeholders, RESOLUTION)
+    concept = ti.encode_concept(ti.decode_images(dataset, 0), prompts, models, placeholders)
     return SimpleNamespace(args=args, models=models, placeholders=placeholders, concept=concept)
 
 
