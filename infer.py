@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -54,7 +56,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 logger = logging.getLogger("infer")
 
@@ -73,28 +75,123 @@ class EmbeddingError(ValueError):
 # Writers. Every format is written here and nowhere else; every write is atomic.
 
 
+class WriteError(EmbeddingError):
+    """A file could not be written (a full disk, a read-only folder): one line naming the file
+    and the cause. The file's previous version is intact and no temp file is left."""
+
+    def __init__(self, path: str | Path, cause: str):
+        super().__init__(f"cannot write {path}: {cause}")
+        self.cause = cause
+
+
+def write_error(path: str | Path, error: OSError) -> WriteError:
+    cause = error.strerror or str(error) or type(error).__name__
+    return WriteError(path, cause[0].lower() + cause[1:])
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` for a temp file beside `path`, then rename it over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never half a file.
+    A crash at any moment leaves either the old file or the new one, never half a file; an
+    OSError (ENOSPC, EACCES, ...) removes the temp file and becomes a WriteError.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        fsync_folder(path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` survive a power cut, not just a crash (POSIX only)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Call `fill(tmp_folder)` for a temp folder beside `path`, then rename it to `path`.
+
+    The folder appears complete or not at all. Write its files with the writers here; a
+    WriteError inside names `path`, and the temp folder is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    old = path.with_name(f".{path.name}.old.tmp")  # the previous version, until the new one is in place
+    try:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except WriteError as e:
+        raise WriteError(path, e.cause) from None
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def append_text(path: str | Path, text: str) -> Path:
+    """Append `text` durably (a log: rewriting it each time would grow quadratically). A crash
+    can leave a torn last line, which readers drop; a failed append is cut back off."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                data = text.encode("utf-8")
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_error(path, e) from None
     return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_torch(path: str | Path, data: object) -> Path:
+    """A torch pickle, serialized in memory first so a full disk is a plain OSError (torch.save
+    onto a full disk raises a RuntimeError from C++ instead)."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return write_bytes(path, buffer.getvalue())
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -107,8 +204,8 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Save `{name: tensor}` as safetensors or, for .bin/.pt, as a plain torch pickle of tensors."""
     tensors = {k: _plain(v) for k, v in tensors.items()}
     if str(path).endswith(".safetensors"):
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        return write_bytes(path, save_safetensors(tensors, metadata={"format": "pt"}))
+    return write_torch(path, tensors)
 
 
 def write_diffusers_embedding(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
@@ -142,7 +239,7 @@ def write_a1111_embedding(path: str | Path, token: str, vectors: torch.Tensor, s
         "sd_checkpoint": None,
         "sd_checkpoint_name": None,
     }
-    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return write_torch(path, data)
 
 
 def file_name_for_token(token: str) -> str:

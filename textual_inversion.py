@@ -33,7 +33,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +60,17 @@ CHECKPOINT_STATE = "training_state.pt"
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback."""
+
+    status = 2  # the exit status
+
+
+class Stopped(UserError):
+    """A signal stopped the run. The exit status is 128 + the signal's number, as shells report
+    a process a signal ended, so a scheduler sees a job to requeue."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.status = 128 + signum
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no_safe_serialization", action="store_true", help="Write .bin files instead of .safetensors.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N steps.")
+    g.add_argument(
+        "--checkpointing_minutes",
+        type=float,
+        default=10,
+        help="Also write a checkpoint when this many minutes have passed since the last one (0: off).",
+    )
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.')
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
@@ -327,6 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.num_train_epochs is None or args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
         (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
+        (args.checkpointing_minutes >= 0, "--checkpointing_minutes must be 0 (off) or more"),
         (args.logging_steps >= 1, "--logging_steps must be at least 1"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
         (args.num_validation_images >= 1, "--num_validation_images must be at least 1"),
@@ -1501,7 +1522,12 @@ class Watch:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the torn last line of a run killed mid-append
         return [r for r in records if r.get("step", 0) <= step]
 
     def training(self, loss: float, lr: float, speed: float) -> dict:
@@ -1560,8 +1586,7 @@ class Watch:
         self.history.append(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            infer.append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
             if plot:
                 self.plot()
 
@@ -1642,8 +1667,11 @@ def train(
     state: RunState,
     watch: Watch,
     optimizer_state: dict | None = None,
+    stop: StopSignals | None = None,
 ) -> TrainResult:
-    """The training loop: one optimizer step per iteration, nothing else on the hot path."""
+    """The training loop: one optimizer step per iteration, nothing else on the hot path.
+
+    A stop signal (see StopSignals) ends it after the current step with a checkpoint."""
     from diffusers.optimization import get_scheduler
 
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -1675,13 +1703,16 @@ def train(
     chunk = watch.chunk
     generator = torch.Generator(device)
     schedule = bucket_schedule(state.seed, max_steps, concept)
+    stop = stop or StopSignals()
+    stop.deferred = True
     progress = tqdm_bar(max_steps, state.step, accelerator.is_local_main_process)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     started = window_start = time.perf_counter()
     first_step, window_steps = state.step, 0
-    if state.step == 0:  # the baseline: how well the initializer word already explains the photos
-        watch.record(0, watch.validate(state, images=False), plot=False)
+    saved_step, saved_at, stopped_by = state.step, time.monotonic(), 0
     try:
+        if state.step == 0:  # the baseline: how well the initializer word already explains the photos
+            watch.record(0, watch.validate(state, images=False), plot=False)
         while state.step < max_steps and not state.stopped_early:
             # Every process draws the whole global batch and keeps its own slice: N processes
             # compute exactly what one process would with N times the batch.
@@ -1731,20 +1762,31 @@ def train(
                 record.update(watch.validate(state))
             if record:
                 watch.record(state.step, record, plot=validating)
-            if accelerator.is_main_process and not last and not state.stopped_early:
+            if last or state.stopped_early:
+                continue
+            if accelerator.is_main_process:
                 if state.step % args.save_steps == 0:
                     save_embeddings(placeholders.rows, placeholders.token, models, args, f"-steps-{state.step}")
-                if state.step % args.checkpointing_steps == 0:
+                minutes = (time.monotonic() - saved_at) / 60
+                if state.step % args.checkpointing_steps == 0 or 0 < args.checkpointing_minutes <= minutes:
                     save_checkpoint(args, placeholders, models, state, snapshot())
-    except KeyboardInterrupt:
+                    saved_step, saved_at = state.step, time.monotonic()
+            stopped_by = stop.agreed(world)
+            if stopped_by:
+                break
+    finally:
         progress.close()
-        if accelerator.is_main_process and state.step > first_step:
-            path = save_checkpoint(args, placeholders, models, state, snapshot())
-            raise UserError(
-                f"interrupted at step {state.step}; saved {path}; continue with --resume_from_checkpoint latest"
-            ) from None
-        raise UserError(f"interrupted at step {state.step}") from None
-    progress.close()
+        stop.deferred = False
+    if stopped_by:
+        path = Path(args.output_dir) / f"checkpoint-{state.step}"
+        if accelerator.is_main_process and saved_step != state.step:
+            save_checkpoint(args, placeholders, models, state, snapshot())
+        accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
+        raise Stopped(
+            f"stopped by {signal.Signals(stopped_by).name} at step {state.step}; saved {path}; to continue, "
+            "run the same command with --resume_from_checkpoint latest",
+            stopped_by,
+        )
     seconds = time.perf_counter() - started
     done = state.step - first_step
     graphs = compiled_graphs() - models.graphs_before if args.compile else None
@@ -1803,28 +1845,27 @@ def save_checkpoint(
     """checkpoint-N/: the rows, optimizer, lr schedule and RunState (kilobytes), plus the
     embedding as it stands, loadable like any output folder."""
     out = Path(args.output_dir)
-    final = out / f"checkpoint-{state.step}"
-    tmp = out / f".checkpoint-{state.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     run_state = {f: getattr(state, f) for f in RunState.__dataclass_fields__}
     if state.best_rows is not None:
         run_state["best_rows"] = [r.cpu() for r in state.best_rows]
     payload = {
         "format": "textual-inversion-checkpoint/1",
+        "family": models.family.name,  # what a resume checks the model against, with the rows' widths
         "tokens": placeholders.tokens,
         "rows": [r.detach().cpu() for r in placeholders.rows],
         "batch": [args.train_batch_size, args.gradient_accumulation_steps],
         "state": run_state,
         **optimizer_state,
     }
-    infer.atomic_write(tmp / CHECKPOINT_STATE, lambda path: torch.save(payload, path))
-    for name, tensors in embedding_files(placeholders.rows, placeholders.token, models, args, "").items():
-        infer.write_tensors(tmp / name, tensors)
-    infer.write_text(tmp / "token_identifier.txt", placeholders.token)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def fill(folder: Path) -> None:
+        infer.write_torch(folder / CHECKPOINT_STATE, payload)
+        for name, tensors in embedding_files(placeholders.rows, placeholders.token, models, args, "").items():
+            infer.write_tensors(folder / name, tensors)
+        infer.write_text(folder / "token_identifier.txt", placeholders.token)
+
+    # Complete or absent: `latest` never sees a half-written checkpoint.
+    final = infer.atomic_folder(out / f"checkpoint-{state.step}", fill)
     logger.info("Saved checkpoint %s", final)
     if args.checkpoints_total_limit is not None:
         for old in list_checkpoints(out)[: -args.checkpoints_total_limit]:
@@ -1842,17 +1883,23 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def find_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The folder --resume_from_checkpoint names (None: start fresh), with one-line errors."""
+    """The folder --resume_from_checkpoint names (None: start fresh), with one-line errors.
+
+    `latest` is the newest checkpoint that reads back whole; newer broken ones are skipped
+    with a warning naming them."""
     value = args.resume_from_checkpoint
     if not value:
         return None
     out = Path(args.output_dir)
     if value == "latest":
-        found = list_checkpoints(out) if out.is_dir() else []
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from step 0", out)
-            return None
-        return found[-1]
+        for path in reversed(list_checkpoints(out) if out.is_dir() else []):
+            try:
+                read_checkpoint(path)
+                return path
+            except UserError as e:
+                logger.warning("--resume_from_checkpoint latest: skipping %s, which %s", path, e)
+        logger.warning("--resume_from_checkpoint latest: no usable checkpoint in %s; starting from step 0", out)
+        return None
     path = Path(value)
     if not path.exists() and (out / value).exists():
         path = out / value  # the reference script resolves names inside --output_dir
@@ -1863,16 +1910,68 @@ def find_checkpoint(args: argparse.Namespace) -> Path | None:
             f"--resume_from_checkpoint {value}: no {CHECKPOINT_STATE} inside, so not a checkpoint of this "
             "trainer (a diffusers-script checkpoint cannot be resumed here; start a new run)"
         )
+    try:
+        read_checkpoint(path)
+    except UserError as e:
+        raise UserError(
+            f"--resume_from_checkpoint {value}: {path} {e}; name another checkpoint, or use latest"
+        ) from None
     return path
 
 
-def load_checkpoint(path: Path, placeholders: Placeholders, args: argparse.Namespace) -> tuple[RunState, dict]:
-    payload = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
-    if payload.get("tokens") != placeholders.tokens:
+CHECKPOINT_KEYS = ("tokens", "rows", "batch", "state", "optimizer", "lr_scheduler", "grad_scaler")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's payload, checked whole: it loads, has every part, and finite rows.
+    UserError says what is wrong ("is corrupt: ...")."""
+    try:
+        payload = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, overwritten, unreadable: all mean the same here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"is corrupt: {CHECKPOINT_STATE} does not load ({reason})") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in payload] if isinstance(payload, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise UserError(f"is incomplete: {CHECKPOINT_STATE} lacks {', '.join(missing)}")
+    rows = payload["rows"]
+    if not rows or not all(isinstance(r, torch.Tensor) and r.ndim == 2 and r.isfinite().all() for r in rows):
+        raise UserError(f"is corrupt: the rows in {CHECKPOINT_STATE} are not finite [vectors, width] tensors")
+    return payload
+
+
+def check_resumable(path: Path, payload: dict, models: Models, placeholders: Placeholders) -> None:
+    """One line naming what differs between the checkpoint and this run's model and word."""
+    family = payload.get("family") or (StableDiffusionXL.name if len(payload["rows"]) == 2 else StableDiffusion.name)
+    where = f"--resume_from_checkpoint {path}"
+    if family != models.family.name:
         raise UserError(
-            f"--resume_from_checkpoint {path}: it trained {payload.get('tokens')}, not {placeholders.tokens}; "
-            "use the same --placeholder_token and --num_vectors"
+            f"{where}: it was trained on a {family} model, but {models.source} is {models.family.name}; "
+            "resume with the model it was trained on"
         )
+    saved = payload["tokens"]
+    if len(saved) != len(placeholders.tokens):
+        raise UserError(
+            f"{where}: it has {len(saved)} vector(s), --num_vectors is {len(placeholders.tokens)}; "
+            f"use --num_vectors {len(saved)}"
+        )
+    if saved != placeholders.tokens:
+        raise UserError(
+            f"{where}: it trained {saved[0]!r}, not {placeholders.token!r}; use the same --placeholder_token"
+        )
+    for i, (rows, new) in enumerate(zip(payload["rows"], placeholders.rows)):
+        if rows.shape[1] != new.shape[1]:
+            encoder = models.family.encoders[i]
+            raise UserError(
+                f"{where}: its {encoder} rows are {rows.shape[1]} wide, but {models.source}'s are {new.shape[1]} "
+                "(another model); resume with the model it was trained on"
+            )
+
+
+def load_checkpoint(
+    path: Path, models: Models, placeholders: Placeholders, args: argparse.Namespace
+) -> tuple[RunState, dict]:
+    payload = read_checkpoint(path)
+    check_resumable(path, payload, models, placeholders)
     if payload["batch"] != [args.train_batch_size, args.gradient_accumulation_steps]:
         logger.warning("Resuming with a different batch size than %s was trained with; the run will differ", path)
     state = RunState(**payload["state"])
@@ -1891,6 +1990,7 @@ def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Pat
     """The source pipeline, reloaded at its stored precision, with the new word loaded into it
     by the same loader users call; written beside the embedding files."""
     from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
 
     if infer.is_model_file(models.source):  # checked when training started; this re-reads headers only
         stored = infer.inspect_model_file(models.source, args.single_file_config, "--pretrained_model_name_or_path")
@@ -1905,13 +2005,18 @@ def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Pat
     infer.load_embedding(pipe, output_dir)
     tmp = output_dir / ".pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    for item in sorted(tmp.iterdir()):
-        target = output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    tmp.rmdir()
+    try:
+        pipe.save_pretrained(tmp)
+        for item in sorted(tmp.iterdir()):
+            target = output_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    except (OSError, SafetensorError, RuntimeError) as e:  # the ways a full disk shows through save_pretrained
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise infer.WriteError(output_dir, f"the full pipeline ({reason})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2033,9 +2138,6 @@ def prepare_hub_folder(args, models: Models, state: RunState, result, repo_id: s
     """output_dir/hub/: exactly what is uploaded (the final embedding files, token and concept
     type, loss.png, the last validation grid, README.md). Checkpoints and logs stay local."""
     out = Path(args.output_dir)
-    folder = out / "hub"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
     names = [
         p.name
         for p in sorted(out.iterdir())
@@ -2044,28 +2146,198 @@ def prepare_hub_folder(args, models: Models, state: RunState, result, repo_id: s
     names += ["token_identifier.txt", "type_of_concept.txt"]
     if watch.plotted:
         names.append("loss.png")
-    for name in names:
-        shutil.copy2(out / name, folder / name)
+    copies = {name: out / name for name in names}
     if watch.last_grid is not None:
-        shutil.copy2(watch.last_grid, folder / "validation.png")
-        names.append("validation.png")
-    infer.write_text(folder / "README.md", model_card(repo_id, args, models, state, result, names))
-    return folder
+        copies["validation.png"] = watch.last_grid
+    card = model_card(repo_id, args, models, state, result, list(copies))
+
+    def fill(folder: Path) -> None:
+        for name, source in copies.items():
+            infer.atomic_write(folder / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        infer.write_text(folder / "README.md", card)
+
+    return infer.atomic_folder(out / "hub", fill)
+
+
+HUB_RETRY_SECONDS = (10, 30, 90)  # the waits between upload attempts: a network blip or a 5xx passes
 
 
 def push_to_hub(args, models: Models, state: RunState, result, repo_id: str, watch: Watch) -> None:
     folder = prepare_hub_folder(args, models, state, result, repo_id, watch)
-    try:
-        hub_api(args.hub_token).upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message=f"Textual Inversion: {state.step} steps"
-        )
-    except Exception as e:  # the files are safe locally; say how to retry
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"--push_to_hub: upload to {repo_id} failed ({reason}); everything is saved in {folder}; "
-            f"retry with: hf upload {repo_id} {folder}"
-        ) from None
+    for wait in (*HUB_RETRY_SECONDS, None):
+        try:
+            hub_api(args.hub_token).upload_folder(
+                repo_id=repo_id, folder_path=str(folder), commit_message=f"Textual Inversion: {state.step} steps"
+            )
+            break
+        except Exception as e:  # no network, a 5xx, an expired token: the files are safe locally
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if wait is None:
+                raise UserError(
+                    f"--push_to_hub: upload to {repo_id} failed {len(HUB_RETRY_SECONDS) + 1} times ({reason}); "
+                    f"everything is saved in {folder}; push it later with: hf upload {repo_id} {folder}"
+                ) from None
+            logger.warning("Upload to %s failed (%s); retrying in %g s", repo_id, reason, wait)
+            time.sleep(wait)
     logger.info("Pushed to https://huggingface.co/%s", repo_id)
+
+
+# ----------------------------------------------------------------------------------------
+# Stopping cleanly, and one run per output folder.
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # schedulers and `docker stop`, Ctrl-C, a closed terminal
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP as a clean stop.
+
+    While train() runs (`deferred`), a signal asks the loop to stop after the current optimizer
+    step, so the checkpoint it writes holds whole steps; outside the loop it stops the run at
+    once, like Ctrl-C. A second signal ends the process on the spot: every file is written
+    atomically, so nothing is left half-written. Signals a shell set to be ignored (nohup,
+    background jobs) stay ignored. A process started by accelerate launch or torchrun gets
+    SIGTERM when its launcher dies (Linux), so it never trains on unseen.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self.deferred = False
+        self.previous: dict[int, object] = {}
+        self.group = None  # the CPU process group the processes agree on a stop through
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name, None)  # Windows has no SIGHUP
+                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self.handle)
+        if sys.platform.startswith("linux") and parent_is_launcher():
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        if not self.deferred:
+            name = signal.Signals(signum).name
+            raise Stopped(f"stopped by {name} outside the training loop (no checkpoint written)", signum)
+
+    def agreed(self, world: int) -> int:
+        """The signal any process received (0: none), the same on every process, so all stop at
+        the same step. One int through a CPU (gloo) all-reduce: no wait for the accelerator."""
+        if world == 1:
+            return self.signum
+        if self.group is None:
+            self.group = torch.distributed.new_group(backend="gloo")
+        flag = torch.tensor([self.signum])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        self.signum = self.signum or int(flag)  # from now on, a signal here is a second one
+        return int(flag)
+
+
+def parent_is_launcher() -> bool:
+    """Started by accelerate launch or torchrun (not by a shell, whose exit must not stop a nohup run)."""
+    try:
+        command = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(name in command for name in (b"accelerate", b"torchrun", b"torch.distributed.run"))
+
+
+LOCK_FILE = ".textual_inversion.lock"
+
+
+class OutputLock:
+    """--output_dir/.textual_inversion.lock (pid, host, start time): one run per output folder.
+
+    Taken by the main process before anything is read or written there, released on every way
+    out. A lock whose process is gone from this host is stale and taken over with a warning. A
+    folder made only to hold the lock is removed again if the run wrote nothing.
+    """
+
+    def __init__(self, folder: Path, enabled: bool):
+        self.folder, self.enabled = folder, enabled
+        self.path = folder / LOCK_FILE
+        self.made_folder = False
+        self.mine = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def __enter__(self) -> OutputLock:
+        if not self.enabled:
+            return self
+        self.made_folder = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    self.take_over_if_stale()
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.mine, f)
+                return self
+        except OSError as e:
+            raise UserError(f"--output_dir {self.folder}: cannot create the lock file {self.path} ({e})") from None
+        raise UserError(f"--output_dir {self.folder}: another run took its lock file {self.path} just now")
+
+    def take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host, started = int(holder["pid"]), holder["host"], holder["started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = None  # empty or torn: its writer was killed between creating and writing it
+        if holder is not None and not (host == self.mine["host"] and (pid == os.getpid() or not pid_alive(pid))):
+            raise UserError(
+                f"--output_dir {self.folder} is in use by another run: process {pid} on {host}, started {started} "
+                f"(lock file {self.path}); wait for it, use another --output_dir, or delete the lock file if "
+                "that run is gone"
+            )
+        logger.warning("Taking over the lock of a run that is gone (%s)", holder or "an unreadable lock file")
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+            if self.made_folder and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        except (OSError, ValueError):
+            pass  # never hide the run's own outcome behind a cleanup problem
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def remove_temp_files(out: Path) -> None:
+    """The temp files and folders a killed run left behind (never taken for complete files)."""
+    for leftover in [*out.glob(".*.tmp"), *out.glob("validation/.*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2112,6 +2384,20 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
 
 
+def warn_if_one_cpu_thread(accelerator) -> None:
+    """`accelerate launch` without --cpu sets OMP_NUM_THREADS=1: on a CPU, training then uses one
+    core per process however many there are."""
+    cores = os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if accelerator.device.type == "cpu" and torch.get_num_threads() == 1 and cores > processes:
+        logger.warning(
+            "Training on the CPU with 1 thread per process while %d cores are free (OMP_NUM_THREADS=1); "
+            "launch with `accelerate launch --cpu ...` or `accelerate launch --num_cpu_threads_per_process %d ...`",
+            cores,
+            cores // processes,
+        )
+
+
 def resolve_seed(args: argparse.Namespace, accelerator) -> int:
     """--seed, or a fresh one shared by all processes (they must agree on the data order)."""
     if args.seed is not None:
@@ -2127,15 +2413,24 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.status
+    except infer.WriteError as e:  # every earlier file is intact, so the run can go on from its checkpoint
+        print(f"error: {e}; once that is fixed, continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     return 0
 
 
 def run(args: argparse.Namespace) -> TrainResult:
+    """One run, with --output_dir to itself and stop signals turned into a checkpoint."""
+    accelerator = make_accelerator(args)
+    with OutputLock(Path(args.output_dir), accelerator.is_main_process), StopSignals() as stop:
+        return run_stages(args, accelerator, stop)
+
+
+def run_stages(args: argparse.Namespace, accelerator, stop: StopSignals) -> TrainResult:
     import diffusers
     import transformers
 
-    accelerator = make_accelerator(args)
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()
@@ -2145,6 +2440,7 @@ def run(args: argparse.Namespace) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+    warn_if_one_cpu_thread(accelerator)
     checkpoint = find_checkpoint(args)
 
     # Everything that can fail on the user's input fails here, before a file is written.
@@ -2177,7 +2473,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
     if checkpoint is not None:
-        state, optimizer_state = load_checkpoint(checkpoint, placeholders, args)
+        state, optimizer_state = load_checkpoint(checkpoint, models, placeholders, args)
         logger.info("Resuming from %s (step %d)", checkpoint, state.step)
     else:
         state, optimizer_state = RunState(step=0, seed=resolve_seed(args, accelerator)), None
@@ -2187,7 +2483,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 
     if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        remove_temp_files(Path(args.output_dir))
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
         infer.write_text(Path(args.output_dir) / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     logger.info(
@@ -2208,7 +2504,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     )
     chunk = args.micro_batch_size or args.train_batch_size * args.gradient_accumulation_steps
     watch = Watch(models, placeholders, concept, args, accelerator, state, chunk, resumed=checkpoint is not None)
-    result = train(models, placeholders, concept, args, accelerator, state, watch, optimizer_state)
+    result = train(models, placeholders, concept, args, accelerator, state, watch, optimizer_state, stop)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from conftest import train_args
@@ -81,18 +84,21 @@ def test_a_checkpoint_folder_loads_like_an_output_folder(tiny_sd, photos, tmp_pa
     assert "<concept>" in pipe.tokenizer.get_vocab()
 
 
-def test_an_interrupted_run_saves_a_checkpoint_to_resume_from(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
+def test_ctrl_c_ends_the_step_and_saves_a_checkpoint_to_resume_from(
+    tiny_sd, photos, tmp_path, run_trainer, monkeypatch
+):
     calls = []
     real = ti.accumulate_gradients
 
-    def interrupted_on_third_step(*a, **k):
+    def ctrl_c_during_third_step(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(ti, "accumulate_gradients", interrupted_on_third_step)
+    monkeypatch.setattr(ti, "accumulate_gradients", ctrl_c_during_third_step)
     out = tmp_path / "out"
-    with pytest.raises(ti.UserError, match="interrupted at step 2.*resume_from_checkpoint latest"):
+    with pytest.raises(ti.Stopped, match="stopped by SIGINT at step 3.*resume_from_checkpoint latest") as stopped:
         run_trainer(train_args(tiny_sd, photos, out, max_train_steps=5))
-    assert (out / "checkpoint-2" / ti.CHECKPOINT_STATE).exists()
+    assert stopped.value.status == 128 + signal.SIGINT
+    assert (out / "checkpoint-3" / ti.CHECKPOINT_STATE).exists()
