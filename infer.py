@@ -24,7 +24,7 @@ The file reads top to bottom:
     read_embedding(src)     any SRC -> Embedding(token, {slot: [N, D]})  (the one reading layer)
     install_embedding(...)  Embedding -> tokenizer(s) and text encoder(s) (the one installer)
     load_embedding(...)     the two together: the API the CLI and the trainer use
-    load_pipeline, generate, write_png, write_grid
+    load_pipeline, generate (enable_clip_skip), write_png, write_grid
     convert_embedding
     main                    the command line
 
