@@ -765,8 +765,10 @@ def model_kind(entries: dict[str, object], source: str) -> str:
     if any(m in k for k in keys for m in ("lora_up.", "lora_down.", "lora_A.", "lora_B.", ".lora.")):
         raise EmbeddingError(f"{source}: is a LoRA, not a base model; give the checkpoint it was made for")
     tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
-    looks_like_embedding = "string_to_param" in entries or set(keys) & {"clip_l", "clip_g", *GENERIC_KEYS}
-    if looks_like_embedding or (0 < len(keys) <= 4 and all(t.ndim <= 2 for t in tensors) and len(tensors) == len(keys)):
+    # Embeddings are a few [N, D] tensors under a token or layout name; models' keys are dotted paths.
+    few_vectors = 0 < len(keys) <= 4 and len(tensors) == len(keys) and all(t.ndim <= 2 for t in tensors)
+    named_like_embedding = "string_to_param" in entries or set(keys) & {"clip_l", "clip_g", *GENERIC_KEYS}
+    if named_like_embedding or (few_vectors and not any("." in k for k in keys)):
         raise EmbeddingError(
             f"{source}: is a Textual Inversion embedding, not a base model; give the checkpoint it was trained "
             "for (generate with an embedding through infer.py --embedding)"
