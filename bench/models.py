@@ -483,15 +483,34 @@ def original_layout(folder: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A .safetensors file written one tensor at a time (the tensors stay memory-mapped from
+    the folder's files; no second copy of a multi-GB model is assembled in memory)."""
+    header, offset = {}, 0
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+        header[key]["data_offsets"] = [offset, offset + size]
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for tensor in state.values():
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def write_single_file(folder: str | Path, path: str | Path) -> Path:
     """Write a diffusers folder as one original-layout .safetensors, or .ckpt/.pt (a torch
     pickle with the weights under "state_dict", as the original training code saved them)."""
     path = Path(path)
     state = original_layout(folder)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
+        write_safetensors(state, path)
     else:
         torch.save({"state_dict": state, "global_step": 0}, path)
     return path
