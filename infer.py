@@ -2,6 +2,7 @@
 """Generate images with any Textual Inversion embedding, and convert embeddings between tools.
 
     python infer.py --model BASE --embedding SRC [--embedding SRC2 ...] --prompt "a <cat-toy> backpack"
+    python infer.py --model myFinetune.safetensors [--single_file_config DIR_OR_HUB_ID] ...
     python infer.py convert SRC OUT --to diffusers|a1111|kohya
 
 SRC is any of: an output folder of textual_inversion.py (or of the diffusers scripts); a Hub
@@ -24,13 +25,16 @@ The file reads top to bottom:
     read_embedding(src)     any SRC -> Embedding(token, {slot: [N, D]})  (the one reading layer)
     install_embedding(...)  Embedding -> tokenizer(s) and text encoder(s) (the one installer)
     load_embedding(...)     the two together: the API the CLI and the trainer use
+    inspect_model_file,     base models as one original-layout file (A1111, ComfyUI): checked from
+    load_model_file           key names and shapes, converted by diffusers' single-file loaders
     load_pipeline, generate (enable_clip_skip), write_png, write_grid
     convert_embedding
     main                    the command line
 
-Safety: .pt/.bin/.ckpt files are pickles, and a pickle can run code when it is loaded. They are
-read only with torch.load(weights_only=True), which builds nothing but tensors and plain
-containers; a file that needs anything else is refused before any of it runs.
+Safety: .pt/.bin/.ckpt files (embeddings and model checkpoints) are pickles, and a pickle can run
+code when it is loaded. They are read only with torch.load(weights_only=True), which builds
+nothing but tensors and plain containers; a file that needs anything else is refused before any
+of it runs.
 """
 
 from __future__ import annotations
@@ -863,8 +867,10 @@ def model_kind(entries: dict[str, object], source: str) -> str:
     if any(m in k for k in keys for m in ("lora_up.", "lora_down.", "lora_A.", "lora_B.", ".lora.")):
         raise EmbeddingError(f"{source}: is a LoRA, not a base model; give the checkpoint it was made for")
     tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
-    looks_like_embedding = "string_to_param" in entries or set(keys) & {"clip_l", "clip_g", *GENERIC_KEYS}
-    if looks_like_embedding or (0 < len(keys) <= 4 and all(t.ndim <= 2 for t in tensors) and len(tensors) == len(keys)):
+    # Embeddings are a few [N, D] tensors under a token or layout name; models' keys are dotted paths.
+    few_vectors = 0 < len(keys) <= 4 and len(tensors) == len(keys) and all(t.ndim <= 2 for t in tensors)
+    named_like_embedding = "string_to_param" in entries or set(keys) & {"clip_l", "clip_g", *GENERIC_KEYS}
+    if named_like_embedding or (few_vectors and not any("." in k for k in keys)):
         raise EmbeddingError(
             f"{source}: is a Textual Inversion embedding, not a base model; give the checkpoint it was trained "
             "for (generate with an embedding through infer.py --embedding)"
@@ -910,7 +916,7 @@ def model_file_config(entries: dict[str, object], source: str, config: str | Non
         return snapshot_download(repo, allow_patterns=["*.json", "*.txt"])
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        given = "--single_file_config" if config else f"its configs come from {repo}, which"
+        given = f"--single_file_config {config}" if config else f"its configs come from {repo}, which"
         raise EmbeddingError(
             f"{source}: {given} is not a local folder and the Hub could not provide it ({reason}); pass "
             "--single_file_config with a local diffusers folder of the same architecture"

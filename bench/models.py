@@ -203,6 +203,20 @@ SHAPES = {
         text=[(32, 5, 4, "quick_gelu")],
         vocab="tiny",
     ),
+    # SD 2.x: the same UNet levels with linear projections, an OpenCLIP text encoder (gelu).
+    "tiny-sd2-layout": dict(
+        unet=dict(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            sample_size=32,
+            attention_head_dim=(2, 2, 4, 4),
+            use_linear_projection=True,
+            cross_attention_dim=32,
+        ),
+        vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, scaling_factor=4.0),
+        text=[(32, 5, 4, "gelu")],
+        vocab="tiny",
+    ),
     "tiny-xl-layout": dict(
         unet=dict(
             block_out_channels=(32, 64, 64),
@@ -460,7 +474,7 @@ def _read_component(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def original_layout(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of a diffusers SD 1.x or SDXL folder as an original-layout state dict."""
+    """The weights of a diffusers SD 1.x, 2.x or SDXL folder as an original-layout state dict."""
     folder = Path(folder)
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
@@ -473,14 +487,39 @@ def original_layout(folder: str | Path) -> dict[str, torch.Tensor]:
     for key, value in _read_component(folder / "vae").items():
         # The mid-block attention's linear layers are 1x1 convolutions there.
         out["first_stage_model." + _vae_key(key, levels)] = value[:, :, None, None] if value.ndim == 2 else value
-    first = {k.removeprefix("text_model."): v for k, v in _read_component(folder / "text_encoder").items()}
-    if (folder / "text_encoder_2").is_dir():
-        prefix = "conditioner.embedders.0.transformer.text_model."
-        out |= {prefix + k: v for k, v in first.items()}
+    first = _read_component(folder / "text_encoder")
+    if (folder / "text_encoder_2").is_dir():  # SDXL: CLIP ViT-L as transformers lays it out, then OpenCLIP ViT-bigG
+        out |= {
+            "conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+            for k, v in first.items()
+        }
         out |= _open_clip_keys(_read_component(folder / "text_encoder_2"), "conditioner.embedders.1.model.")
+    elif json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_act"] == "gelu":
+        out |= _open_clip_keys(first, "cond_stage_model.model.")  # SD 2.x: OpenCLIP (OpenAI's CLIP uses quick_gelu)
     else:
-        out |= {"cond_stage_model.transformer.text_model." + k: v for k, v in first.items()}
+        out |= {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in first.items()}
     return out
+
+
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A .safetensors file written one tensor at a time (the tensors stay memory-mapped from
+    the folder's files; no second copy of a multi-GB model is assembled in memory)."""
+    header, offset = {}, 0
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+        header[key]["data_offsets"] = [offset, offset + size]
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for tensor in state.values():
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def write_single_file(folder: str | Path, path: str | Path) -> Path:
@@ -489,9 +528,7 @@ def write_single_file(folder: str | Path, path: str | Path) -> Path:
     path = Path(path)
     state = original_layout(folder)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
+        write_safetensors(state, path)
     else:
         torch.save({"state_dict": state, "global_step": 0}, path)
     return path

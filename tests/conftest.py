@@ -152,6 +152,19 @@ def tiny_sd1_ckpt(tiny_sd1_layout) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_layout(tmp_path_factory) -> Path:
+    """A tiny SD 2.x pipeline folder: SD 2.x's block structure, an OpenCLIP text encoder, v-prediction."""
+    folder = tmp_path_factory.mktemp("tiny_sd2_layout") / "pipe"
+    return build_pipeline("tiny-sd2-layout", folder, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_file(tiny_sd2_layout) -> Path:
+    """tiny_sd2_layout as one original-layout .safetensors file (text encoder in the OpenCLIP layout)."""
+    return write_single_file(tiny_sd2_layout, tiny_sd2_layout.parent / "tiny-sd2.safetensors")
+
+
+@pytest.fixture(scope="session")
 def tiny_xl_layout(tmp_path_factory) -> Path:
     """A tiny SDXL pipeline folder with SDXL's block structure (three UNet levels)."""
     return build_pipeline("tiny-xl-layout", tmp_path_factory.mktemp("tiny_xl_layout") / "pipe")

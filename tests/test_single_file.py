@@ -48,7 +48,7 @@ def previous_run(tmp_path):
 # The test files themselves: diffusers reads them back as the folders they came from.
 
 
-@pytest.mark.parametrize("layout", ["sd1", "xl"])
+@pytest.mark.parametrize("layout", ["sd1", "sd2", "xl"])
 def test_diffusers_from_single_file_reproduces_the_folder_exactly(layout, request):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -73,8 +73,8 @@ def test_the_architecture_is_detected_from_the_file(layout, kind, request):
 
 @pytest.mark.parametrize(
     "layout, file_fixture",
-    [("sd1", "tiny_sd1_file"), ("sd1", "tiny_sd1_ckpt"), ("xl", "tiny_xl_file")],
-    ids=["sd-safetensors", "sd-ckpt", "sdxl"],
+    [("sd1", "tiny_sd1_file"), ("sd1", "tiny_sd1_ckpt"), ("sd2", "tiny_sd2_file"), ("xl", "tiny_xl_file")],
+    ids=["sd-safetensors", "sd-ckpt", "sd2-v-prediction", "sdxl"],
 )
 def test_a_run_from_the_file_learns_bit_for_bit_what_the_folder_run_learns(
     layout, file_fixture, photos, tmp_path, request
