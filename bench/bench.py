@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="Environment for the trainer runs, e.g. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for a cold compile.",
     )
+    p.add_argument(
+        "--captions_and_masks",
+        action="store_true",
+        help="Train on a copy of --data with a caption and a mask per photo (--caption_extension .txt "
+        "--masked_loss), to compare with the plain run on the same photos.",
+    )
     p.add_argument("--no_floor", action="store_true", help="Skip the bare text-encoder + UNet measurement.")
     p.add_argument("--no_checkpoint", action="store_true", help="Skip the checkpoint-size runs.")
     p.add_argument("--label", default="", help="A title for this measurement in RESULTS.md.")
@@ -112,6 +118,22 @@ def commit() -> str:
         line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if "RESULTS.md" not in line
     ]
     return head + ("-dirty" if changed else "")
+
+
+def captioned_and_masked_copy(photos: Path, folder: Path) -> Path:
+    """A copy of the photos, each with a caption file and a mask (a centred ellipse)."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, photo in enumerate(sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))):
+        shutil.copy2(photo, folder / photo.name)
+        (folder / f"{photo.stem}.txt").write_text(f"a [name] on a wooden table, photo number {i}", encoding="utf-8")
+        with Image.open(photo) as image:
+            width, height = ImageOps.exif_transpose(image).size
+        mask = Image.new("L", (width, height), 0)
+        ImageDraw.Draw(mask).ellipse((width * 0.2, height * 0.15, width * 0.8, height * 0.85), fill=255)
+        mask.save(folder / f"{photo.stem}-masklabel.png")
+    return folder
 
 
 def model_folder(args: argparse.Namespace) -> Path:
@@ -238,6 +260,8 @@ def summarize(args: argparse.Namespace, trainer: str, runs: dict) -> dict:
         differenced = None
     losses = step_losses(long, trainer, args.gradient_accumulation_steps)
     return {
+        "unet_calls_per_step": len(long.get("unet_calls", [])) / len(steps),
+        "unet_shapes": sorted({tuple(shape[2:]) for shape in long.get("unet_calls", [])}),
         "first_step_s": steps[0],
         "steady_samples_per_s": steady,
         "differenced_ms_per_sample": None if differenced is None else 1000 * differenced,
@@ -322,7 +346,10 @@ def report(args: argparse.Namespace, figures: dict, floor_ms: float | None, prec
         row("peak RSS (GiB)", "peak_rss_gb", "{:.2f}", "lower"),
         row("peak CUDA allocated (GiB)", "cuda_peak_gb", "{:.2f}", "lower"),
         row("checkpoint size (bytes)", "checkpoint_bytes", "{:,}", "lower"),
+        row("UNet calls per optimizer step (training)", "unet_calls_per_step", "{:.2f}"),
     ]
+    shapes = "; ".join(f"{name}: " + ", ".join(f"{h}x{w}" for h, w in figures[name]["unet_shapes"]) for name in names)
+    lines += ["", f"Latent shapes (h x w) of the training UNet calls: {shapes}."]
     if floor_ms is not None:
         ratios = [
             f"{name} / floor: {figures[name]['differenced_ms_per_sample'] / floor_ms:.2f}x"
@@ -362,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ti-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"bench: {args.shape} at {args.resolution} px, precision {precision}, runs in {work}", file=sys.stderr)
+    if args.captions_and_masks:
+        args.data = str(captioned_and_masked_copy(Path(args.data), work / f"{Path(args.data).name}-captions-masks"))
+        args.ours_flags += " --caption_extension .txt --masked_loss"
     floor_ms = None if args.no_floor else floor(args, model, work, precision)
     figures = {"ours": measure(args, "ours", ROOT / "textual_inversion.py", model, work, precision)}
     if args.reference:

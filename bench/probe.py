@@ -4,8 +4,8 @@
 
 Records, without changing the script: the time of every real optimizer step (a global
 torch.optim post-step hook, so gradient-accumulation micro-steps that do not step are not
-counted), every `Accelerator.log` call (the losses), the peak resident memory and, on CUDA,
-the peak allocated memory. Times are seconds since this process started.
+counted), every `Accelerator.log` call (the losses), the peak resident memory, the input shape
+of every training UNet call and, on CUDA, the peak allocated memory. Times are seconds since this process started.
 """
 
 from __future__ import annotations
@@ -41,11 +41,25 @@ def main() -> None:
 
     accelerate.Accelerator.log = recording_log
 
+    # UNet calls that train (validation runs without grad), to count calls per optimizer step.
+    from diffusers import UNet2DConditionModel
+
+    unet_calls: list[list[int]] = []
+    forward = UNet2DConditionModel.forward
+
+    def counting_forward(self, sample, *args, **kwargs):
+        if torch.is_grad_enabled():
+            unet_calls.append(list(sample.shape))
+        return forward(self, sample, *args, **kwargs)
+
+    UNet2DConditionModel.forward = counting_forward
+
     def dump() -> None:
         cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
         record = {
             "steps": steps,
             "logs": logs,
+            "unet_calls": unet_calls,
             "end": time.perf_counter() - START,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "cuda_peak_allocated_bytes": cuda_peak,

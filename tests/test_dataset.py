@@ -254,7 +254,7 @@ def test_the_validation_loss_is_weighted_by_the_same_masks(tiny_sd, tmp_path, mo
     ("make", "error"),
     [
         (lambda p: save_mask(p, (64, 64), (0, 0, 0, 0)), "all black"),
-        (lambda p: save_mask(p, (64, 48), (0, 0, 32, 48)), "does not have its photo's aspect ratio"),
+        (lambda p: save_mask(p, (64, 48), (0, 0, 32, 48)), "64x48 does not have its photo's aspect ratio"),
         (lambda p: p.write_text("not a picture"), "not an image"),
     ],
     ids=["black", "aspect", "not-image"],

@@ -169,3 +169,93 @@ def test_training_recovers_the_planted_concept(planted, tmp_path, run_trainer):
         r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
     ]
     assert logged[-1] < 0.8 * logged[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets as people have them: the planted concept in front of varying backgrounds.
+
+SUBJECT = (slice(8, 24), slice(8, 24))  # the middle 16 x 16 pixels: the middle 2 x 2 latent cells
+
+
+def subject_on_backgrounds(folder, count: int, rng: np.random.Generator, masks: bool = True):
+    """Photos of the hidden concept (its flat colour) in the middle of a random flat background,
+    each with its mask (NAME-masklabel.png)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subject = ((concept_pictures(HIDDEN, count, rng).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()
+    for i in range(count):
+        array = np.broadcast_to(rng.uniform(0, 255, 3), (SIZE, SIZE, 3)).copy()
+        array[SUBJECT] = subject[i][SUBJECT]
+        Image.fromarray(array.astype(np.uint8)).save(folder / f"{i}.png")
+        if masks:
+            mask = np.zeros((SIZE, SIZE), np.uint8)
+            mask[SUBJECT] = 255
+            Image.fromarray(mask).save(folder / f"{i}-masklabel.png")
+    return folder
+
+
+def subject_scorer(model, photos, tmp_path):
+    """loss(rows per encoder): the held-out validation loss on the masked region only."""
+    models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
+    dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>", masked=True)
+    examples = ti.decode_images(dataset, 0)
+    concept = ti.encode_concept(examples, dataset.prompts, models, placeholders, unmasked_weight=0.0)
+    batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
+
+    def loss(rows: list[torch.Tensor]) -> float:
+        with torch.no_grad():
+            for target, value in zip(placeholders.rows, rows):
+                target.copy_(value)
+        return ti.validation_loss(models, concept, batch, chunk=32)
+
+    return loss
+
+
+@pytest.mark.parametrize("planted", ["tiny"], indirect=True, ids=["sd"])
+def test_masked_training_learns_the_subject_better_than_unmasked(planted, tmp_path, run_trainer):
+    model, _, hidden = planted
+    rng = np.random.default_rng(7)
+    photos = subject_on_backgrounds(tmp_path / "photos", 4, rng)
+    held_out = subject_on_backgrounds(tmp_path / "held-out", 4, rng)
+    flags = dict(resolution=SIZE, train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3)
+    learned = {}
+    for name, masked in (("masked", True), ("unmasked", False)):
+        out = tmp_path / name
+        run_trainer(train_args(model, photos, out, max_train_steps=80, masked_loss=masked, **flags))
+        learned[name] = [load_file(out / "learned_embeds.safetensors")["<concept>"]]
+    loss = subject_scorer(model, held_out, tmp_path)
+    masked, unmasked, truth = loss(learned["masked"]), loss(learned["unmasked"]), loss(hidden)
+    summary = f"held-out loss on the subject: masked {masked:.4f}, unmasked {unmasked:.4f}, hidden {truth:.4f}"
+    print(summary)
+    assert masked < unmasked - 0.5 * (unmasked - truth), summary
+
+
+@pytest.mark.parametrize("planted", ["tiny"], indirect=True, ids=["sd"])
+def test_caption_words_are_conditioned_on(planted, tmp_path, run_trainer):
+    """Half the photos are red, which the model knows as "red". With captions that say so, the
+    word "red" explains them and the new word learns the concept; with templates alone the
+    new word must explain both."""
+    model, concept_photos, hidden = planted
+    photos = tmp_path / "photos"
+    shutil.copytree(concept_photos, photos)
+    for i, pixels in enumerate(concept_pictures(WORDS.index("red"), 4, np.random.default_rng(5))):
+        array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(array).save(photos / f"red-{i}.png")
+        (photos / f"red-{i}.txt").write_text("a photo of a red")
+    for path in concept_photos.iterdir():
+        (photos / f"{path.stem}.txt").write_text("a photo of a [name]")
+    flags = dict(resolution=SIZE, train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3)
+    learned = {}
+    for name, extension in (("captions", ".txt"), ("templates", None)):
+        out = tmp_path / name
+        run_trainer(train_args(model, photos, out, max_train_steps=80, caption_extension=extension, **flags))
+        learned[name] = [load_file(out / "learned_embeds.safetensors")["<concept>"]]
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    for i, pixels in enumerate(concept_pictures(HIDDEN, 4, np.random.default_rng(11))):
+        array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(array).save(held_out / f"{i}.png")
+    loss, _ = held_out_scorer(model, held_out, tmp_path)
+    captioned, templated, truth = loss(learned["captions"]), loss(learned["templates"]), loss(hidden)
+    summary = f"held-out loss on the concept: captions {captioned:.4f}, templates {templated:.4f}, hidden {truth:.4f}"
+    print(summary)
+    assert captioned < templated - 0.5 * (templated - truth), summary
