@@ -1399,7 +1399,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, overwritten, unreadable: all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise UserError(f"is corrupt: {CHECKPOINT_STATE} does not load ({reason})") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in payload] if isinstance(payload, dict) else CHECKPOINT_KEYS
     if missing:
