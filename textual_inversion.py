@@ -1469,7 +1469,8 @@ def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Pat
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp)
-        for item in sorted(tmp.iterdir()):
+        # model_index.json last: a loader takes the folder for a pipeline once every part is in place.
+        for item in sorted(tmp.iterdir(), key=lambda p: (p.name == "model_index.json", p.name)):
             target = output_dir / item.name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -138,6 +138,33 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_finishes_bit_exa
     assert torch.equal(learned(out), straight)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KiB tmpfs, where this test may mount one (as root); else the test is skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_a_really_full_disk_stops_with_one_line_and_resume_finishes_bit_exact(
+    tiny_sd, photos, small_disk, capsys, straight
+):
+    out = small_disk / "out"
+    argv = train_args(tiny_sd, photos, out, max_train_steps=STEPS, checkpointing_steps=1, save_steps=1)
+    assert ti.main(argv) == 2
+    error = only_error_line(capsys)
+    assert error.startswith(f"error: cannot write {out}") and "no space left on device" in error
+    assert leftovers(out) == [] and not (out / ti.LOCK_FILE).exists()
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space is freed
+    assert ti.main([*argv, "--resume_from_checkpoint", "latest"]) == 0
+    assert torch.equal(learned(out), straight)
+
+
 def test_a_full_disk_while_logging_keeps_the_log_whole(tiny_sd, photos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     real = infer.append_text
