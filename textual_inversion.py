@@ -1737,8 +1737,12 @@ class OutputLock:
                 except FileExistsError:
                     self.take_over_if_stale()
                     continue
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.mine, f)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(self.mine, f)
+                except OSError:
+                    self.path.unlink(missing_ok=True)  # an empty lock would look like a run killed while taking it
+                    raise
                 return self
         except OSError as e:
             raise UserError(f"--output_dir {self.folder}: cannot create the lock file {self.path} ({e})") from None

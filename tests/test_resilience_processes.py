@@ -28,7 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the sam
 
 
 def trainer_argv(model: Path, photos: Path, out: Path, **flags) -> list[str]:
-    return train_args(model, photos, out, max_train_steps=STEPS, logging_steps=1, **flags)
+    return train_args(model, photos, out, **{"max_train_steps": STEPS, "logging_steps": 1, **flags})
 
 
 def start(argv: list[str], log: Path, launcher: list[str] | None = None, **env) -> subprocess.Popen:
