@@ -1928,7 +1928,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, overwritten, unreadable: all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise UserError(f"is corrupt: {CHECKPOINT_STATE} does not load ({reason})") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in payload] if isinstance(payload, dict) else CHECKPOINT_KEYS
     if missing:
@@ -2007,7 +2007,8 @@ def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Pat
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp)
-        for item in sorted(tmp.iterdir()):
+        # model_index.json last: a loader takes the folder for a pipeline once every part is in place.
+        for item in sorted(tmp.iterdir(), key=lambda p: (p.name == "model_index.json", p.name)):
             target = output_dir / item.name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -2287,8 +2288,12 @@ class OutputLock:
                 except FileExistsError:
                     self.take_over_if_stale()
                     continue
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.mine, f)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(self.mine, f)
+                except OSError:
+                    self.path.unlink(missing_ok=True)  # an empty lock would look like a run killed while taking it
+                    raise
                 return self
         except OSError as e:
             raise UserError(f"--output_dir {self.folder}: cannot create the lock file {self.path} ({e})") from None

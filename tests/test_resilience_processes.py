@@ -1,0 +1,199 @@
+"""No work lost when the process itself is stopped: SIGTERM, SIGKILL at random moments, a signal
+to one of two processes, a launcher that dies. Each test waits for a marker (a metrics line, a
+checkpoint), never for a fixed time, and gives every process a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import ROOT, train_args
+from safetensors.torch import load_file
+
+import infer
+import textual_inversion as ti
+
+STEPS = 12  # enough that no run ends before the signal it waits for reaches it
+TIMEOUT = 600  # generous: a loaded machine, never a timing assertion
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the same arithmetic in every run
+
+
+def trainer_argv(model: Path, photos: Path, out: Path, **flags) -> list[str]:
+    return train_args(model, photos, out, **{"max_train_steps": STEPS, "logging_steps": 1, **flags})
+
+
+def start(argv: list[str], log: Path, launcher: list[str] | None = None, **env) -> subprocess.Popen:
+    command = [*(launcher or [sys.executable]), str(ROOT / "textual_inversion.py"), *argv]
+    with open(log, "a") as stream:
+        return subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env={**ENV, **env})
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if processes > 1:
+        command.append("--multi_gpu")  # with ACCELERATE_USE_CPU: really two CPU processes (see test_ddp.py)
+    return [*command, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def finish(argv: list[str], log: Path) -> int:
+    process = start(argv, log)
+    try:
+        return process.wait(timeout=TIMEOUT)
+    finally:
+        process.kill()
+
+
+def wait_for(condition, process: subprocess.Popen) -> bool:
+    """True once `condition()` holds; False if the process ended first."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if process.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the trainer never reached the marker")
+        time.sleep(0.05)
+    return True
+
+
+def records(out: Path) -> list[dict]:
+    """metrics.jsonl as it stands, without a torn last line and without the timing."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().split("\n") if path.exists() else []
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append({k: v for k, v in json.loads(line).items() if k != "samples_per_second"})
+        except json.JSONDecodeError:
+            continue
+    return parsed
+
+
+def trained_a_step(out: Path) -> bool:
+    return any(r["step"] >= 1 for r in records(out))
+
+
+def checkpoints(out: Path) -> set[Path]:
+    return set(ti.list_checkpoints(out)) if out.exists() else set()
+
+
+def learned(out: Path) -> torch.Tensor:
+    return load_file(out / "learned_embeds.safetensors")["<concept>"]
+
+
+def error_lines(log: Path) -> list[str]:
+    # "\n" only: a message glued onto the progress bar ("...\rerror: ...") must not pass.
+    return [line for line in log.read_text().split("\n") if "error:" in line]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd, photos, tmp_path_factory) -> Path:
+    """An uninterrupted run, in a process of its own like the runs it is compared with."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    log = out.parent / "log"
+    assert finish(trainer_argv(tiny_sd, photos, out), log) == 0, log.read_text()[-3000:]
+    return out
+
+
+def test_sigterm_ends_the_step_saves_a_checkpoint_and_exits_for_a_requeue(tiny_sd, photos, tmp_path, reference):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = trainer_argv(tiny_sd, photos, out, checkpointing_steps=1000, checkpointing_minutes=0)
+    trainer = start(argv, log)
+    assert wait_for(lambda: trained_a_step(out), trainer), log.read_text()[-3000:]
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+
+    [checkpoint] = checkpoints(out)
+    step = ti.read_checkpoint(checkpoint)["state"]["step"]
+    assert error_lines(log) == [
+        f"error: stopped by SIGTERM at step {step}; saved {checkpoint}; to continue, run the same command "
+        "with --resume_from_checkpoint latest"
+    ]
+    assert [r["step"] for r in records(out)][-1] == step
+    assert not (out / ti.LOCK_FILE).exists()
+
+    assert finish([*argv, "--resume_from_checkpoint", "latest"], log) == 0, log.read_text()[-3000:]
+    assert torch.equal(learned(out), learned(reference))
+
+
+def assert_nothing_half_written(out: Path) -> None:
+    """Whatever `latest`, the loaders and infer.py would take for complete, is complete."""
+    for checkpoint in ti.list_checkpoints(out):
+        ti.read_checkpoint(checkpoint)
+        infer.read_embedding(checkpoint)
+    for path in out.glob("learned_embeds*.safetensors"):
+        infer.read_embedding(path)
+    lines = (out / "metrics.jsonl").read_text().split("\n")
+    for line in lines[:-1]:  # all but a torn last line
+        json.loads(line)
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_resume_repeats_the_run_bit_for_bit(
+    tiny_sd, photos, tmp_path, reference
+):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = trainer_argv(tiny_sd, photos, out, checkpointing_steps=1, save_steps=1, resume_from_checkpoint="latest")
+    moments = random.Random(11)
+    kills = 0
+    while kills < 4:
+        before = checkpoints(out)
+        trainer = start(argv, log)
+        if not wait_for(lambda before=before: checkpoints(out) - before, trainer):
+            break  # it finished first
+        time.sleep(moments.uniform(0, 0.4))  # somewhere in a step, a checkpoint, an embedding or a log line
+        trainer.kill()
+        trainer.wait(timeout=TIMEOUT)
+        kills += 1
+        assert_nothing_half_written(out)
+    assert kills >= 2
+    assert finish(argv, log) == 0, log.read_text()[-3000:]
+    assert torch.equal(learned(out), learned(reference))
+    assert records(out) == records(reference)
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_with_one_checkpoint(tiny_sd, photos, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = trainer_argv(tiny_sd, photos, out, max_train_steps=1000, checkpointing_steps=1000, train_batch_size=1)
+    launcher = start(argv, log, accelerate_launch(2), ACCELERATE_USE_CPU="true")
+    try:
+        assert wait_for(lambda: trained_a_step(out), launcher), log.read_text()[-3000:]
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK")]
+        [second] = [p for p in workers if p.environ()["RANK"] == "1"]
+        second.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=TIMEOUT) != 0
+        _, hanging = psutil.wait_procs(workers, timeout=TIMEOUT)
+        assert not hanging
+    finally:
+        launcher.kill()
+    [checkpoint] = checkpoints(out)
+    step = ti.read_checkpoint(checkpoint)["state"]["step"]
+    assert f"error: stopped by SIGTERM at step {step}; saved {checkpoint}" in "\n".join(error_lines(log))
+    assert not (out / ti.LOCK_FILE).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_trainer_whose_launcher_died_stops_with_a_checkpoint(tiny_sd, photos, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = trainer_argv(tiny_sd, photos, out, max_train_steps=1000, checkpointing_steps=1000)
+    launcher = start(argv, log, accelerate_launch(1), ACCELERATE_USE_CPU="true")
+    try:
+        assert wait_for(lambda: trained_a_step(out), launcher), log.read_text()[-3000:]
+        [trainer] = psutil.Process(launcher.pid).children()
+        launcher.send_signal(signal.SIGTERM)  # accelerate's launcher dies at once, passing nothing on
+        launcher.wait(timeout=TIMEOUT)
+        _, running_on = psutil.wait_procs([trainer], timeout=TIMEOUT)
+        assert not running_on
+    finally:
+        launcher.kill()
+    [checkpoint] = checkpoints(out)
+    assert f"error: stopped by SIGTERM at step {ti.read_checkpoint(checkpoint)['state']['step']}" in log.read_text()
+    assert not (out / ti.LOCK_FILE).exists()
