@@ -1083,7 +1083,21 @@ def load_pipeline(
     if prediction_type is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe.to(device)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            own_weight_memory(component)
+    return pipe
+
+
+def own_weight_memory(module: torch.nn.Module) -> None:
+    """On the CPU, give each weight its own allocation. Weights mapped from a file sit at that
+    file's byte offsets, and CPU kernels take alignment-dependent paths, so the same weights
+    from a single file and from a diffusers folder would differ in the last bit. (Moving to a
+    GPU copies them already.)"""
+    for parameter in module.parameters():
+        if parameter.device.type == "cpu":
+            parameter.data = parameter.data.clone()
 
 
 def set_scheduler(pipe, name: str) -> None:

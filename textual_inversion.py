@@ -939,6 +939,7 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
         module.requires_grad_(False)
         module.eval()
         module.to(device)
+        infer.own_weight_memory(module)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for encoder in text_encoders:

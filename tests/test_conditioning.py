@@ -43,7 +43,7 @@ def trainer_conditioning(model, photos, trained, tmp_path, clip_skip: int):
     placeholders = ti.add_placeholder_tokens(models, "<concept>", embedding, args.num_vectors)
     prompt = PROMPT.replace("<concept>", " ".join(placeholders.tokens))
     ids = [tok([prompt], padding="max_length", return_tensors="pt").input_ids for tok in models.tokenizers]
-    time_ids = models.family.time_ids((RESOLUTION, RESOLUTION), (0, 0), RESOLUTION)
+    time_ids = models.family.time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION))
     time_ids = None if time_ids is None else torch.tensor([time_ids], dtype=torch.float32)
     with torch.no_grad():
         return models.family.condition(models.text_encoders, ids, time_ids, models.clip_skip)
@@ -59,7 +59,9 @@ def test_sd_conditioning_equals_encode_prompt_with_the_same_clip_skip(tiny_sd, p
     with torch.no_grad():
         expected, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=1)
         last_layer, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
-    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+    # Equal to float32 rounding: the trainer's weights sit in their own memory, diffusers' are
+    # mapped from the file, and CPU kernels round by alignment. A wrong layer differs by O(1).
+    torch.testing.assert_close(hidden, expected)
     assert not torch.allclose(hidden, last_layer)
 
 
@@ -76,8 +78,8 @@ def test_sdxl_conditioning_equals_encode_prompt_with_the_same_clip_skip(tiny_sdx
     with torch.no_grad():
         expected, _, pooled, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, clip_skip=1)
         penultimate, _, _, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
-    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
-    torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(hidden, expected)  # to float32 rounding, as for SD above
+    torch.testing.assert_close(added["text_embeds"], pooled)
     assert not torch.allclose(hidden, penultimate)
 
 

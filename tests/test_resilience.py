@@ -332,7 +332,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released(tiny_sd, photos,
 
 def test_the_lock_is_released_when_a_run_fails(tiny_sd, photos, tmp_path, capsys):
     out = tmp_path / "out"
-    assert ti.main(train_args(tiny_sd, photos, out, initializer_token="two words")) == 2
+    assert ti.main(train_args(tiny_sd, photos, out, placeholder_token="toy")) == 2
     only_error_line(capsys)
     assert not out.exists()  # made only for the lock, so removed with it
 
