@@ -231,9 +231,10 @@ def test_masked_training_learns_the_subject_better_than_unmasked(planted, tmp_pa
 
 @pytest.mark.parametrize("planted", ["tiny"], indirect=True, ids=["sd"])
 def test_caption_words_are_conditioned_on(planted, tmp_path, run_trainer):
-    """Half the photos are red, which the model knows as "red". With captions that say so, the
-    word "red" explains them and the new word learns the concept; with templates alone the
-    new word must explain both."""
+    """Half the photos are red, which the model knows as "red". Captioned "a photo of a red"
+    (the new word put in front), the caption's word explains them and the new word learns the
+    concept; with templates alone the new word must explain both. The concept's own photos have
+    no caption file, so they train with the templates in both runs: only the caption differs."""
     model, concept_photos, hidden = planted
     photos = tmp_path / "photos"
     shutil.copytree(concept_photos, photos)
@@ -241,8 +242,6 @@ def test_caption_words_are_conditioned_on(planted, tmp_path, run_trainer):
         array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
         Image.fromarray(array).save(photos / f"red-{i}.png")
         (photos / f"red-{i}.txt").write_text("a photo of a red")
-    for path in concept_photos.iterdir():
-        (photos / f"{path.stem}.txt").write_text("a photo of a [name]")
     flags = dict(resolution=SIZE, train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3)
     learned = {}
     for name, extension in (("captions", ".txt"), ("templates", None)):
@@ -258,4 +257,5 @@ def test_caption_words_are_conditioned_on(planted, tmp_path, run_trainer):
     captioned, templated, truth = loss(learned["captions"]), loss(learned["templates"]), loss(hidden)
     summary = f"held-out loss on the concept: captions {captioned:.4f}, templates {templated:.4f}, hidden {truth:.4f}"
     print(summary)
-    assert captioned < templated, summary
+    # Measured: captions 0.129, templates 0.162 (seed 1: 0.129, 0.199); the hidden rows: 0.128.
+    assert captioned < 0.9 * templated, summary
