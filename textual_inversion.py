@@ -10,12 +10,16 @@ ordinary denoising loss. Accepts the flags of diffusers' examples/textual_invers
 
 The file reads top to bottom as the run does:
     args = parse_args()
-    images = TextualInversionDataset(...)          # photos -> square pixels, as-is and mirrored
-    models = load_models(args, ...)                # tokenizer(s), text encoder(s), unet, vae, scheduler
-    placeholders = add_placeholder_tokens(models, ...)
-    concept = encode_concept(images, models, ...)  # cached VAE posteriors + prompt token ids
+    images = TextualInversionDataset(...)          # photos (square or aspect bucket, as-is and
+                                                   # mirrored), their prompts (templates or
+                                                   # captions) and masks
+    models = load_models(args, ...)                # from a folder, a Hub id or one A1111/ComfyUI file
+    placeholders = add_placeholder_tokens(models, ...)  # from a word, a phrase or an embedding
+    concept = encode_concept(images, models, ...)  # cached VAE posteriors, masks, prompt token ids
     train(models, placeholders, concept, args, ...)  # the loop, nothing else
     save_outputs(placeholders, models, args, ...)  # learned_embeds.*, token_identifier.txt, ...
+run() holds --output_dir's lock and turns SIGTERM, SIGINT and SIGHUP into a checkpoint after
+the current step; every file is written atomically, so a crash never leaves half a file.
 Why it is fast: every image is encoded by the VAE once, before the loop; each step samples
 from the cached posterior (the distribution the reference script re-encodes for every
 sample); prompts are tokenized once; the micro-batches of a gradient-accumulation step run
