@@ -4,6 +4,7 @@
     python infer.py --model BASE --embedding SRC [--embedding SRC2 ...] --prompt "a <cat-toy> backpack"
     python infer.py --model myFinetune.safetensors [--single_file_config DIR_OR_HUB_ID] ...
     python infer.py convert SRC OUT --to diffusers|a1111|kohya
+    python infer.py eval OUTPUT_DIR [--embeddings FILE ...]    score every saved step (CLIP-I, CLIP-T, DINO)
 
 SRC is any of: an output folder of textual_inversion.py (or of the diffusers scripts); a Hub
 repo id such as sd-concepts-library/cat-toy (or org/name/file.safetensors for one file of a
@@ -27,8 +28,11 @@ The file reads top to bottom:
     load_embedding(...)     the two together: the API the CLI and the trainer use
     inspect_model_file,     base models as one original-layout file (A1111, ComfyUI): checked from
     load_model_file           key names and shapes, converted by diffusers' single-file loaders
-    load_pipeline, generate (enable_clip_skip), write_png, write_grid
+    load_pipeline, generate (enable_clip_skip), write_png (A1111's infotext + our JSON),
+      read_png_settings, write_grid
     convert_embedding
+    Scorers, run_eval       CLIP-I, CLIP-T and DINO as the papers compute them; `eval` over a run's
+                              saved steps (run.json), the pick rule, --keep_best
     main                    the command line
 
 Safety: .pt/.bin/.ckpt files (embeddings and model checkpoints) are pickles, and a pickle can run
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -59,7 +64,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from safetensors.torch import save as save_safetensors
 
 logger = logging.getLogger("infer")
@@ -68,18 +75,29 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class EmbeddingError(ValueError):
-    """A problem with the user's input (an embedding, a model, a flag), said in one line.
+class UserError(ValueError):
+    """A problem with the user's input (an embedding, a model, a photo, a flag), said in one line
+    that names the flag or file and what to do. Both command lines (this one and
+    textual_inversion.py) print it without a traceback and exit with `status`; API callers can
+    catch it."""
 
-    The CLI prints it without a traceback and exits with status 2; API callers can catch it.
-    """
+    status = 2
+
+
+EmbeddingError = UserError  # the name callers of this module's functions have caught since the first release
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------
 # Writers. Every format is written here and nowhere else; every write is atomic.
 
 
-class WriteError(EmbeddingError):
+class WriteError(UserError):
     """A file could not be written (a full disk, a read-only folder): one line naming the file
     and the cause. The file's previous version is intact and no temp file is left."""
 
@@ -129,23 +147,37 @@ def fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
+def atomic_folder(
+    path: str | Path, fill: Callable[[Path], None], *, merge: bool = False, last: tuple[str, ...] = ()
+) -> Path:
     """Call `fill(tmp_folder)` for a temp folder beside `path`, then rename it to `path`.
 
-    The folder appears complete or not at all. Write its files with the writers here; a
-    WriteError inside names `path`, and the temp folder is removed.
+    The folder appears complete or not at all. With `merge`, `path` keeps what else it holds
+    (a full pipeline's folders beside the embeddings, checkpoints and lock): each entry of the
+    temp folder replaces its namesake there whole, those named in `last` at the end (a
+    pipeline's model_index.json, so a loader never takes a half-moved folder for a pipeline).
+    Write the files with the writers here, or with any code that raises OSError; a WriteError
+    names `path`, and the temp folder is removed.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Merged, the temp folder sits inside `path`, where a killed run's leftovers are looked for.
+    tmp = path / ".merge.tmp" if merge else path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old.tmp")  # the previous version, until the new one is in place
     try:
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
         fill(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        if merge:
+            for item in sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name)):
+                if item.is_dir():  # replaced whole, as the folder itself is without `merge`
+                    atomic_folder(path / item.name, lambda dest, item=item: os.replace(item, dest))
+                else:
+                    os.replace(item, path / item.name)
+        else:
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
         fsync_folder(path.parent)
     except WriteError as e:
         raise WriteError(path, e.cause) from None
@@ -295,6 +327,9 @@ class Embedding:
     layout: str  # "diffusers", "A1111", "kohya", "SDXL", "diffusers SDXL pair", ...
     files: list[Path] = field(default_factory=list)  # the files the vectors were read from
     sha256: list[str] = field(default_factory=list)  # one per file
+    # Other words that call it in prompts: a file's name, as A1111 and ComfyUI call embeddings,
+    # when the token inside differs (an A1111 .pt named "charturner" saved as charturnerv2.pt).
+    aliases: tuple[str, ...] = ()
 
     @property
     def num_vectors(self) -> int:
@@ -303,6 +338,11 @@ class Embedding:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(self.vectors[s].shape[1] for s in SLOTS if s in self.vectors)
+
+    @property
+    def a1111_name(self) -> str:
+        """The name A1111 knows it by: its file name when it has one, else its token."""
+        return self.aliases[0] if self.aliases else self.token
 
 
 def read_embedding(src: str | Path, token: str | None = None) -> Embedding:
@@ -340,23 +380,37 @@ def read_embedding(src: str | Path, token: str | None = None) -> Embedding:
     if len(counts) != 1:
         shapes = ", ".join(f"{s} {list(v.shape)}" for s, v in vectors.items())
         raise EmbeddingError(f"{source}: its text encoders have different numbers of vectors ({shapes})")
+    word = token or file_token or token_from_file_name(files[0])
+    # A single file also answers to its name, unless the user chose the word (--token) or the
+    # name is diffusers' generic one.
+    stem = files[0].stem
+    named = token is None and len(files) == 1 and not stem.startswith("learned_embeds") and stem != word
     return Embedding(
-        token=token or file_token or token_from_file_name(files[0]),
+        token=word,
         vectors=vectors,
         source=source,
         layout=layout,
         files=files,
         sha256=[sha256_of(f) for f in files],
+        aliases=(stem,) if named else (),
     )
 
 
 def embedding_files_in_folder(folder: Path, source: str) -> list[Path]:
     """The file(s) to read in a folder: learned_embeds(.safetensors|.bin) (with its _2 partner
-    for SDXL) when present, else the folder's only embedding-like file."""
+    for SDXL) when present; else, in a run stopped before its end, the newest rows it saved
+    (see newest_saved_rows), with a warning naming them; else the folder's only embedding-like file."""
     for suffix in (".safetensors", ".bin"):
         main = folder / f"learned_embeds{suffix}"
         if main.is_file():
             return with_pair_partner(main)
+    newest = newest_saved_rows(folder)
+    if newest is not None:
+        step, path = newest
+        logger.warning(
+            "%s has no learned_embeds file (a stopped run?); using its newest rows, step %d: %s", source, step, path
+        )
+        return with_pair_partner(path)
     candidates = sorted(
         p
         for p in folder.iterdir()
@@ -373,12 +427,39 @@ def embedding_files_in_folder(folder: Path, source: str) -> list[Path]:
     raise EmbeddingError(f"{source}: this folder holds {len(candidates)} embedding files ({names}); give one of them")
 
 
-_PAIR_NAME = re.compile(r"^learned_embeds(_2)?(-steps-\d+)?(\.\w+)$")
+_STEPS_NAME = re.compile(r"^learned_embeds-steps-(\d+)\.(safetensors|bin)$")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def newest_saved_rows(folder: Path) -> tuple[int, Path] | None:
+    """(step, file) of the newest rows a training run's folder holds besides learned_embeds.*:
+    the highest step among its learned_embeds-steps-N files and its checkpoint-N/ folders'
+    learned_embeds files (a tie goes to the -steps-N file; .safetensors before .bin). None if
+    it has neither."""
+    found = []
+    for path in folder.glob("learned_embeds-steps-*"):
+        match = _STEPS_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match[1]), 1, match[2] == "safetensors", path))
+    for checkpoint in folder.glob("checkpoint-*"):
+        match = _CHECKPOINT_NAME.match(checkpoint.name)
+        for suffix in (".safetensors", ".bin"):
+            path = checkpoint / f"learned_embeds{suffix}"
+            if match and path.is_file():
+                found.append((int(match[1]), 0, suffix == ".safetensors", path))
+    if not found:
+        return None
+    step, _, _, path = max(found, key=lambda entry: entry[:3])
+    return step, path
+
+
+_PAIR_NAME = re.compile(r"^learned_embeds(_2)?(-[\w-]+)?(\.\w+)$")
 
 
 def with_pair_partner(path: Path) -> list[Path]:
     """[path], or [first, second] when it is half of a diffusers SDXL pair
-    (learned_embeds[-steps-N].ext + learned_embeds_2[-steps-N].ext side by side)."""
+    (learned_embeds[SUFFIX].ext + learned_embeds_2[SUFFIX].ext side by side, SUFFIX being
+    -steps-N, -last, -before-eval, ...)."""
     match = _PAIR_NAME.match(path.name)
     if not match:
         return [path]
@@ -428,7 +509,7 @@ def files_from_hub(source: str) -> list[Path]:
     except EmbeddingError:
         raise
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise EmbeddingError(
             f"{source}: not a local file or folder, and the Hugging Face Hub could not provide it ({reason})"
         ) from None
@@ -480,7 +561,7 @@ def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
         unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
         if unpickler:
             raise EmbeddingError(f"{refused} the tensors-only loader cannot read ({unpickler[1]}); {advice}") from None
-        reason = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        reason = first_line(e)
         raise EmbeddingError(
             f"{source}: {path.name} is neither safetensors nor a readable PyTorch file; is it truncated or "
             f"corrupt? ({reason})"
@@ -571,6 +652,84 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------
+# Photos, as the trainer reads them and eval scores them; and a phrase as starting rows.
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+MASK_SUFFIX = "-masklabel.png"  # OneTrainer's convention: NAME-masklabel.png beside NAME.jpg
+
+
+def list_images(
+    folder: Path, companions: tuple[str, ...] = (), flag: str = "--train_data_dir", warn: bool = True
+) -> list[Path]:
+    """Image files in `folder`, sorted, as the trainer takes them for photos; masks
+    (NAME-masklabel.png) and files ending in one of `companions` (caption extensions) belong to
+    photos; anything else is skipped, with one warning when `warn`."""
+    if not folder.exists():
+        raise UserError(f"{flag} {folder}: no such folder")
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: not a folder")
+    entries = sorted(folder.iterdir())
+    belongs = [p for p in entries if p.is_file() and p.name.lower().endswith((MASK_SUFFIX, *companions))]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p not in belongs]
+    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in images and p not in belongs]
+    if not images:
+        found = f" (it holds: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
+        raise UserError(f"{flag} {folder}: no images (png, jpg, webp, bmp, tiff, gif) found{found}")
+    if skipped and warn:
+        logger.warning("Skipping %d non-image entries in %s: %s", len(skipped), folder, ", ".join(skipped))
+    return images
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image fully, upright per its EXIF, as RGB with any transparency on white."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat that as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as stored:
+                stored.load()  # decode now, so a truncated file fails here with its name
+                return to_rgb(ImageOps.exif_transpose(stored))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{path}: too many pixels to open safely ({e}); downscale it") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot read this image ({e}); remove or replace it") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit and float greyscale: Pillow cannot convert these to RGB directly.
+        values = np.asarray(image, dtype=np.float32)
+        if values.max(initial=0) > 255:
+            values = values / 257.0
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        image = Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # keeps palette transparency
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def phrase_shares(tokens: int, num_vectors: int) -> list[range]:
+    """Which of a phrase's T tokens each of N vectors starts from: token i*T/N (rounded down)
+    when N >= T, as A1111 spreads a phrase; else its consecutive share of the phrase."""
+    shares = []
+    for i in range(num_vectors):
+        first = i * tokens // num_vectors
+        shares.append(range(first, max((i + 1) * tokens // num_vectors, first + 1)))
+    return shares
+
+
+def phrase_rows(weight: torch.Tensor, ids: list[int], num_vectors: int) -> torch.Tensor:
+    """fp32 [N, D] starting rows from a phrase's tokens: each vector the mean of its share."""
+    shares = phrase_shares(len(ids), num_vectors)
+    return torch.stack([weight[ids[share.start : share.stop]].float().mean(dim=0) for share in shares])
 
 
 # ----------------------------------------------------------------------------------------
@@ -676,7 +835,38 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
             pipe.load_textual_inversion(vectors[slot], token=token, tokenizer=tokenizer, text_encoder=encoder)
     finally:
         transformers_logging.set_verbosity(verbosity)
+    add_aliases(pipe, emb, token)
     return tokens
+
+
+ALIASES = "embedding_aliases"  # the pipeline attribute holding {alias in prompt form: token}
+
+
+def add_aliases(pipe, emb: Embedding, token: str) -> None:
+    """Let the embedding's aliases (its file name) call `token` in prompts: normalize_prompt
+    writes them as the token. An alias that is already a loaded token or alias, or a word the
+    model knows, is left alone with a warning (it keeps its meaning)."""
+    tokenizer = text_encoder_slots(pipe)[0][1]
+    aliases = getattr(pipe, ALIASES, None)
+    if aliases is None:
+        aliases = {}
+        setattr(pipe, ALIASES, aliases)
+    for alias in emb.aliases:
+        form = prompt_form(alias.strip(), tokenizer)
+        if not form or form == token:
+            continue
+        pieces = tokenizer.tokenize(form)
+        vocab = tokenizer.get_vocab()
+        known = len(pieces) == 1 and pieces[0] not in tokenizer.added_tokens_encoder and pieces[0] in vocab
+        if form in aliases or form in tokenizer.added_tokens_encoder or known:
+            logger.warning(
+                "%s: its file name %r already means something in prompts; call this embedding %r",
+                emb.source,
+                alias,
+                token,
+            )
+            continue
+        aliases[form] = token
 
 
 def load_embedding(pipe, src: str | Path | Embedding, token: str | None = None) -> list[str]:
@@ -702,19 +892,37 @@ def _added_tokens(tokenizer) -> list[str]:
 
 
 def normalize_prompt(pipe, prompt: str | None) -> str | None:
-    """Write each loaded token in the prompt the way it is stored (lower case for CLIP), so that
-    diffusers expands multi-vector tokens however the user capitalised them."""
+    """Write each loaded embedding in the prompt as its token is stored: in lower case for CLIP,
+    so that diffusers expands multi-vector tokens however the user capitalised them; aliases
+    (file names, as A1111 and ComfyUI call embeddings) as the token they stand for; and
+    ComfyUI's `embedding:NAME` as NAME's token."""
     if not prompt:
         return prompt
     slots = text_encoder_slots(pipe)
     if not slots:
         return prompt
     tokenizer = slots[0][1]
-    if prompt_form("A", tokenizer) != "a":  # this tokenizer keeps case: nothing to match
+    ignore_case = prompt_form("A", tokenizer) == "a"
+    words = {token: token for token in _added_tokens(tokenizer)}
+    patterns = {token: re.escape(token) for token in words}
+    for alias, token in getattr(pipe, ALIASES, {}).items():
+        words[alias] = token
+        patterns[alias] = rf"(?<!\w){re.escape(alias)}(?!\w)"  # a whole word: "cat" must not match in "cats"
+    if not words:
         return prompt
-    for token in sorted(_added_tokens(tokenizer), key=len, reverse=True):
-        prompt = re.sub(re.escape(token), lambda _m, t=token: t, prompt, flags=re.IGNORECASE)
-    return prompt
+    # One pass, longest first, so that no word is matched inside a longer one ("cat-toy" in "<cat-toy>").
+    alternatives = "|".join(patterns[w] for w in sorted(words, key=len, reverse=True))
+    pattern = re.compile(rf"(?:embedding:)?(?:{alternatives})", re.IGNORECASE if ignore_case else 0)
+
+    stored = {(w.lower() if ignore_case else w): token for w, token in words.items()}
+
+    def written(match: re.Match) -> str:
+        text = match[0]
+        if text.lower().startswith("embedding:"):
+            text = text[len("embedding:") :]
+        return stored.get(text.lower() if ignore_case else text, text)
+
+    return pattern.sub(written, prompt)
 
 
 def unused_tokens(pipe, tokens: Iterable[str], *prompts: str | None) -> list[str]:
@@ -915,7 +1123,7 @@ def model_file_config(entries: dict[str, object], source: str, config: str | Non
     try:
         return snapshot_download(repo, allow_patterns=["*.json", "*.txt"])
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         given = f"--single_file_config {config}" if config else f"its configs come from {repo}, which"
         raise EmbeddingError(
             f"{source}: {given} is not a local folder and the Hub could not provide it ({reason}); pass "
@@ -1020,7 +1228,7 @@ def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[st
                     cls, state, subfolder=name, config=model.config, torch_dtype=dtype, local_files_only=True
                 )
         except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise EmbeddingError(f"{model.source}: cannot load its {name} ({reason})") from None
         for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[name])]:
             del state[key]
@@ -1050,7 +1258,7 @@ def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
     except EmbeddingError:
         raise
     except (OSError, ValueError, RuntimeError) as e:  # missing files, shapes that do not fit the config
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise EmbeddingError(f"{label}: cannot load it as this model's VAE ({reason})") from None
 
 
@@ -1060,23 +1268,32 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     single_file_config: str | None = None,
     prediction_type: str | None = None,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ):
     """A text-to-image pipeline on `device` from a local diffusers folder, a Hub id or an
     original-layout model file (described by `single_file_config`, see inspect_model_file);
-    `prediction_type` overrides the scheduler's."""
+    `prediction_type` overrides the scheduler's; `vae` (a folder, Hub id or VAE file) replaces
+    the model's VAE, as the trainer's --pretrained_vae_model_name_or_path does; `revision` and
+    `variant` are diffusers' (folders and Hub ids)."""
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     path = Path(model).expanduser()
     root, modules = str(path) if path.is_dir() else model, {}
+    options = {k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None}
     if is_model_file(model):
         model_file = inspect_model_file(model, single_file_config, "--model")
-        root, modules = model_file.config, load_model_file(model_file, dict.fromkeys(model_file.components, dtype))
+        parts = [c for c in model_file.components if not (vae and c == "vae")]
+        root, modules, options = model_file.config, load_model_file(model_file, dict.fromkeys(parts, dtype)), {}
+    if vae:
+        modules["vae"] = load_vae(vae, root, dtype, "the VAE")  # the trainer's --pretrained_vae_model_name_or_path
     try:
-        config = DiffusionPipeline.load_config(root)
+        config = DiffusionPipeline.load_config(root, **({"revision": revision} if "revision" in options else {}))
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
-        pipe = AutoPipelineForText2Image.from_pretrained(root, dtype=dtype, **modules, **extra)
+        pipe = AutoPipelineForText2Image.from_pretrained(root, dtype=dtype, **modules, **extra, **options)
     except (OSError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise EmbeddingError(
             f"--model {model}: cannot load it as a diffusers text-to-image pipeline ({reason})"
         ) from None
@@ -1173,27 +1390,125 @@ def enable_clip_skip(pipe) -> None:
         object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
 
-def write_png(path: str | Path, image, parameters: dict) -> Path:
-    """A PNG with `parameters` as JSON in its "parameters" tEXt chunk (ASCII-escaped JSON, so
-    it is always tEXt, and PNG Info viewers show it)."""
+# A1111's sampler names (its infotext's "Sampler"), by diffusers scheduler class.
+A1111_SAMPLERS = {
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverSinglestepScheduler": "DPM++ 2S",
+    "DPMSolverSDEScheduler": "DPM++ SDE",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+# The samplers A1111 runs through k-diffusion, where a "Schedule type" applies.
+A1111_SCHEDULED = {"DPM++ 2M", "DPM++ 2M SDE", "Euler", "Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ SDE"}
+PNG_SETTINGS_KEY = "textual_inversion"  # the PNG text chunk holding our settings as JSON
+
+
+def a1111_sampler(scheduler) -> dict[str, str]:
+    """{"sampler": A1111's name, "schedule_type": ...} for a diffusers scheduler. The schedule
+    type is written because A1111 1.9+ reads a missing one as its sampler's default (Karras for
+    DPM++ 2M), while diffusers' samplers space their steps uniformly unless told otherwise."""
+    config = scheduler.config
+    name = A1111_SAMPLERS.get(type(scheduler).__name__, type(scheduler).__name__)
+    if name == "DPM++ 2M" and config.get("algorithm_type") == "sde-dpmsolver++":
+        name = "DPM++ 2M SDE"
+    found = {"sampler": name}
+    if name in A1111_SCHEDULED:
+        found["schedule_type"] = "Karras" if config.get("use_karras_sigmas") else "Uniform"
+    return found
+
+
+def a1111_model_name(model: str) -> str:
+    """The name A1111 writes as "Model": a checkpoint file's name without its extension; here
+    also a folder's name, or the repo name of a Hub id."""
+    path = Path(str(model).rstrip("/\\"))
+    return path.stem if path.suffix in MODEL_FILE_SUFFIXES else path.name
+
+
+def _a1111_quote(value: object) -> str:
+    # A1111's rule: a value holding a comma, colon or line break is written as a JSON string.
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def a1111_parameters(settings: dict) -> str:
+    """A1111's infotext for our settings dict, as its PNG Info, civitai and other readers parse it:
+    the prompt, a "Negative prompt: ..." line when there is one, then one line of "Key: value"
+    pairs. Clip skip is A1111's count (ours + 1), written only when used, as A1111 does; each
+    embedding is listed in "TI hashes" under its A1111 name with the first 12 hex digits of its
+    file's sha256 (A1111's short hash)."""
+    seed = settings["seed"] if "seed" in settings else settings["seeds"][0]
+    embeddings = [
+        f"{e['name'].replace(':', '').replace(',', '')}: {e['hash']}"
+        for e in settings.get("embeddings", [])
+        if e.get("hash")
+    ]
+    fields = {
+        "Steps": settings["steps"],
+        "Sampler": settings["sampler"],
+        "Schedule type": settings.get("schedule_type"),
+        "CFG scale": settings["guidance_scale"],
+        "Seed": seed,
+        "Size": f"{settings['width']}x{settings['height']}",
+        "Model": a1111_model_name(settings["model"]),
+        "Clip skip": settings["clip_skip"] + 1 if settings.get("clip_skip") else None,
+        "TI hashes": ", ".join(embeddings) or None,
+    }
+    line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in fields.items() if v is not None)
+    negative = settings.get("negative_prompt")
+    return settings["prompt"] + (f"\nNegative prompt: {negative}" if negative else "") + "\n" + line
+
+
+def write_png(path: str | Path, image, settings: dict) -> Path:
+    """A PNG carrying its settings twice: as A1111's infotext in the "parameters" chunk (what
+    A1111's PNG Info, civitai and most viewers read) and, whole, as JSON in the
+    "textual_inversion" chunk (read it back with read_png_settings)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters))
+    info.add_text("parameters", a1111_parameters(settings))
+    info.add_text(PNG_SETTINGS_KEY, json.dumps(settings))  # ASCII-escaped, so always a plain tEXt chunk
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def write_grid(path: str | Path, images: list, parameters: dict) -> Path:
-    """The images tiled in a near-square grid, in seed order."""
+def read_png_settings(path: str | Path) -> dict | None:
+    """The settings JSON that write_png stored in a PNG; None for a PNG without it (or not a PNG)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
+    except (OSError, UnidentifiedImageError):
+        return None
+    try:
+        settings = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def image_grid(images: list, columns: int):
+    """The images tiled left to right, top to bottom, `columns` to a row, on white."""
     from PIL import Image
 
-    columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for k, image in enumerate(images):
         grid.paste(image, ((k % columns) * w, (k // columns) * h))
-    return write_png(path, grid, parameters)
+    return grid
+
+
+def write_grid(path: str | Path, images: list, parameters: dict) -> Path:
+    """The images tiled in a near-square grid, in seed order."""
+    return write_png(path, image_grid(images, math.ceil(math.sqrt(len(images)))), parameters)
 
 
 def next_image_number(folder: Path) -> int:
@@ -1265,14 +1580,833 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
 
 
 # ----------------------------------------------------------------------------------------
+# Scoring embeddings: CLIP-I, CLIP-T and DINO, as the Textual Inversion and DreamBooth papers
+# score them, for every step a training run saved (`infer.py eval`).
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # the papers' CLIP
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+EVAL_PROMPTS = {"object": "dreambench_object.txt", "live": "dreambench_live.txt", "style": "eval_style.txt"}
+RUN_RECORD = "run.json"  # written by textual_inversion.py: what eval needs to rebuild the run
+RUN_FORMAT = "textual-inversion-run/1"
+PICK_RULES = ("balanced", "fidelity", "editability")
+
+
+def _scorer_part(load: Callable, name: str, flag: str, **kwargs):
+    try:
+        return load(name, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise EmbeddingError(
+            f"{flag} {name}: cannot load it ({first_line(e)}); download it once with `hf download {name}` "
+            "(it then loads offline), or give a local folder"
+        ) from None
+
+
+@dataclass
+class References:
+    """The training photos' features, computed once (Scorers.references) and reused for every
+    set of images scored against them."""
+
+    clip: torch.Tensor  # [photos, D] unit-length CLIP image features, float32, CPU
+    dino: torch.Tensor  # [photos, D'] unit-length DINO features
+
+
+class Scorers:
+    """The papers' three scores, per generated image:
+
+        scorers = Scorers(clip_model, dino_model, device)
+        scores = scorers.score(images, texts, photos)  # {"clip_i", "clip_t", "dino"}: float32 [images]
+
+    - clip_t: cos(CLIP image features, CLIP text features of the image's text), the text being its
+      prompt with the class word in place of the learned word (editability);
+    - clip_i: the mean over the photos of cos(CLIP features of the image, of the photo) (fidelity);
+    - dino: the same with DINO features.
+    CLIP features are CLIPModel.get_image_features / get_text_features; DINO features are the CLS
+    token of the last hidden state (after the final layer norm). Every image, generated or photo,
+    goes through the scorer's own image processor as loaded. `images` and `photos` are RGB PIL
+    images; `photos` may be their References instead (references(photos), computed once when
+    scoring many sets, as a trainer's validation does). The models run on `device`, in half
+    precision on a GPU. Errors loading a model are one-line EmbeddingErrors naming its flag.
+    """
+
+    def __init__(
+        self,
+        clip_model: str = DEFAULT_CLIP_MODEL,
+        dino_model: str = DEFAULT_DINO_MODEL,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        batch_size: int = 32,
+    ):
+        from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
+
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.batch_size = batch_size
+        self.clip_processor = _scorer_part(AutoProcessor.from_pretrained, clip_model, "--clip_model")
+        self.clip = _scorer_part(CLIPModel.from_pretrained, clip_model, "--clip_model", dtype=self.dtype)
+        self.dino_processor = _scorer_part(AutoImageProcessor.from_pretrained, dino_model, "--dino_model")
+        self.dino = _scorer_part(AutoModel.from_pretrained, dino_model, "--dino_model", dtype=self.dtype)
+        for model in (self.clip, self.dino):
+            model.requires_grad_(False).eval().to(self.device)
+
+    @torch.no_grad()
+    def image_features(self, images: list, which: str) -> torch.Tensor:
+        """Unit-length features [images, D] of `which` ("clip" or "dino"), float32 on the CPU."""
+        processor = self.clip_processor.image_processor if which == "clip" else self.dino_processor
+        found = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = processor(images=images[start : start + self.batch_size], return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(self.device, self.dtype)
+            if which == "clip":
+                out = self.clip.get_image_features(pixel_values=pixels)
+                features = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: an output
+            else:
+                features = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
+            found.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(found)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length CLIP text features [texts, D], float32 on the CPU."""
+        found = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.clip_processor.tokenizer(
+                texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
+            ).to(self.device)
+            out = self.clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            features = out if isinstance(out, torch.Tensor) else out.pooler_output
+            found.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(found)
+
+    def references(self, photos: list) -> References:
+        return References(self.image_features(photos, "clip"), self.image_features(photos, "dino"))
+
+    def score(self, images: list, texts: list[str], photos: list | References) -> dict[str, torch.Tensor]:
+        """Per image: {"clip_i", "clip_t", "dino"} as float32 [images]; texts[i] is image i's text."""
+        refs = photos if isinstance(photos, References) else self.references(photos)
+        clip = self.image_features(images, "clip")
+        unique = list(dict.fromkeys(texts))
+        text = self.text_features(unique)[[unique.index(t) for t in texts]]
+        return {
+            "clip_i": (clip @ refs.clip.T).mean(dim=1),
+            "clip_t": (clip * text).sum(dim=1),
+            "dino": (self.image_features(images, "dino") @ refs.dino.T).mean(dim=1),
+        }
+
+    @staticmethod
+    def among_themselves(refs: References) -> dict[str, torch.Tensor] | None:
+        """DreamBooth's "real images" row, the ceiling for clip_i and dino: each photo's mean
+        similarity to the other photos. None with fewer than two photos."""
+        count = refs.clip.shape[0]
+        if count < 2:
+            return None
+
+        def others(features: torch.Tensor) -> torch.Tensor:
+            similarity = features @ features.T
+            return (similarity.sum(dim=1) - similarity.diagonal()) / (count - 1)
+
+        return {"clip_i": others(refs.clip), "dino": others(refs.dino)}
+
+
+def mean_and_error(values: torch.Tensor) -> tuple[float, float | None]:
+    """The mean and its standard error (None for one value)."""
+    values = values.double()
+    if values.numel() < 2:
+        return values.mean().item(), None
+    return values.mean().item(), (values.std() / math.sqrt(values.numel())).item()
+
+
+def read_photos(folder: str | Path, flag: str) -> list:
+    """The training photos as the scorers see them: the images the trainer takes from `folder`,
+    decoded as it decodes them (EXIF-transposed, RGB, transparency on white)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: no such folder; give the folder of the training photos")
+    return [open_rgb(path) for path in list_images(folder, flag=flag, warn=False)]
+
+
+def read_eval_prompts(spec: str) -> list[str]:
+    """Prompt templates, `{}` marking the learned word: a shipped set (object, live, style) or a
+    file of one prompt per line (blank lines and # comments skipped)."""
+    path = TEMPLATES / EVAL_PROMPTS[spec] if spec in EVAL_PROMPTS else Path(spec).expanduser()
+    if not path.is_file():
+        raise EmbeddingError(
+            f"--prompts {spec}: no such file; give object, live, style or a file of prompts with {{}} for the word"
+        )
+    templates = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if "{}" not in text:
+            raise EmbeddingError(f"--prompts {path}: line {number} has no {{}} where the learned word goes: {text!r}")
+        templates.append(text)
+    if not templates:
+        raise EmbeddingError(f"--prompts {path}: no prompts in it")
+    return templates
+
+
+def eval_seed(template: str, index: int) -> int:
+    """The seed of image `index` of a prompt: fixed by the prompt's text and the index, so every
+    step is scored on the same starting noise and differences between steps are paired."""
+    return int.from_bytes(hashlib.sha256(f"{template}\n{index}".encode()).digest()[:4], "big") % 2**31
+
+
+def rows_digest(vectors: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of an embedding's rows: files holding the same rows are scored once."""
+    digest = hashlib.sha256()
+    for slot in SLOTS:
+        if slot in vectors:
+            digest.update(slot.encode())
+            digest.update(vectors[slot].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_run_record(folder: Path) -> dict | None:
+    """OUTPUT_DIR/run.json as textual_inversion.py writes it (None when there is none)."""
+    path = folder / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EmbeddingError(
+            f"{path}: unreadable ({first_line(e)}); delete it and pass --model, --train_data_dir"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise EmbeddingError(f"{path}: not a run record this infer.py reads (format {RUN_FORMAT} expected)")
+    return record
+
+
+@dataclass
+class EvalEntry:
+    """One set of rows to score: a step of a run (its files holding the same rows), the
+    initializer's rows (step 0), or a file given with --embeddings."""
+
+    label: str  # "step 500", "final", a file name
+    folder: str  # its images' folder under eval/
+    embedding: Embedding
+    step: int | None = None
+    files: list[str] = field(default_factory=list)
+    baseline: str | None = None  # "initializer" for step 0
+
+
+_RUN_FILE = re.compile(r"^learned_embeds(?:-steps-(\d+)|(-last))?(?:-before-eval)?\.(?:safetensors|bin)$")
+
+
+def run_entries(folder: Path, record: dict | None) -> list[EvalEntry]:
+    """The embeddings a run saved (learned_embeds-steps-N, the final learned_embeds and -last, and
+    the finals an earlier --keep_best replaced), one entry per distinct set of rows, in step
+    order. The step of each file is run.json's record, else the N of its name; a final file
+    whose rows match no step is "final"."""
+    saved = (record or {}).get("saved", {})
+    by_rows: dict[str, EvalEntry] = {}
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        match = _RUN_FILE.match(path.name)
+        if not match or not path.is_file():
+            continue
+        emb = read_embedding(path)
+        step = saved.get(path.name, int(match[1]) if match[1] else None)
+        entry = by_rows.setdefault(rows_digest(emb.vectors), EvalEntry("", "", emb))
+        if entry.step is None:
+            entry.step = step
+        entry.files += [f.name for f in emb.files if f.name not in entry.files]
+    entries = list(by_rows.values())
+    for entry in entries:
+        if entry.step is not None:
+            entry.label, entry.folder = f"step {entry.step}", f"step-{entry.step}"
+        else:
+            entry.label = entry.folder = "last" if any("-last" in f for f in entry.files) else "final"
+    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.label))
+
+
+def initializer_entry(pipe, record: dict) -> EvalEntry | None:
+    """Step 0: the rows the run started from, as the trainer made them (phrase_rows of the
+    initializer phrase, or the --initializer_embedding fitted to the model)."""
+    token = record["placeholder_token"]
+    if record.get("initializer_embedding"):
+        source = record["initializer_embedding"]
+        try:
+            emb = read_embedding(source)
+        except EmbeddingError as e:
+            raise EmbeddingError(f"step 0 (the run's --initializer_embedding): {e}") from None
+        vectors = fit_to_base(emb, base_widths(pipe))
+    elif record.get("initializer_token"):
+        source = record["initializer_token"]
+        vectors = {
+            slot: phrase_rows(
+                encoder.get_input_embeddings().weight.detach().cpu(),
+                tokenizer.encode(source, add_special_tokens=False),
+                record["num_vectors"],
+            )
+            for slot, tokenizer, encoder in text_encoder_slots(pipe)
+        }
+    else:
+        return None
+    emb = Embedding(token=token, vectors=vectors, source=f"{source} (the initializer)", layout="initializer")
+    return EvalEntry("step 0", "step-0", emb, step=0, baseline="initializer")
+
+
+def base_widths(pipe) -> dict[str, int]:
+    return {slot: encoder.get_input_embeddings().weight.shape[1] for slot, _, encoder in text_encoder_slots(pipe)}
+
+
+def put_rows(pipe, emb: Embedding, word: str, installed: dict[str, int]) -> None:
+    """Make `word` mean `emb`'s rows in `pipe`: installed the first time, its rows overwritten
+    after (every step of a run uses the same tokens, so each step's images differ only by rows)."""
+    if word not in installed:
+        install_embedding(pipe, replace(emb, token=word, aliases=()))
+        installed[word] = emb.num_vectors
+        return
+    vectors = fit_to_base(emb, base_widths(pipe))
+    tokens = [word] + [f"{word}_{i}" for i in range(1, emb.num_vectors)]
+    for slot, tokenizer, encoder in text_encoder_slots(pipe):
+        weight = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors[slot].to(weight.device, weight.dtype)
+
+
+def eval_words(entries: list[EvalEntry], tokenizer) -> list[str]:
+    """The word each entry is written as: its token; one already taken by an embedding with
+    another vector count gets the count appended ("charturner-4v")."""
+    counts: dict[str, int] = {}
+    words = []
+    for entry in entries:
+        count = entry.embedding.num_vectors
+        word = prompt_form(entry.embedding.token.strip(), tokenizer)
+        if counts.setdefault(word, count) != count:
+            word = prompt_form(f"{word}-{count}v", tokenizer)
+            counts.setdefault(word, count)
+        words.append(word)
+    return words
+
+
+def drift(emb: Embedding, initial: Embedding | None) -> tuple[dict, dict | None]:
+    """Per slot: the mean norm of the vectors, and their mean cosine to the initializer's."""
+    norms = {slot: rows.norm(dim=1).mean().item() for slot, rows in emb.vectors.items()}
+    if initial is None or initial.num_vectors != emb.num_vectors or set(initial.vectors) != set(emb.vectors):
+        return norms, None
+    cosines = {
+        slot: torch.nn.functional.cosine_similarity(rows, initial.vectors[slot].float(), dim=1).mean().item()
+        for slot, rows in emb.vectors.items()
+    }
+    return norms, cosines
+
+
+def pareto_front(lines: list[dict]) -> list[dict]:
+    """The lines no other line beats on both CLIP-I and CLIP-T (ties count as not beaten)."""
+
+    def beaten(line: dict) -> bool:
+        return any(
+            other["clip_i"] >= line["clip_i"]
+            and other["clip_t"] >= line["clip_t"]
+            and (other["clip_i"] > line["clip_i"] or other["clip_t"] > line["clip_t"])
+            for other in lines
+        )
+
+    return [line for line in lines if not beaten(line)]
+
+
+def pick_step(lines: list[dict], rule: str = "balanced") -> dict | None:
+    """The recommended line of an eval log, by a documented rule (baselines never count):
+
+    - balanced: among the lines on the Pareto front of (CLIP-I, CLIP-T), the highest sum of the
+      two, each scaled to [0, 1] across the lines scored (min -> 0, max -> 1; a score that is
+      the same everywhere counts 0);
+    - fidelity: the highest CLIP-I; editability: the highest CLIP-T.
+    Ties go to the earlier line (the earlier step: less drift from the initializer)."""
+    if rule not in PICK_RULES:
+        raise EmbeddingError(f"--pick {rule}: choose one of {', '.join(PICK_RULES)}")
+    scored = [
+        line
+        for line in lines
+        if not line.get("baseline") and line.get("clip_i") is not None and line.get("clip_t") is not None
+    ]
+    if not scored:
+        return None
+    if rule == "fidelity":
+        return max(scored, key=lambda line: line["clip_i"])
+    if rule == "editability":
+        return max(scored, key=lambda line: line["clip_t"])
+
+    def scaled(key: str) -> Callable[[dict], float]:
+        low, high = min(line[key] for line in scored), max(line[key] for line in scored)
+        return lambda line: (line[key] - low) / (high - low) if high > low else 0.0
+
+    fidelity, editability = scaled("clip_i"), scaled("clip_t")
+    front = pareto_front(scored)
+    return max(front, key=lambda line: fidelity(line) + editability(line))
+
+
+def read_eval_log(path: str | Path) -> list[dict]:
+    """The lines of an eval.jsonl (a torn last line, from an interrupted write, is dropped)."""
+    lines = []
+    for text in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            break
+    return lines
+
+
+def final_files(folder: Path, token: str) -> list[Path]:
+    """The run's final embedding files, as the trainer writes them: learned_embeds(_2).safetensors
+    and .bin, and the SDXL single file named after the token."""
+    names = [f"learned_embeds{part}{ext}" for part in ("", "_2") for ext in (".safetensors", ".bin")]
+    names.append(file_name_for_token(token) + ".safetensors")
+    return [folder / name for name in names if (folder / name).is_file()]
+
+
+def keep_best(folder: Path, entry: EvalEntry, token: str, record: dict | None) -> list[Path]:
+    """Rewrite the run's final embedding files from `entry`'s rows through the writers, each
+    previous file kept as NAME-before-eval.EXT (only once: a later --keep_best keeps the
+    trainer's originals). Every file is written atomically, the copies first, so an interrupted
+    --keep_best leaves each file whole, old or new, and running it again finishes it."""
+    targets = final_files(folder, token)
+    if not targets:
+        raise EmbeddingError(f"--keep_best: {folder} has no final learned_embeds file to rewrite")
+    for path in targets:
+        before = path.with_name(f"{path.stem}-before-eval{path.suffix}")
+        if not before.exists():
+            write_bytes(before, path.read_bytes())
+    vectors = entry.embedding.vectors
+    for path in targets:
+        if path.name.startswith("learned_embeds_2"):
+            write_diffusers_embedding(path, token, vectors["clip_g"])
+        elif path.name.startswith("learned_embeds"):
+            write_diffusers_embedding(path, token, vectors["clip_l"])
+        else:
+            write_sdxl_embedding(path, vectors["clip_l"], vectors["clip_g"])
+    if record is not None:
+        saved = dict(record.get("saved", {}))
+        for path in targets:
+            before = f"{path.stem}-before-eval{path.suffix}"
+            saved.setdefault(before, saved.get(path.name))
+            saved[path.name] = entry.step
+        write_text(folder / RUN_RECORD, json.dumps({**record, "saved": saved}, indent=1) + "\n")
+    return targets
+
+
+def plot_eval(lines: list[dict], path: Path, pick: dict | None) -> bool:
+    """eval.png: the three scores against step (real images dashed), and CLIP-I against CLIP-T
+    with each point labelled by its step, as the Textual Inversion paper's Figure 10a. False when
+    matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scored = [line for line in lines if line.get("baseline") != "real images"]
+    real = next((line for line in lines if line.get("baseline") == "real images"), None)
+    numeric = all(line["step"] is not None for line in scored)
+    xs = [line["step"] for line in scored] if numeric else list(range(len(scored)))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    # CLIP-T lives near 0.25-0.35 and CLIP-I, DINO near 0.5-0.9: CLIP-T gets its own axis, on the right.
+    text_axis = left.twinx()
+    for axis, key, color, name in (
+        (left, "clip_i", "tab:blue", "CLIP-I"),
+        (left, "dino", "tab:green", "DINO"),
+        (text_axis, "clip_t", "tab:orange", "CLIP-T (right axis)"),
+    ):
+        errors = [line.get(f"{key}_se") or 0.0 for line in scored]
+        axis.errorbar(xs, [line[key] for line in scored], yerr=errors, marker="o", capsize=3, color=color, label=name)
+        if real is not None and real.get(key) is not None:
+            axis.axhline(
+                real[key], color=color, linestyle="--", linewidth=1, label=f"{name}: the photos among themselves"
+            )
+    if not numeric:
+        left.set_xticks(xs, [line["label"] for line in scored], rotation=30, ha="right")
+    left.set_xlabel("step")
+    left.set_ylabel("CLIP-I, DINO (mean ± standard error)")
+    text_axis.set_ylabel("CLIP-T", color="tab:orange")
+    handles = [h for axis in (left, text_axis) for h in axis.get_legend_handles_labels()[0]]
+    text_axis.legend(handles=handles, fontsize="small", framealpha=0.85)  # on the top axis, over both plots
+    right.errorbar(
+        [line["clip_t"] for line in scored],
+        [line["clip_i"] for line in scored],
+        xerr=[line.get("clip_t_se") or 0.0 for line in scored],
+        yerr=[line.get("clip_i_se") or 0.0 for line in scored],
+        fmt="o-",
+        color="tab:purple",
+        alpha=0.7,
+        capsize=2,
+    )
+    for line in scored:
+        right.annotate(
+            line["label"].removeprefix("step "),
+            (line["clip_t"], line["clip_i"]),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize="small",
+        )
+    if pick is not None:
+        right.scatter(
+            [pick["clip_t"]],
+            [pick["clip_i"]],
+            s=250,
+            marker="*",
+            color="gold",
+            edgecolor="black",
+            zorder=3,
+            label=f"pick: {pick['label']}",
+        )
+        right.legend(fontsize="small")
+    right.set_xlabel("CLIP-T: image vs prompt (editability)")
+    right.set_ylabel("CLIP-I: image vs photos (fidelity)")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return True
+
+
+def _score_text(line: dict, key: str) -> str:
+    if line.get(key) is None:
+        return "-"
+    error = line.get(f"{key}_se")
+    return f"{line[key]:.3f}" + (f" ± {error:.3f}" if error is not None else "")
+
+
+def eval_table(lines: list[dict], pick: dict | None, rule: str) -> str:
+    """The printed table: one row per step (and baseline), the pick marked."""
+
+    def slots_text(values: dict | None, digits: int) -> str:
+        return "/".join(f"{v:.{digits}f}" for v in values.values()) if values else "-"
+
+    rows = [("", "CLIP-I", "CLIP-T", "DINO", "norm", "cos to init")]
+    for line in lines:
+        mark = f"  <- pick ({rule})" if line is pick else ""
+        rows.append(
+            (
+                line["label"],
+                _score_text(line, "clip_i"),
+                _score_text(line, "clip_t"),
+                _score_text(line, "dino"),
+                slots_text(line.get("norm"), 3),
+                slots_text(line.get("cos_to_initializer"), 3) + mark,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5] for row in rows)
+
+
+_REUSE_IGNORED = ("embeddings",)  # where the rows came from does not change the image
+
+
+def _same_image(found: dict | None, wanted: dict) -> bool:
+    if found is None:
+        return False
+    strip = lambda settings: {k: v for k, v in settings.items() if k not in _REUSE_IGNORED}  # noqa: E731
+    return strip(found) == strip(wanted)
+
+
+def run_eval(args: argparse.Namespace) -> list[dict]:
+    """`infer.py eval`: generate (or reuse) the images of every entry, score them, write
+    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines."""
+    from tqdm.auto import tqdm
+
+    for flag, value in (
+        ("--num_images_per_prompt", args.num_images_per_prompt),
+        ("--num_inference_steps", args.num_inference_steps),
+    ):
+        if value < 1:
+            raise EmbeddingError(f"{flag} must be at least 1 (got {value})")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise EmbeddingError(f"--resolution must be a positive multiple of 8 (got {args.resolution})")
+    if args.output_dir is None and not args.embeddings:
+        raise EmbeddingError("give a training run's OUTPUT_DIR, or embedding files with --embeddings")
+    run = Path(args.output_dir).expanduser() if args.output_dir else None
+    if run is not None and not run.is_dir():
+        raise EmbeddingError(f"{run}: no such folder; give the --output_dir of a training run")
+    record = read_run_record(run) if run is not None else None
+    known = record or {}
+    if args.keep_best and run is None:
+        raise EmbeddingError("--keep_best rewrites a training run's files; give its OUTPUT_DIR")
+
+    # Everything that can fail on the user's input fails here, before a model is loaded.
+    from_run = run_entries(run, record) if run is not None else []
+    entries = list(from_run)
+    if run is not None and not entries:
+        raise EmbeddingError(
+            f"{run}: no saved embeddings to score (learned_embeds-steps-N.* or learned_embeds.*); save them while "
+            "training with --save_steps N, or give files with --embeddings"
+        )
+    folders = {entry.folder for entry in entries}
+    for src in args.embeddings:
+        emb = read_embedding(src)
+        name = base = file_name_for_token(Path(src).name)
+        for i in itertools.count(2):
+            if name not in folders:
+                break
+            name = f"{base}-{i}"
+        folders.add(name)
+        entries.append(EvalEntry(Path(src).name, name, emb, files=[str(src)]))
+    model = args.model or known.get("model")
+    if not model:
+        why = f"{run} has no {RUN_RECORD} (textual_inversion.py writes one) to say" if run else "say"
+        raise EmbeddingError(f"--model is needed: {why} which base model to generate with")
+    photos_dir = args.train_data_dir or known.get("train_data_dir")
+    if not photos_dir:
+        raise EmbeddingError("--train_data_dir is needed: the training photos the images are compared with")
+    flag = "--train_data_dir" if args.train_data_dir else f"{run / RUN_RECORD}: train_data_dir"
+    photos = read_photos(photos_dir, flag)
+    spec = args.prompts or ("style" if known.get("learnable_property") == "style" else "object")
+    templates = read_eval_prompts(spec)
+    class_word = args.class_word or known.get("initializer_token")
+    if not class_word:
+        why = (
+            "the run started from --initializer_embedding, so there is no initializer phrase to stand in"
+            if known.get("initializer_embedding")
+            else "the word scored in place of the learned one"
+        )
+        raise EmbeddingError(f"--class_word is needed: {why} (e.g. toy, dog, watercolor)")
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
+    scorers = Scorers(args.clip_model, args.dino_model, device)
+    # The run's pipeline exactly (its file config, VAE, prediction type), unless --model names another.
+    same = args.model is None
+    print(f"loading {model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    pipe = load_pipeline(
+        model,
+        dtype,
+        device,
+        args.single_file_config or (known.get("single_file_config") if same else None),
+        args.prediction_type or (known.get("prediction_type") if same else None),
+        vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
+        revision=known.get("revision") if same else None,
+        variant=known.get("variant") if same else None,
+    )
+    set_scheduler(pipe, args.scheduler)
+    initial = initializer_entry(pipe, record) if record is not None else None
+    if initial is not None and all(
+        rows_digest(e.embedding.vectors) != rows_digest(initial.embedding.vectors) for e in entries
+    ):
+        entries.insert(0, initial)
+    for entry in entries:
+        fit_to_base(entry.embedding, base_widths(pipe))  # a width that does not fit fails before any image
+    clip_skip = args.clip_skip if args.clip_skip is not None else known.get("clip_skip") or 0
+    layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
+    if clip_skip >= layers:
+        raise EmbeddingError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}")
+    size = args.resolution or known.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
+    words = eval_words(entries, text_encoder_slots(pipe)[0][1])
+    out = Path(args.out).expanduser() if args.out else (run if run is not None else Path("outputs"))
+    settings = {
+        "negative_prompt": "",
+        "steps": args.num_inference_steps,
+        "guidance_scale": guidance,
+        "scheduler": args.scheduler,
+        **a1111_sampler(pipe.scheduler),
+        "width": size,
+        "height": size,
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        **({"clip_skip": clip_skip} if clip_skip else {}),
+    }
+
+    # The plan: every image of every entry, each reused when a PNG with its exact settings is there.
+    plan = []
+    for entry, word in zip(entries, words):
+        rows = rows_digest(entry.embedding.vectors)
+        for p, template in enumerate(templates):
+            for k in range(args.num_images_per_prompt):
+                image_settings = {
+                    "prompt": template.replace("{}", word),
+                    **settings,
+                    "seed": eval_seed(template, k),
+                    "embeddings": [embedding_record(word, entry.embedding)],
+                    "eval": {"template": template, "image": k, "rows": rows},
+                }
+                path = out / "eval" / entry.folder / f"{p:02d}-{k:02d}.png"
+                plan.append((entry, word, path, image_settings, _same_image(read_png_settings(path), image_settings)))
+    reused = sum(done for *_, done in plan)
+    labels = ", ".join(entry.label for entry in entries)
+    print(
+        f"scoring {len(entries)} embedding(s) ({labels}) on {len(templates)} prompts ({spec}) x "
+        f"{args.num_images_per_prompt} images, class word {class_word!r}; {args.scheduler} "
+        f"({settings['sampler']}), {args.num_inference_steps} steps, guidance {guidance}, {size}x{size} px"
+        + (f", clip skip {clip_skip}" if clip_skip else "")
+        + (f"; reusing {reused} of {len(plan)} images already made" if reused else ""),
+        file=sys.stderr,
+    )
+
+    refs = scorers.references(photos)
+    common = {
+        "model": model,
+        "scheduler": args.scheduler,
+        "sampler": settings["sampler"],
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": guidance,
+        "resolution": size,
+        "clip_skip": clip_skip,
+        "num_images_per_prompt": args.num_images_per_prompt,
+        "prompts": spec,
+        "num_prompts": len(templates),
+        "class_word": class_word,
+        "clip_model": args.clip_model,
+        "dino_model": args.dino_model,
+        "dtype": settings["dtype"],
+        "photos": len(photos),
+    }
+    lines = []
+    real = Scorers.among_themselves(refs)
+    if real is not None:
+        clip_i, clip_i_se = mean_and_error(real["clip_i"])
+        dino, dino_se = mean_and_error(real["dino"])
+        lines.append(
+            {
+                "label": "real images",
+                "step": None,
+                "baseline": "real images",
+                "images": len(photos),
+                "clip_i": clip_i,
+                "clip_i_se": clip_i_se,
+                "clip_t": None,
+                "clip_t_se": None,
+                "dino": dino,
+                "dino_se": dino_se,
+                "settings": common,
+            }
+        )
+    if spec == "style":
+        print("note: DINO measures object identity, not style; read CLIP-I and CLIP-T for a style", file=sys.stderr)
+    installed: dict[str, int] = {}
+    scored: list[tuple[EvalEntry, dict]] = []
+    log = out / "eval.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(plan), initial=reused, desc="Eval images", unit="image", dynamic_ncols=True) as bar:
+        for entry, word in zip(entries, words):
+            mine = [(path, s, done) for e, _, path, s, done in plan if e is entry]
+            if not all(done for *_, done in mine):
+                put_rows(pipe, entry.embedding, word, installed)
+                (out / "eval" / entry.folder).mkdir(parents=True, exist_ok=True)
+            for path, image_settings, done in mine:
+                if done:
+                    continue
+                (image,) = generate(
+                    pipe,
+                    image_settings["prompt"],
+                    seeds=[image_settings["seed"]],
+                    steps=args.num_inference_steps,
+                    guidance_scale=guidance,
+                    height=size,
+                    width=size,
+                    clip_skip=clip_skip,
+                )
+                write_png(path, image, image_settings)
+                bar.update(1)
+            line = score_entry(scorers, refs, entry, mine, class_word, initial, common)
+            lines.append(line)
+            scored.append((entry, line))
+            write_text(
+                log, "".join(json.dumps(line) + "\n" for line in lines)
+            )  # an interrupted eval keeps what it scored
+
+    pick = pick_step(lines, args.pick)
+    if pick is not None:
+        pick.update(pick=True, pick_rule=args.pick)
+    write_text(log, "".join(json.dumps(line) + "\n" for line in lines))
+    print(eval_table(lines, pick, args.pick))
+    plotted = plot_eval(lines, out / "eval.png", pick)
+    print(f"wrote {log}" + (f" and {out / 'eval.png'}" if plotted else " (eval.png needs matplotlib)"), file=sys.stderr)
+    if pick is not None:
+        print(f"pick ({args.pick}): {pick['label']}" + (f" ({', '.join(pick['files'])})" if pick["files"] else ""))
+    if args.keep_best and pick is not None:
+        chosen = next(entry for entry, line in scored if line is pick)
+        if not any(chosen is entry for entry in from_run):
+            raise EmbeddingError(f"--keep_best: the pick, {pick['label']}, is not one of the run's saved steps")
+        token = known.get("placeholder_token") or chosen.embedding.token
+        current = [read_embedding(f) for f in final_files(run, token) if re.match(r"learned_embeds\.", f.name)]
+        wanted = rows_digest(chosen.embedding.vectors)
+        if current and all(rows_digest(emb.vectors) == wanted for emb in current):
+            print(f"--keep_best: learned_embeds already holds {pick['label']}; nothing rewritten", file=sys.stderr)
+        else:
+            for path in keep_best(run, chosen, token, record):
+                print(
+                    f"--keep_best: {path} now holds {pick['label']} (the previous one: "
+                    f"{path.stem}-before-eval{path.suffix})",
+                    file=sys.stderr,
+                )
+    return lines
+
+
+def score_entry(
+    scorers: Scorers,
+    refs: References,
+    entry: EvalEntry,
+    images: list,
+    class_word: str,
+    initial: EvalEntry | None,
+    common: dict,
+) -> dict:
+    """One eval.jsonl line: the entry's scores (mean and standard error over its images, each
+    image's CLIP-I and DINO averaged over the photos), per-prompt means, norm and drift."""
+    from PIL import Image
+
+    pictures, texts, templates = [], [], []
+    for path, image_settings, _ in images:
+        with Image.open(path) as image:
+            pictures.append(image.convert("RGB"))
+        template = image_settings["eval"]["template"]
+        texts.append(template.replace("{}", class_word))
+        templates.append(template)
+    scores = scorers.score(pictures, texts, refs)
+    line = {
+        "label": entry.label,
+        "step": entry.step,
+        "baseline": entry.baseline,
+        "files": entry.files,
+        "images": len(pictures),
+    }
+    for key in ("clip_i", "clip_t", "dino"):
+        line[key], line[f"{key}_se"] = mean_and_error(scores[key])
+    norm, cosine = drift(entry.embedding, initial.embedding if initial is not None else None)
+    line.update(norm=norm, cos_to_initializer=cosine)
+    line["per_prompt"] = [
+        {
+            "prompt": template,
+            **{
+                key: scores[key][[t == template for t in templates]].double().mean().item()
+                for key in ("clip_i", "clip_t", "dino")
+            },
+        }
+        for template in dict.fromkeys(templates)
+    ]
+    line["settings"] = common
+    return line
+
+
+# ----------------------------------------------------------------------------------------
 # Command line.
+
+
+def add_model_file_flags(parser) -> None:
+    """--single_file_config and --prediction_type, as this command line and the trainer's take them."""
+    parser.add_argument(
+        "--single_file_config",
+        default=None,
+        metavar="DIR_OR_HUB_ID",
+        help="For a single-file model: the diffusers folder or Hub repo whose configs and tokenizer(s) describe "
+        "it. Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
+    )
+    parser.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
+    )
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infer.py",
         description="Generate images with Textual Inversion embeddings from any tool. "
-        "(Also: 'infer.py convert SRC OUT --to diffusers|a1111|kohya'.)",
+        "(Also: 'infer.py convert SRC OUT --to diffusers|a1111|kohya', and 'infer.py eval OUTPUT_DIR' to score "
+        "every step a training run saved.)",
     )
     p.add_argument(
         "--model",
@@ -1280,19 +2414,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
         help="Base model (SD 1.x, 2.x or SDXL): a diffusers folder, a Hub id, or one .safetensors/.ckpt file "
         "as A1111 and ComfyUI use.",
     )
-    p.add_argument(
-        "--single_file_config",
-        default=None,
-        metavar="DIR_OR_HUB_ID",
-        help="For a --model file: the diffusers folder or Hub repo whose configs and tokenizer(s) describe it. "
-        "Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
-    )
-    p.add_argument(
-        "--prediction_type",
-        default=None,
-        choices=["epsilon", "v_prediction"],
-        help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
-    )
+    add_model_file_flags(p)
     p.add_argument(
         "--embedding",
         action="append",
@@ -1351,6 +2473,79 @@ def build_convert_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py eval",
+        description="Score every embedding a training run saved (or any embedding files) as the Textual Inversion "
+        "and DreamBooth papers do: CLIP-I (fidelity to the photos), CLIP-T (the prompt is followed) and DINO, "
+        "per step, with step 0 (the initializer) and the photos among themselves as baselines. Writes "
+        "eval/step-N/*.png, eval.jsonl and eval.png, prints a table and recommends a step.",
+    )
+    p.add_argument(
+        "output_dir", nargs="?", metavar="OUTPUT_DIR", help="The --output_dir of a textual_inversion.py run."
+    )
+    p.add_argument(
+        "--embeddings",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="Embedding files (anything infer.py reads) to score too, or instead.",
+    )
+    p.add_argument("--model", default=None, help="Base model. Default: the one the run trained on (run.json).")
+    p.add_argument("--single_file_config", default=None, metavar="DIR_OR_HUB_ID", help="As for generating.")
+    p.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="As for generating.")
+    p.add_argument("--train_data_dir", default=None, help="The training photos. Default: the run's.")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="object (DreamBench's 25 object prompts), live (its 25 live-subject prompts), style (a small set for "
+        "styles), or a file of prompts with {} for the learned word. Default: style for style runs, else object.",
+    )
+    p.add_argument(
+        "--class_word",
+        default=None,
+        help="The word CLIP-T reads in place of the learned one. Default: the run's initializer phrase.",
+    )
+    p.add_argument("--num_images_per_prompt", type=int, default=4, help="Images per prompt and step (default 4).")
+    p.add_argument("--num_inference_steps", type=int, default=30, help="Denoising steps (default 30).")
+    p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
+    p.add_argument(
+        "--scheduler", default="dpm++", choices=list(SCHEDULERS), help="The same for every step (default dpm++)."
+    )
+    p.add_argument(
+        "--resolution", type=int, default=None, help="Image size in pixels. Default: the run's --resolution."
+    )
+    p.add_argument(
+        "--clip_skip", type=int, default=None, help="Default: the run's --clip_skip (0 for --embeddings files)."
+    )
+    p.add_argument(
+        "--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP for CLIP-I and CLIP-T (default {DEFAULT_CLIP_MODEL})."
+    )
+    p.add_argument(
+        "--dino_model", default=DEFAULT_DINO_MODEL, help=f"Self-supervised ViT for DINO (default {DEFAULT_DINO_MODEL})."
+    )
+    p.add_argument(
+        "--pick",
+        default="balanced",
+        choices=PICK_RULES,
+        help="balanced: on the CLIP-I/CLIP-T Pareto front, the highest sum of the two scaled to [0, 1]; fidelity: "
+        "the highest CLIP-I; editability: the highest CLIP-T.",
+    )
+    p.add_argument(
+        "--keep_best",
+        action="store_true",
+        help="Rewrite the run's final embedding files from the picked step (previous ones kept as *-before-eval.*).",
+    )
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32."
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
+    p.add_argument(
+        "--out", default=None, help="Where eval/, eval.jsonl and eval.png go. Default: OUTPUT_DIR (else ./outputs)."
+    )
+    return p
+
+
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from tqdm.auto import tqdm
 
@@ -1390,9 +2585,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     for emb in embeddings:
         tokens = load_embedding(pipe, emb)
         triggers.append(tokens[0])
+        also = [a for a, t in getattr(pipe, ALIASES, {}).items() if t == tokens[0]]
         print(
             f"loaded {tokens[0]} ({emb.num_vectors} vector{'s' if emb.num_vectors > 1 else ''}, "
-            f"{emb.layout}) from {emb.source}",
+            f"{emb.layout}) from {emb.source}" + (f"; also answers to {', '.join(also)}" if also else ""),
             file=sys.stderr,
         )
     for token in unused_tokens(pipe, triggers, args.prompt, args.negative_prompt):
@@ -1425,15 +2621,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         "steps": args.steps,
         "guidance_scale": guidance,
         "scheduler": args.scheduler,
+        **a1111_sampler(pipe.scheduler),
         "width": images[0].size[0],
         "height": images[0].size[1],
         "model": args.model,
         "dtype": str(dtype).removeprefix("torch."),
         **({"clip_skip": args.clip_skip} if args.clip_skip else {}),  # recorded when used, as A1111 does
-        "embeddings": [
-            {"token": t, "vectors": e.num_vectors, "source": e.source, "sha256": e.sha256}
-            for t, e in zip(triggers, embeddings)
-        ],
+        "embeddings": [embedding_record(t, e) for t, e in zip(triggers, embeddings)],
     }
     out.mkdir(parents=True, exist_ok=True)
     first = next_image_number(out)
@@ -1443,6 +2637,18 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     ]
     written.append(write_grid(out / "grid.png", images, {**parameters, "seeds": seeds}))
     return written
+
+
+def embedding_record(token: str, emb: Embedding) -> dict:
+    """How a PNG's settings name an embedding: our token and files, and A1111's name and short hash."""
+    return {
+        "token": token,
+        "vectors": emb.num_vectors,
+        "source": emb.source,
+        "sha256": emb.sha256,
+        "name": emb.a1111_name,
+        "hash": emb.sha256[0][:12] if emb.sha256 else None,
+    }
 
 
 class _Format(logging.Formatter):
@@ -1463,9 +2669,10 @@ def main(argv: list[str] | None = None) -> int:
             for path in convert_embedding(args.src, args.out, args.to, args.token):
                 print(path)
             return 0
-        if argv[:1] == ["generate"]:
+        evaluating = argv[:1] == ["eval"]
+        if argv[:1] in (["generate"], ["eval"]):
             argv = argv[1:]
-        args = build_generate_parser().parse_args(argv)
+        args = (build_eval_parser() if evaluating else build_generate_parser()).parse_args(argv)
         import diffusers
         import transformers
 
@@ -1473,6 +2680,9 @@ def main(argv: list[str] | None = None) -> int:
         diffusers.logging.disable_progress_bar()
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        if evaluating:
+            run_eval(args)
+            return 0
         for path in run_generate(args):
             print(path)
         return 0

@@ -8,18 +8,21 @@ ordinary denoising loss. Accepts the flags of diffusers' examples/textual_invers
     accelerate launch textual_inversion.py --pretrained_model_name_or_path MODEL \
         --train_data_dir photos/ --placeholder_token "<cat-toy>" --initializer_token toy
 
-The file reads top to bottom as the run does:
+A run, as main() does it (holding --output_dir's lock, with SIGTERM, SIGINT and SIGHUP turned
+into a checkpoint after the current step):
     args = parse_args()
-    images = TextualInversionDataset(...)          # photos (square or aspect bucket, as-is and
-                                                   # mirrored), their prompts (templates or
-                                                   # captions) and masks
-    models = load_models(args, ...)                # from a folder, a Hub id or one A1111/ComfyUI file
-    placeholders = add_placeholder_tokens(models, ...)  # from a word, a phrase or an embedding
-    concept = encode_concept(images, models, ...)  # cached VAE posteriors, masks, prompt token ids
-    train(models, placeholders, concept, args, ...)  # the loop, nothing else
-    save_outputs(placeholders, models, args, ...)  # learned_embeds.*, token_identifier.txt, ...
-run() holds --output_dir's lock and turns SIGTERM, SIGINT and SIGHUP into a checkpoint after
-the current step; every file is written atomically, so a crash never leaves half a file.
+    run = prepare(args, accelerator, stop)  # the plan, photos, models, the new word, cached latents, the state
+    result = train(run)                     # the loop, nothing else
+    finish(run, result)                     # embeddings, full pipeline, card, Hub
+
+The file reads top to bottom: the command line; the plan (every derived number, once); photos
+and prompts; the model families (all that differs between SD and SDXL); models; the new word;
+the concept (what the loop reads, computed once); randomness; the loss; the run state, which
+makes the run's decisions; optimization; watching (which decides nothing); prepare, train,
+finish; files; the Hub; stopping and the lock. To change the loss, see denoising_loss; the
+sampling, draw_batch and step_images; what is saved, save_outputs and save_checkpoint. Every
+file is written through infer.py's atomic writers, so a crash never leaves half a file.
+
 Why it is fast: every image is encoded by the VAE once, before the loop; each step samples
 from the cached posterior (the distribution the reference script re-encodes for every
 sample); prompts are tokenized once; the micro-batches of a gradient-accumulation step run
@@ -58,14 +61,9 @@ import infer
 
 logger = logging.getLogger("textual_inversion")
 HERE = Path(__file__).resolve().parent
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 CHECKPOINT_STATE = "training_state.pt"
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, no traceback."""
-
-    status = 2  # the exit status
+UserError = infer.UserError  # one error type for both files: one line naming the flag or file, no traceback
+first_line = infer.first_line
 
 
 class Stopped(UserError):
@@ -95,19 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
     g.add_argument("--variant", default=None, help="Weight file variant to load, e.g. fp16.")
     g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or path, if not the model's own.")
-    g.add_argument(
-        "--single_file_config",
-        default=None,
-        metavar="DIR_OR_HUB_ID",
-        help="For a single-file model: the diffusers folder or Hub repo whose configs and tokenizer(s) describe "
-        "it. Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
-    )
-    g.add_argument(
-        "--prediction_type",
-        default=None,
-        choices=["epsilon", "v_prediction"],
-        help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
-    )
+    infer.add_model_file_flags(g)
     g.add_argument(
         "--pretrained_vae_model_name_or_path",
         default=None,
@@ -324,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked on their own (what needs the model or the photos is checked by make_plan).
+    The result is never written to afterwards: derived values live in the Plan."""
     args = build_parser().parse_args(argv)
     checks = [
         (
@@ -366,90 +354,144 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--checkpoints_total_limit must be >= 1",
         ),
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (
+            len(args.placeholder_token.split()) <= 1 and args.placeholder_token == args.placeholder_token.strip(),
+            f"--placeholder_token {args.placeholder_token!r} holds whitespace; a prompt word is one string without "
+            "spaces, such as <my-concept>",
+        ),
         (0 <= args.unmasked_weight <= 1, f"--unmasked_weight must be between 0 and 1 (got {args.unmasked_weight})"),
         (args.bucket_step >= 1, f"--bucket_step must be at least 1 (got {args.bucket_step})"),
+        (not args.mask_dir or args.masked_loss, "--mask_dir needs --masked_loss"),
+        (
+            args.caption_extension is None or bool(args.caption_extension.strip(". ")),
+            f"--caption_extension {args.caption_extension!r}: give an extension such as .txt",
+        ),
+        (
+            not Path(args.output_dir).exists() or Path(args.output_dir).is_dir(),
+            f"--output_dir {args.output_dir} is a file; give a folder path",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    args.min_bucket_resolution = args.min_bucket_resolution or args.resolution // 2
-    args.max_bucket_resolution = args.max_bucket_resolution or args.resolution * 2
-    if args.min_bucket_resolution > args.max_bucket_resolution:
-        raise UserError(
-            f"--min_bucket_resolution {args.min_bucket_resolution} is more than --max_bucket_resolution "
-            f"{args.max_bucket_resolution}"
-        )
-    if args.mask_dir and not args.masked_loss:
-        raise UserError("--mask_dir needs --masked_loss")
-    if args.caption_extension is not None and not args.caption_extension.strip(". "):
-        raise UserError(f"--caption_extension {args.caption_extension!r}: give an extension such as .txt")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; give a folder path")
     if args.validation_epochs is not None:
         logger.warning("--validation_epochs is deprecated; use --validation_steps")
-    if args.num_vectors is None and args.initializer_embedding is None:
-        args.num_vectors = 1  # with an embedding, read_initializer_embedding sets it from the file
     return args
+
+
+# ----------------------------------------------------------------------------------------
+# The plan: every number the run derives, computed once from the flags, the model's configs
+# and the photo count, before any weight is loaded.
+
+DEFAULT_STEPS = 5000
+
+
+def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """The new word's tokens: "<cat-toy>", "<cat-toy>_1", ... (diffusers' multi-vector naming)."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: Family
+    tokens: list[str]  # one per vector
+    max_steps: int
+    world: int  # processes
+    per_process: int  # samples per optimizer step and process: batch x accumulation
+    chunk: int  # samples per UNet call to start with (--micro_batch_size; halves on out-of-memory)
+    learning_rate: float  # scaled by the global batch with --scale_lr
+    validation_steps: int
+    buckets: list[tuple[int, int]] | None  # (w, h) in pixels, with --aspect_buckets
+    weight_dtype: torch.dtype  # of the frozen models; the trained rows stay fp32
+    extension: str  # of the embedding files: .safetensors, or .bin with --no_safe_serialization
+
+    @property
+    def num_vectors(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_process * self.world
+
+    @property
+    def word(self) -> str:
+        """The new word as prompts hold it: all its vector tokens."""
+        return " ".join(self.tokens)
+
+    def derived(self) -> dict:
+        """The plan's values for trackers (what the run really uses, where a flag was left unset)."""
+        return {
+            "num_vectors": self.num_vectors,
+            "max_train_steps": self.max_steps,
+            "processes": self.world,
+            "global_batch": self.global_batch,
+            "micro_batch_size": self.chunk,
+            "scaled_learning_rate": self.learning_rate,
+            "validation_steps": self.validation_steps,
+            "buckets": len(self.buckets) if self.buckets else 0,
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+            "family": self.family.name,
+        }
+
+
+def make_plan(
+    args: argparse.Namespace,
+    world: int,
+    mixed_precision: str,
+    source: ModelSource,
+    initializer: infer.Embedding | None,
+    num_images: int,
+) -> Plan:
+    """The run's numbers, with a one-line error for every flag that does not fit the model."""
+    num_vectors = args.num_vectors or (initializer.num_vectors if initializer is not None else 1)
+    if initializer is not None and num_vectors != initializer.num_vectors:
+        raise UserError(
+            f"--num_vectors {args.num_vectors}: the --initializer_embedding {args.initializer_embedding} has "
+            f"{initializer.num_vectors}; leave --num_vectors out, or give {initializer.num_vectors}"
+        )
+    if args.clip_skip >= source.text_layers:
+        raise UserError(
+            f"--clip_skip {args.clip_skip}: the text encoder has {source.text_layers} layers; use at most "
+            f"{source.text_layers - 1}"
+        )
+    buckets = None
+    if args.aspect_buckets:
+        if args.bucket_step % source.vae_scale:
+            factor = source.vae_scale
+            raise UserError(
+                f"--bucket_step {args.bucket_step} must be a multiple of the VAE's downscaling factor {factor}"
+            )
+        smallest = args.min_bucket_resolution or args.resolution // 2
+        largest = args.max_bucket_resolution or args.resolution * 2
+        if smallest > largest:
+            raise UserError(f"--min_bucket_resolution {smallest} is more than --max_bucket_resolution {largest}")
+        buckets = bucket_sizes(args.resolution, args.bucket_step, smallest, largest)
+    per_process = args.train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(num_images * args.repeats / (per_process * world))
+    if args.max_train_steps is not None:
+        max_steps = args.max_train_steps
+    else:  # the reference can never use its epochs flag: here it counts when the steps are not given
+        max_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else DEFAULT_STEPS
+    return Plan(
+        family=source.family,
+        tokens=vector_tokens(args.placeholder_token, num_vectors),
+        max_steps=max_steps,
+        world=world,
+        per_process=per_process,
+        chunk=args.micro_batch_size or per_process,
+        learning_rate=args.learning_rate * (per_process * world if args.scale_lr else 1),
+        validation_steps=args.validation_steps
+        if args.validation_epochs is None
+        else args.validation_epochs * steps_per_epoch,
+        buckets=buckets,
+        weight_dtype={"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision],
+        extension=".bin" if args.no_safe_serialization else ".safetensors",
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Images: every readable photo in the folder, at --resolution (a square, or its aspect
 # bucket), with its prompts (templates or its caption) and, with --masked_loss, its mask.
-
-MASK_SUFFIX = "-masklabel.png"  # OneTrainer's convention: NAME-masklabel.png beside NAME.jpg
-
-
-def list_images(folder: Path, companions: tuple[str, ...] = ()) -> list[Path]:
-    """Image files in `folder`, sorted; masks (NAME-masklabel.png) and files ending in one of
-    `companions` (caption extensions) belong to photos; anything else is skipped with one warning."""
-    if not folder.exists():
-        raise UserError(f"--train_data_dir {folder}: no such folder")
-    if not folder.is_dir():
-        raise UserError(f"--train_data_dir {folder}: not a folder")
-    entries = sorted(folder.iterdir())
-    belongs = [p for p in entries if p.is_file() and p.name.lower().endswith((MASK_SUFFIX, *companions))]
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p not in belongs]
-    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in images and p not in belongs]
-    if not images:
-        found = f" (it holds: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
-        raise UserError(f"--train_data_dir {folder}: no images (png, jpg, webp, bmp, tiff, gif) found{found}")
-    if skipped:
-        logger.warning("Skipping %d non-image entries in %s: %s", len(skipped), folder, ", ".join(skipped))
-    return images
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """Decode an image fully, upright per its EXIF, as RGB with any transparency on white."""
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its pixel limit; treat that as the error it is.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as stored:
-                stored.load()  # decode now, so a truncated file fails here with its name
-                return to_rgb(ImageOps.exif_transpose(stored))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"{path}: too many pixels to open safely ({e}); downscale it") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: cannot read this image ({e}); remove or replace it") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit and float greyscale: Pillow cannot convert these to RGB directly.
-        values = np.asarray(image, dtype=np.float32)
-        if values.max(initial=0) > 255:
-            values = values / 257.0
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0
-        image = Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")  # keeps palette transparency
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return image.convert("RGB")
 
 
 def crop_box(size: tuple[int, int], target: tuple[int, int], center_crop: bool, fill: bool) -> tuple[int, ...]:
@@ -543,23 +585,34 @@ def file_words(path: Path) -> str:
 
 
 def fill_template(template: str, word: str, filewords: str) -> str:
-    return template.replace("[name]", word).replace("{}", word).replace("[filewords]", filewords)
+    """A template with [name] and {} as the new word and [filewords] as the photo's words, in
+    one pass (so a caption's own text is never read as markers). Empty words take their
+    separator with them: "a photo of [name], [filewords]" becomes "a photo of <word>"."""
+    if not filewords:
+        template = re.sub(r"\s*[,;:|]\s*\[filewords\]|\[filewords\]\s*[,;:|]\s*|\s*\[filewords\]", "", template).strip()
+    return re.sub(r"\[name\]|\{\}|\[filewords\]", lambda m: filewords if m[0] == "[filewords]" else word, template)
+
+
+def mark_word(caption: str, token: str, word: str) -> tuple[str, int]:
+    """The caption with every [name] and every placeholder token as typed replaced by the new
+    word (all its vector tokens); and how many there were."""
+    return re.subn("|".join(map(re.escape, ("[name]", token))), lambda _: word, caption)
 
 
 def caption_prompt(caption: str, token: str, word: str) -> tuple[str, bool]:
-    """The caption with [name] or the placeholder token replaced by the new word (all its
-    vector tokens), or "<word>, " in front when it has neither; and whether it was put in front."""
-    pattern = "|".join(map(re.escape, ("[name]", token)))
-    if re.search(pattern, caption):
-        return re.sub(pattern, lambda _: word, caption), False
-    return f"{word}, {caption}", True
+    """The caption with the new word wherever it marks it (see mark_word), or "<word>, " in front
+    when it marks it nowhere; and whether it was put in front."""
+    prompt, marked = mark_word(caption, token, word)
+    return (prompt, False) if marked else (f"{word}, {caption}", True)
 
 
 def find_mask(photo: Path, mask_dir: Path | None) -> Path | None:
     if mask_dir is None:
-        path = photo.with_name(photo.stem + MASK_SUFFIX)
+        path = photo.with_name(photo.stem + infer.MASK_SUFFIX)
         return path if path.is_file() else None
-    found = [p for p in sorted(mask_dir.iterdir()) if p.stem == photo.stem and p.suffix.lower() in IMAGE_EXTENSIONS]
+    found = [
+        p for p in sorted(mask_dir.iterdir()) if p.stem == photo.stem and p.suffix.lower() in infer.IMAGE_EXTENSIONS
+    ]
     return found[0] if found else None
 
 
@@ -589,12 +642,13 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     `mask` [2, 1, h, w] in [0, 1] or None, `original_size` (h, w), `crop_top_left` (y, x) and
     `target_size` (h, w). `photo_prompts[i]` are the prompts photo i is trained with: its
     caption, or the templates (built-in per --learnable_property, or --template_file) with the
-    placeholder string in them. `prompts` are all of them, each once.
+    placeholder string in them. `prompts` are all of them, each once. `data_root` is the
+    folder, or its photos as list_photos lists them.
     """
 
     def __init__(
         self,
-        data_root: str | Path,
+        data_root: str | Path | list[Path],
         size: int = 512,
         center_crop: bool = False,
         learnable_property: str = "object",
@@ -605,8 +659,8 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         mask_dir: str | Path | None = None,
         buckets: list[tuple[int, int]] | None = None,
     ):
-        extension = None if caption_extension is None else "." + caption_extension.lstrip(".")
-        self.image_paths = list_images(Path(data_root), (extension.lower(),) if extension else ())
+        extension = caption_suffix(caption_extension)
+        self.image_paths = data_root if isinstance(data_root, list) else list_photos(data_root, caption_extension)
         self.size = size
         self.center_crop = center_crop
         self.buckets = buckets
@@ -620,7 +674,7 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         self.photo_prompts, self.prompt_sources, prefixed = [], {}, 0
         for path, caption in zip(self.image_paths, self.captions):
             if caption is None or filewords:
-                words = caption if caption is not None else file_words(path)
+                words = mark_word(caption, token, placeholder_token)[0] if caption is not None else file_words(path)
                 source = str(path.with_suffix(extension)) if caption is not None else template_file
                 prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
             else:
@@ -662,7 +716,7 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, i: int) -> dict:
-        image = open_rgb(self.image_paths[i])
+        image = infer.open_rgb(self.image_paths[i])
         left, top, right, bottom = crop_box(image.size, image.size, self.center_crop, fill=False)
         fill = self.buckets is not None
         target = nearest_bucket((right - left, bottom - top), self.buckets) if fill else (self.size, self.size)
@@ -699,24 +753,30 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         ]
 
 
-def dataset_from_args(args: argparse.Namespace) -> TextualInversionDataset:
-    tokens = [args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, args.num_vectors)]
-    buckets = None
-    if args.aspect_buckets:
-        buckets = bucket_sizes(
-            args.resolution, args.bucket_step, args.min_bucket_resolution, args.max_bucket_resolution
-        )
+def list_photos(folder: str | Path, caption_extension: str | None) -> list[Path]:
+    """The photos in --train_data_dir: its images, but not masks or caption files."""
+    extension = caption_suffix(caption_extension)
+    return infer.list_images(Path(folder), (extension.lower(),) if extension else ())
+
+
+def caption_suffix(caption_extension: str | None) -> str | None:
+    return None if caption_extension is None else "." + caption_extension.lstrip(".")
+
+
+def dataset_from_args(
+    args: argparse.Namespace, plan: Plan, photos: list[Path] | None = None
+) -> TextualInversionDataset:
     return TextualInversionDataset(
-        args.train_data_dir,
+        args.train_data_dir if photos is None else photos,
         args.resolution,
         args.center_crop,
         args.learnable_property,
-        " ".join(tokens),
+        plan.word,
         caption_extension=args.caption_extension,
         template_file=args.template_file,
         masked=args.masked_loss,
         mask_dir=args.mask_dir,
-        buckets=buckets,
+        buckets=plan.buckets,
     )
 
 
@@ -727,7 +787,7 @@ def decode_images(dataset: TextualInversionDataset, workers: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
-# Models. SD 1.x/2.x and SDXL differ only in the two small classes below.
+# Model families: everything that differs between SD 1.x/2.x and SDXL is in these two classes.
 
 
 class StableDiffusion:
@@ -736,6 +796,8 @@ class StableDiffusion:
     name = "Stable Diffusion 1.x/2.x"
     encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
+    pipeline_class = "StableDiffusionPipeline"
+    tag = "stable-diffusion"
 
     @staticmethod
     def time_ids(
@@ -755,6 +817,40 @@ class StableDiffusion:
         final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
         return final_layer_norm(out.hidden_states[-(clip_skip + 1)]), None
 
+    @staticmethod
+    def pipeline(models: Models, scheduler):
+        """A diffusers pipeline around the modules in memory."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=models.vae,
+            unet=models.unet,
+            scheduler=scheduler,
+            text_encoder=models.text_encoders[0],
+            tokenizer=models.tokenizers[0],
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @staticmethod
+    def embedding_files(rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
+        """{file name: tensors}: the diffusers layout of learned_embeds{suffix}."""
+        return {f"learned_embeds{suffix}{extension}": {token: rows[0]}}
+
+    @staticmethod
+    def tool_files(out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
+        """Beside the final embedding: learned_embeds.bin too, which older loaders look for."""
+        return (
+            [] if extension == ".bin" else [infer.write_diffusers_embedding(out / "learned_embeds.bin", token, rows[0])]
+        )
+
+    @staticmethod
+    def card_use(repo_id: str, token: str) -> tuple[str, str]:
+        """The model card's diffusers loading code, and its line for other tools."""
+        load = f'pipe.load_textual_inversion("{repo_id}")'
+        return load, "Convert for A1111 or ComfyUI with `python infer.py convert REPO OUT --to a1111`."
+
 
 class StableDiffusionXL:
     """SDXL, exactly as its diffusers pipeline conditions at inference: both encoders'
@@ -765,6 +861,8 @@ class StableDiffusionXL:
     name = "Stable Diffusion XL"
     encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
+    pipeline_class = "StableDiffusionXLPipeline"
+    tag = "stable-diffusion-xl"
 
     @staticmethod
     def time_ids(
@@ -783,10 +881,125 @@ class StableDiffusionXL:
         hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1)
         return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
 
+    @staticmethod
+    def pipeline(models: Models, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=models.vae,
+            unet=models.unet,
+            scheduler=scheduler,
+            text_encoder=models.text_encoders[0],
+            text_encoder_2=models.text_encoders[1],
+            tokenizer=models.tokenizers[0],
+            tokenizer_2=models.tokenizers[1],
+        )
+
+    @staticmethod
+    def embedding_files(rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
+        """diffusers' SDXL pair: one file per text encoder."""
+        return {
+            f"learned_embeds{suffix}{extension}": {token: rows[0]},
+            f"learned_embeds_2{suffix}{extension}": {token: rows[1]},
+        }
+
+    @staticmethod
+    def single_file(token: str) -> str:
+        return infer.file_name_for_token(token) + ".safetensors"
+
+    @classmethod
+    def tool_files(cls, out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
+        """The one clip_l/clip_g file A1111, ComfyUI, kohya and invoke read."""
+        return [infer.write_sdxl_embedding(out / cls.single_file(token), rows[0], rows[1])]
+
+    @classmethod
+    def card_use(cls, repo_id: str, token: str) -> tuple[str, str]:
+        load = (
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors",\n'
+            f"                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors",\n'
+            f"                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+        )
+        other = (
+            f"`{cls.single_file(token)}` holds both encoders' vectors (`clip_l`, `clip_g`), as A1111 and ComfyUI read."
+        )
+        return load, other
+
+
+Family = type[StableDiffusion] | type[StableDiffusionXL]
+FAMILIES = (StableDiffusion, StableDiffusionXL)
+
+
+# ----------------------------------------------------------------------------------------
+# Models: what the source is (read from its configs, before any weight), then the weights.
+
+
+@dataclass
+class ModelSource:
+    """The model as its configs describe it: enough to plan the run and check the flags."""
+
+    name: str  # --pretrained_model_name_or_path
+    family: Family
+    root: str  # where its configs and tokenizers are (a single file's: its --single_file_config)
+    model_file: infer.ModelFile | None  # an original-layout file, checked
+    vae_scale: int  # the VAE's downscaling factor
+    text_layers: int  # the fewest layers of its text encoders
+
+
+def read_config(root: str, filename: str, revision: str | None, subfolder: str | None = None) -> dict:
+    """A JSON config of a local folder or a Hub repo, with one-line errors for both."""
+    name = filename if subfolder is None else f"{subfolder}/{filename}"
+    path = Path(root)
+    if path.is_dir():
+        if not (path / name).exists():
+            if subfolder is None:
+                raise UserError(
+                    f"--pretrained_model_name_or_path {root}: no model_index.json, so not a diffusers Stable "
+                    "Diffusion folder (expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+                )
+            raise UserError(f"--pretrained_model_name_or_path {root}: cannot load {subfolder} (no {name})")
+        return json.loads((path / name).read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(root, filename, subfolder=subfolder, revision=revision)).read_text())
+    except Exception as e:
+        raise UserError(
+            f"--pretrained_model_name_or_path {root}: not a local folder, and the Hub could not provide its {name} "
+            f"({first_line(e)})"
+        ) from None
+
+
+def model_family(index: dict, name: str) -> Family:
+    if all(k in index for k in ("text_encoder", "text_encoder_2", "unet", "vae")):
+        return StableDiffusionXL
+    if all(k in index for k in ("text_encoder", "tokenizer", "unet", "vae")):
+        return StableDiffusion
+    parts = ", ".join(k for k in index if not k.startswith("_"))
+    raise UserError(
+        f"--pretrained_model_name_or_path {name}: {index.get('_class_name', 'this pipeline')} ({parts}) "
+        "is not a Stable Diffusion 1.x/2.x/XL text-to-image pipeline"
+    )
+
+
+def read_model_source(args: argparse.Namespace) -> ModelSource:
+    """The family and the shapes that flags depend on, from the configs alone; an original-layout
+    file is checked from its key names and shapes first (see infer.inspect_model_file)."""
+    name = args.pretrained_model_name_or_path
+    model_file = None
+    if infer.is_model_file(name):
+        model_file = infer.inspect_model_file(name, args.single_file_config, "--pretrained_model_name_or_path")
+    root = name if model_file is None else model_file.config
+    revision = args.revision if model_file is None else None
+    family = model_family(read_config(root, "model_index.json", revision), name)
+    vae = read_config(root, "config.json", revision, "vae")
+    layers = min(read_config(root, "config.json", revision, sub)["num_hidden_layers"] for sub in family.encoders)
+    return ModelSource(name, family, root, model_file, 2 ** (len(vae["block_out_channels"]) - 1), layers)
+
 
 @dataclass
 class Models:
-    family: type[StableDiffusion] | type[StableDiffusionXL]
+    family: Family
     tokenizers: list
     text_encoders: list
     unet: nn.Module
@@ -824,71 +1037,32 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def read_model_index(name: str, revision: str | None) -> dict:
-    """model_index.json of a local folder or a Hub repo, with one-line errors for both."""
-    path = Path(name)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.exists():
-            raise UserError(
-                f"--pretrained_model_name_or_path {name}: no model_index.json, so not a diffusers Stable "
-                "Diffusion folder (expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-            )
-        return json.loads(index.read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(name, "model_index.json", revision=revision)).read_text())
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"--pretrained_model_name_or_path {name}: not a local folder, and the Hub could not provide it ({reason})"
-        ) from None
-
-
-def model_family(index: dict, name: str) -> type[StableDiffusion] | type[StableDiffusionXL]:
-    if all(k in index for k in ("text_encoder", "text_encoder_2", "unet", "vae")):
-        return StableDiffusionXL
-    if all(k in index for k in ("text_encoder", "tokenizer", "unet", "vae")):
-        return StableDiffusion
-    parts = ", ".join(k for k in index if not k.startswith("_"))
-    raise UserError(
-        f"--pretrained_model_name_or_path {name}: {index.get('_class_name', 'this pipeline')} ({parts}) "
-        "is not a Stable Diffusion 1.x/2.x/XL text-to-image pipeline"
-    )
-
-
-def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype) -> Models:
+def load_models(
+    args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, source: ModelSource | None = None
+) -> Models:
     """Tokenizer(s), text encoder(s), UNet, VAE and noise scheduler, frozen, on `device`.
 
-    The source is a diffusers folder, a Hub id, or one original-layout file: that is checked
-    from its key names and shapes first, then converted by diffusers' single-file loaders, with
-    the tokenizer(s) and scheduler of the folder that describes it (--single_file_config).
-    The UNet and text encoders load straight into the training precision; the VAE loads in
-    fp32 because it encodes each photo once, where fp32 costs nothing and avoids SDXL's fp16
-    VAE overflow.
+    The source (read_model_source) is a diffusers folder, a Hub id, or one original-layout file,
+    converted by diffusers' single-file loaders with the tokenizer(s) and scheduler of the
+    folder that describes it (--single_file_config). The UNet and text encoders load straight
+    into the training precision; the VAE loads in fp32 because it encodes each photo once,
+    where fp32 costs nothing and avoids SDXL's fp16 VAE overflow.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    name = args.pretrained_model_name_or_path
+    source = source or read_model_source(args)
+    name, family, root, model_file = source.name, source.family, source.root, source.model_file
     vae_source = args.pretrained_vae_model_name_or_path
 
     def load(what: str, loader, **kwargs):
         try:
             return loader(**kwargs)
-        except infer.EmbeddingError as e:  # infer.py's checks name the flag and the file themselves
-            raise UserError(str(e)) from None
+        except UserError:  # infer.py's checks name the flag and the file themselves
+            raise
         except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({first_line})") from None
+            raise UserError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({first_line(e)})") from None
 
-    model_file = None
-    if infer.is_model_file(name):
-        flag = "--pretrained_model_name_or_path"
-        model_file = load(name, infer.inspect_model_file, name=name, config=args.single_file_config, flag=flag)
-    root = name if model_file is None else model_file.config  # where configs and tokenizers are
-    family = model_family(read_model_index(root, args.revision), name)
     common = dict(revision=args.revision) if model_file is None else {}
     from_file = {}
     if model_file is not None:
@@ -954,9 +1128,6 @@ def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: to
             unet.enable_xformers_memory_efficient_attention()
         except Exception as e:
             logger.warning("xformers attention unavailable (%s); using PyTorch's SDPA attention", e)
-    layers = min(encoder.config.num_hidden_layers for encoder in text_encoders)
-    if args.clip_skip >= layers:
-        raise UserError(f"--clip_skip {args.clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}")
     return Models(family, tokenizers, text_encoders, unet, vae, noise_scheduler, weight_dtype, name, args.clip_skip)
 
 
@@ -999,55 +1170,53 @@ class Placeholders:
 
 
 def read_initializer_embedding(args: argparse.Namespace) -> infer.Embedding | None:
-    """The embedding --initializer_embedding names, read before any model loads; its vector
-    count becomes --num_vectors (which shapes the prompts)."""
+    """The embedding --initializer_embedding names, read before any model loads (its vector
+    count is the plan's, see make_plan)."""
     if args.initializer_embedding is None:
         return None
     try:
         embedding = infer.read_embedding(args.initializer_embedding)
-    except infer.EmbeddingError as e:
+    except UserError as e:
         raise UserError(f"--initializer_embedding {e}") from None
-    if args.num_vectors not in (None, embedding.num_vectors):
-        raise UserError(
-            f"--num_vectors {args.num_vectors}: the --initializer_embedding {args.initializer_embedding} has "
-            f"{embedding.num_vectors}; leave --num_vectors out, or give {embedding.num_vectors}"
-        )
-    args.num_vectors = embedding.num_vectors
     return embedding
 
 
-def phrase_rows(weight: torch.Tensor, ids: list[int], num_vectors: int) -> torch.Tensor:
-    """fp32 [N, D] starting rows from a phrase's T tokens: vector i starts from token i*T/N
-    (rounded down) when N >= T, as A1111 spreads a phrase; else from the mean of its
-    consecutive share of the phrase."""
-    rows = []
-    for i in range(num_vectors):
-        first = i * len(ids) // num_vectors
-        end = max((i + 1) * len(ids) // num_vectors, first + 1)
-        rows.append(weight[ids[first:end]].float().mean(dim=0))
-    return torch.stack(rows)
+def describe_initializer(phrase: str, pieces: list[str], num_vectors: int) -> str:
+    """One line: the tokens an initializer phrase split into, and what each vector starts from."""
+    shares = [
+        pieces[s.start] if len(s) == 1 else "the mean of " + ", ".join(pieces[s.start : s.stop])
+        for s in infer.phrase_shares(len(pieces), num_vectors)
+    ]
+    starts = (
+        f"the vector starts from {shares[0]}"
+        if num_vectors == 1
+        else "; ".join(f"vector {i + 1} from {share}" for i, share in enumerate(shares))
+    )
+    return f"--initializer_token {phrase!r} is {len(pieces)} tokens ({' '.join(pieces)}): {starts}"
 
 
-def add_placeholder_tokens(
-    models: Models, placeholder: str, initializer: str | infer.Embedding, num_vectors: int
-) -> Placeholders:
-    """Add `placeholder`'s tokens to every tokenizer, and their trainable rows to every text
-    encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an embedding's
-    own vectors (fitted to the encoders as infer.py loads it)."""
-    tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str | infer.Embedding) -> Placeholders:
+    """Add the new word's tokens (vector_tokens) to every tokenizer, and their trainable rows to
+    every text encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an
+    embedding's own vectors (fitted to the encoders as infer.py loads it)."""
+    placeholder, num_vectors = tokens[0], len(tokens)
     slots = infer.SLOTS[: len(models.text_encoders)]
     weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
     if isinstance(initializer, infer.Embedding):
         try:
             fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
-        except infer.EmbeddingError as e:
+        except UserError as e:
             raise UserError(f"--initializer_embedding {e}") from None
         start = [fitted[slot] for slot in slots]
     else:
         start = [
-            phrase_rows(weight, tokenizer.encode(initializer, add_special_tokens=False), num_vectors)
+            infer.phrase_rows(weight, tokenizer.encode(initializer, add_special_tokens=False), num_vectors)
             for tokenizer, weight in zip(models.tokenizers, weights)
         ]
+        pieces = models.tokenizers[0].tokenize(initializer)
+        if len(pieces) > 1:  # one word in several pieces is often a typo: say what it became
+            level = logging.WARNING if len(initializer.split()) < len(pieces) else logging.INFO
+            logger.log(level, describe_initializer(initializer, pieces, num_vectors))
     all_ids, all_rows = [], []
     for tokenizer, encoder, initial in zip(models.tokenizers, models.text_encoders, start):
         suggestion = f"choose a new string such as <{placeholder.strip('<>')}-concept>"
@@ -1190,27 +1359,35 @@ def encode_concept(
     )
 
 
+def word_occurrences(ids: list[int], word: list[int]) -> tuple[int, bool]:
+    """How many times the new word (its N vector tokens, in order) stands in `ids`, and whether
+    every vector token in `ids` belongs to one of those (else the word split apart)."""
+    starts = [i for i in range(len(ids)) if ids[i : i + len(word)] == word]
+    covered = {i + k for i in starts for k in range(len(word))}
+    return len(starts), all(i in covered for i, t in enumerate(ids) if t in word)
+
+
 def tokenize_prompts(prompts: list[str], tokenizer, ids: list[int], token: str, sources: dict) -> torch.Tensor:
-    """[prompts, 77] token ids; each prompt must hold every placeholder id exactly once. A
-    prompt longer than the tokenizer's limit is cut, with a warning naming its file."""
+    """[prompts, 77] token ids; each prompt holds the new word (all its vector tokens, in order)
+    once or more, as diffusers' loader expands it at inference. A prompt longer than the
+    tokenizer's limit is cut, with a warning naming its file."""
     limit = tokenizer.model_max_length
     tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     for prompt, row, full in zip(prompts, tokens, tokenizer(prompts).input_ids):
         source = sources.get(prompt) or f"the prompt {prompt!r}"
-        found = [int((row == i).sum()) for i in ids]
-        if found == [1] * len(ids):
-            if len(full) > limit:
-                logger.warning("%s: %d tokens, more than the tokenizer's %d; the rest is cut", source, len(full), limit)
-            continue
-        if len(full) > limit and [full.count(i) for i in ids] == [1] * len(ids):
+        (whole, intact), (kept, _) = word_occurrences(full, ids), word_occurrences(row.tolist(), ids)
+        if not whole or not intact:
+            raise UserError(
+                f"--placeholder_token {token!r} does not tokenize as its own new token(s) in the prompt {prompt!r}; "
+                "use a distinctive lowercase string such as <my-concept>"
+            )
+        if len(full) > limit and not kept:
             raise UserError(
                 f"{source}: {len(full)} tokens, more than the tokenizer's {limit}, and the cut removes the new "
                 "word; shorten it or put [name] nearer the start"
             )
-        raise UserError(
-            f"--placeholder_token {token!r} does not tokenize as one new token in the prompt {prompt!r} (each "
-            f"placeholder id found {found} times); use a distinctive lowercase string such as <my-concept>"
-        )
+        if len(full) > limit:
+            logger.warning("%s: %d tokens, more than the tokenizer's %d; the rest is cut", source, len(full), limit)
     return tokens
 
 
@@ -1316,6 +1493,10 @@ def draw_batch(
     )
 
 
+# ----------------------------------------------------------------------------------------
+# The loss.
+
+
 def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tensor:
     """Per-sample MSE of the UNet's prediction (epsilon or v, per the scheduler config),
     weighted per latent pixel by the photo's mask. All samples share one bucket."""
@@ -1344,7 +1525,8 @@ def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------
-# Watching a run: a validation loss that means something, validation images, metrics, a plot.
+# The run state: where the run stands, and the decisions made from it (the best step, early
+# stopping, which rows are the result). A checkpoint holds all of it.
 
 
 @dataclass
@@ -1358,6 +1540,40 @@ class RunState:
     best_rows: list[torch.Tensor] | None = None  # the rows at best_step (with --early_stopping_patience)
     evals_since_best: int = 0
     stopped_early: bool = False
+
+    def judge(self, loss: float, rows: list[torch.Tensor], patience: int | None) -> None:
+        """A validation loss: the best step so far (its rows kept with `patience`), and whether
+        `patience` evaluations without a better one stop the run."""
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step, self.evals_since_best = loss, self.step, 0
+            if patience:
+                self.best_rows = [r.detach().clone() for r in rows]
+        else:
+            self.evals_since_best += 1
+            self.stopped_early = bool(patience) and self.evals_since_best >= patience
+
+    def kept_rows(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows the run's result holds: the best step's with early stopping, else the last."""
+        return rows if self.best_rows is None else self.best_rows
+
+    @property
+    def kept_step(self) -> int:
+        return self.step if self.best_rows is None else self.best_step
+
+    def kept(self, patience: int | None) -> str:
+        """Which step the result holds, and why, in words."""
+        if self.best_rows is None:
+            return f"the last step {self.step}"
+        why = (
+            f"stopped early: no better validation loss in {patience} evaluations"
+            if self.stopped_early
+            else "the lowest validation loss"
+        )
+        return f"step {self.best_step} ({why}, {self.best_loss:.4f})"
+
+
+# ----------------------------------------------------------------------------------------
+# Watching a run: a validation loss that means something, validation images, metrics, a plot.
 
 
 def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo: int = 4) -> Batch:
@@ -1403,43 +1619,43 @@ def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) 
 
 def validation_pipeline(models: Models):
     """A pipeline around the modules already in memory (no reload from disk)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
-    parts = dict(vae=models.vae, unet=models.unet, scheduler=scheduler)
-    if models.family is StableDiffusionXL:
-        pipe = StableDiffusionXLPipeline(
-            text_encoder=models.text_encoders[0],
-            text_encoder_2=models.text_encoders[1],
-            tokenizer=models.tokenizers[0],
-            tokenizer_2=models.tokenizers[1],
-            **parts,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            text_encoder=models.text_encoders[0],
-            tokenizer=models.tokenizers[0],
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **parts,
-        )
+    pipe = models.family.pipeline(models, DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+class Interrupted(Exception):
+    """A stop was requested while validation images were being made: they are dropped."""
+
+
 @torch.no_grad()
 def validation_images(
-    pipe, prompts: list[str], count: int, seed: int, size: int, steps: int, clip_skip: int = 0
+    pipe,
+    prompts: list[str],
+    count: int,
+    seed: int,
+    size: int,
+    steps: int,
+    clip_skip: int = 0,
+    interrupted=lambda: False,
 ) -> list[list]:
     """`count` images per prompt in one batched call, each from its own fixed seed, so the
-    grids of different steps show the same noise and can be compared."""
+    grids of different steps show the same noise and can be compared. Raises Interrupted as soon
+    as `interrupted()` holds between two denoising steps, so a stop never waits for the images."""
     device = pipe.unet.device
     if clip_skip:
         infer.enable_clip_skip(pipe)
     generators = [
         torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION, k)) for k in range(count)
     ] * len(prompts)
+
+    def check(_pipe, _step, _timestep, callback_kwargs):
+        if interrupted():
+            raise Interrupted
+        return callback_kwargs
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # SDXL's fp16 VAE upcast announces a deprecation
         images = pipe(
@@ -1449,17 +1665,9 @@ def validation_images(
             height=size,
             width=size,
             clip_skip=clip_skip or None,
+            callback_on_step_end=check,
         ).images
     return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
-
-
-def image_grid(rows: list[list]) -> Image.Image:
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(map(len, rows)), height * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image, (c * width, r * height))
-    return grid
 
 
 def plot_run(history: list[dict], path: Path) -> bool:
@@ -1502,14 +1710,27 @@ def plot_run(history: list[dict], path: Path) -> bool:
 
 
 class Watch:
-    """What a person follows during a run: every --logging_steps the training loss, lr, speed
-    and embedding norm; every --validation_steps the fixed-noise validation loss (every
-    process computes it, so all agree on early stopping without talking) and, on the main
-    process, validation images; all of it in metrics.jsonl, the trackers and loss.png."""
+    """What a person follows during a run, observed and never steered: the progress bar; every
+    --logging_steps the training loss, lr, speed and embedding norm; every validation the
+    fixed-noise validation loss (every process computes it, so all judge early stopping alike)
+    and, on the main process, validation images; all of it in metrics.jsonl, the trackers and
+    loss.png."""
 
-    def __init__(self, models, placeholders, concept, args, accelerator, state: RunState, chunk: int, resumed: bool):
-        self.models, self.placeholders, self.concept, self.args = models, placeholders, concept, args
-        self.accelerator, self.chunk, self.seed = accelerator, chunk, state.seed
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        plan: Plan,
+        models: Models,
+        placeholders: Placeholders,
+        concept: Concept,
+        accelerator,
+        state: RunState,
+        resumed: bool,
+        interrupted=lambda: False,
+    ):
+        self.args, self.plan, self.models, self.placeholders, self.concept = args, plan, models, placeholders, concept
+        self.accelerator, self.seed = accelerator, state.seed
+        self.interrupted = interrupted  # a stop was requested: drop the images being made
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
         self.batch = validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps)
@@ -1522,6 +1743,8 @@ class Watch:
         self.history = self.read_history(state.step) if resumed else []
         if self.main:  # a resumed run continues the log from its checkpoint's step
             infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        self.progress = None
+        self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
 
     def read_history(self, step: int) -> list[dict]:
         path = self.out / "metrics.jsonl"
@@ -1535,46 +1758,65 @@ class Watch:
                 continue  # the torn last line of a run killed mid-append
         return [r for r in records if r.get("step", 0) <= step]
 
-    def training(self, loss: float, lr: float, speed: float) -> dict:
-        norms = [float(r.detach().norm(dim=1).mean()) for r in self.placeholders.rows]
+    def start(self, step: int) -> None:
+        from tqdm.auto import tqdm
+
+        enabled = self.accelerator.is_local_main_process
+        self.progress = tqdm(
+            total=self.plan.max_steps, initial=step, desc="Steps", disable=not enabled, dynamic_ncols=True
+        )
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def step_done(self, loss: torch.Tensor) -> None:
+        """One optimizer step: its loss stays on the device until the next logging step."""
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.window_steps += 1
+        self.progress.update(1)
+
+    def training(self, lr: float) -> dict:
+        """The mean loss since the last logging step (the one host sync per interval), lr, speed, norms."""
+        loss = (self.loss_sum / self.loss_count).item()
+        now = time.perf_counter()
+        speed = self.window_steps * self.plan.global_batch / (now - self.window_start)
+        self.loss_sum.zero_()
+        self.loss_count, self.window_start, self.window_steps = 0, now, 0
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
         record = {"loss": loss, "lr": lr, "samples_per_second": speed}
+        norms = [float(r.detach().norm(dim=1).mean()) for r in self.placeholders.rows]
         for i, (norm, median) in enumerate(zip(norms, self.vocab_median_norm)):
             suffix = f"_{i + 1}" if i else ""
             record[f"embedding_norm{suffix}"] = norm
             record[f"vocab_median_norm{suffix}"] = median
         return record
 
-    def validate(self, state: RunState, images: bool = True) -> dict:
-        """The validation loss, best-step bookkeeping and early stopping; validation images."""
-        loss = validation_loss(self.models, self.concept, self.batch, self.chunk)
-        if state.best_loss is None or loss < state.best_loss:
-            state.best_loss, state.best_step, state.evals_since_best = loss, state.step, 0
-            if self.args.early_stopping_patience:
-                state.best_rows = [r.detach().clone() for r in self.placeholders.rows]
-        else:
-            state.evals_since_best += 1
-            patience = self.args.early_stopping_patience
-            state.stopped_early = bool(patience) and state.evals_since_best >= patience
-        if images and self.main and self.args.validation_prompt:
-            self.images(state.step)
-        return {"val_loss": loss}
+    def validation_loss(self, chunk: int) -> float:
+        return validation_loss(self.models, self.concept, self.batch, chunk)
 
     def images(self, step: int) -> None:
+        """Validation images (main process, with --validation_prompt): a grid and the trackers'."""
         args = self.args
+        if not (self.main and args.validation_prompt):
+            return
         if self.pipe is None:
             self.pipe = validation_pipeline(self.models)
-        rows = validation_images(
-            self.pipe,
-            args.validation_prompt,
-            args.num_validation_images,
-            self.seed,
-            args.resolution,
-            args.validation_inference_steps,
-            self.models.clip_skip,
-        )
+        try:
+            rows = validation_images(
+                self.pipe,
+                args.validation_prompt,
+                args.num_validation_images,
+                self.seed,
+                args.resolution,
+                args.validation_inference_steps,
+                self.models.clip_skip,
+                self.interrupted,
+            )
+        except Interrupted:
+            logger.info("Stopping: validation images of step %d dropped", step)
+            return
         folder = self.out / "validation"
         folder.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(rows)
+        grid = infer.image_grid([image for row in rows for image in row], args.num_validation_images)
         self.last_grid = infer.atomic_write(folder / f"step-{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -1602,43 +1844,74 @@ class Watch:
             logger.info("matplotlib is not installed, so loss.png was skipped (pip install matplotlib)")
             self.said_no_plot = True
 
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
 
 # ----------------------------------------------------------------------------------------
-# Training.
+# Optimization: AdamW over the new rows alone, its lr schedule, the fp16 loss scaler, and
+# the fused micro-batches of a step.
 
 
-def make_optimizer(rows: list[torch.Tensor], args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        rows,
-        lr=lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+class Optimization:
+    """The optimizer, lr schedule and loss scaler of the new rows: all a checkpoint resumes."""
+
+    def __init__(self, rows: list[torch.Tensor], args: argparse.Namespace, plan: Plan, device_type: str):
+        from diffusers.optimization import get_scheduler
+
+        self.rows, self.max_norm = rows, args.max_embedding_norm
+        self.optimizer = torch.optim.AdamW(
+            rows,
+            lr=plan.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+        self.scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=plan.max_steps,
+            num_cycles=args.lr_num_cycles,
+        )
+        self.scaler = torch.amp.GradScaler(device_type, enabled=plan.weight_dtype == torch.float16)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, world: int) -> None:
+        """Average the rows' gradients over the processes, step, and keep the norms in bounds."""
+        if world > 1:
+            for rows in self.rows:
+                torch.distributed.all_reduce(rows.grad)
+                rows.grad /= world
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.max_norm:
+            clamp_norms(self.rows, self.max_norm)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["grad_scaler"])
 
 
-DEFAULT_STEPS = 5000
-
-
-def total_steps(args: argparse.Namespace, num_images: int, world_size: int) -> int:
-    if args.max_train_steps is not None:
-        return args.max_train_steps
-    if args.num_train_epochs is not None:
-        return args.num_train_epochs * steps_per_epoch(args, num_images, world_size)
-    return DEFAULT_STEPS
-
-
-def steps_per_epoch(args: argparse.Namespace, num_images: int, world_size: int) -> int:
-    per_step = args.train_batch_size * args.gradient_accumulation_steps * world_size
-    return math.ceil(num_images * args.repeats / per_step)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    seconds: float
-    samples_per_second: float
-    compiled_graphs: int | None = None  # with --compile: graphs compiled in the whole run
+@torch.no_grad()
+def clamp_norms(rows: list[torch.Tensor], max_norm: float) -> None:
+    """Project each learned vector back inside the ball of radius max_norm (no host sync)."""
+    for r in rows:
+        r.mul_((max_norm / r.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
 
 
 def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: int, scaler) -> torch.Tensor:
@@ -1656,224 +1929,418 @@ def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: 
     return total
 
 
-@torch.no_grad()
-def clamp_norms(rows: list[torch.Tensor], max_norm: float) -> None:
-    """Project each learned vector back inside the ball of radius max_norm (no host sync)."""
-    for r in rows:
-        r.mul_((max_norm / r.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+class FusedBatches:
+    """A step's samples in as few UNet calls as memory allows: `chunk` at a time, halved for
+    the rest of the run whenever the GPU runs out of memory."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def backward(self, models: Models, concept: Concept, batch: Batch, optimization: Optimization) -> torch.Tensor:
+        while True:
+            try:
+                return accumulate_gradients(models, concept, batch, self.chunk, optimization.scaler)
+            except torch.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise
+                optimization.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self.chunk = (self.chunk + 1) // 2
+                logger.warning("Out of GPU memory; retrying with --micro_batch_size %d", self.chunk)
 
 
-def train(
-    models: Models,
-    placeholders: Placeholders,
-    concept: Concept,
-    args: argparse.Namespace,
-    accelerator,
-    state: RunState,
-    watch: Watch,
-    optimizer_state: dict | None = None,
-    stop: StopSignals | None = None,
-) -> TrainResult:
-    """The training loop: one optimizer step per iteration, nothing else on the hot path.
+@dataclass
+class CheckpointCadence:
+    """When a checkpoint is due: every --checkpointing_steps, and when --checkpointing_minutes
+    have passed since the last one (except at the last step, whose outputs are the result)."""
 
-    A stop signal (see StopSignals) ends it after the current step with a checkpoint."""
-    from diffusers.optimization import get_scheduler
+    steps: int
+    minutes: float
+    saved_step: int
+    saved_at: float = field(default_factory=time.monotonic)
 
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    per_process = args.train_batch_size * args.gradient_accumulation_steps
-    global_batch = per_process * world
-    max_steps = total_steps(args, concept.num_images, world)
-    lr = args.learning_rate * (per_process * world if args.scale_lr else 1)
-    optimizer = make_optimizer(placeholders.rows, args, lr)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=max_steps,
-        num_cycles=args.lr_num_cycles,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=models.weight_dtype == torch.float16)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        lr_scheduler.load_state_dict(optimizer_state["lr_scheduler"])
-        scaler.load_state_dict(optimizer_state["grad_scaler"])
+    def due(self, step: int, last: bool) -> bool:
+        minutes = 0 if last else (time.monotonic() - self.saved_at) / 60
+        return step % self.steps == 0 or 0 < self.minutes <= minutes
 
-    def snapshot() -> dict:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "grad_scaler": scaler.state_dict(),
-        }
-
-    chunk = watch.chunk
-    generator = torch.Generator(device)
-    schedule = bucket_schedule(state.seed, max_steps, concept)
-    stop = stop or StopSignals()
-    stop.deferred = True
-    progress = tqdm_bar(max_steps, state.step, accelerator.is_local_main_process)
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    started = window_start = time.perf_counter()
-    first_step, window_steps = state.step, 0
-    saved_step, saved_at, stopped_by = state.step, time.monotonic(), 0
-    try:
-        if state.step == 0:  # the baseline: how well the initializer word already explains the photos
-            watch.record(0, watch.validate(state, images=False), plot=False)
-        while state.step < max_steps and not state.stopped_early:
-            # Every process draws the whole global batch and keeps its own slice: N processes
-            # compute exactly what one process would with N times the batch.
-            generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
-            images, bucket = step_images(state.seed, state.step, global_batch, concept, schedule, args.repeats, device)
-            batch = draw_batch(generator, images, concept, models.noise_scheduler.config.num_train_timesteps, bucket)
-            batch = batch[slice(rank * per_process, (rank + 1) * per_process)]
-            while True:
-                try:
-                    loss = accumulate_gradients(models, concept, batch, chunk, scaler)
-                    break
-                except torch.OutOfMemoryError:
-                    if chunk == 1:
-                        raise
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    chunk = watch.chunk = (chunk + 1) // 2
-                    logger.warning("Out of GPU memory; retrying with --micro_batch_size %d", chunk)
-            if world > 1:
-                for rows in placeholders.rows:
-                    torch.distributed.all_reduce(rows.grad)
-                    rows.grad /= world
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            if args.max_embedding_norm:
-                clamp_norms(placeholders.rows, args.max_embedding_norm)
-            state.step += 1
-            window_steps += 1
-            loss_sum += loss
-            loss_count += 1
-            progress.update(1)
-
-            last = state.step == max_steps
-            record = {}
-            if state.step % args.logging_steps == 0 or last:
-                mean_loss = (loss_sum / loss_count).item()  # the one host sync, once per interval
-                now = time.perf_counter()
-                speed = window_steps * global_batch / (now - window_start)
-                record.update(watch.training(mean_loss, lr_scheduler.get_last_lr()[0], speed))
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{speed:.1f}")
-                loss_sum.zero_()
-                loss_count, window_start, window_steps = 0, now, 0
-            validating = state.step % args.validation_steps == 0 or last
-            if validating:
-                record.update(watch.validate(state))
-            if record:
-                watch.record(state.step, record, plot=validating)
-            if last or state.stopped_early:
-                continue
-            if accelerator.is_main_process:
-                if state.step % args.save_steps == 0:
-                    save_embeddings(placeholders.rows, placeholders.token, models, args, f"-steps-{state.step}")
-                minutes = (time.monotonic() - saved_at) / 60
-                if state.step % args.checkpointing_steps == 0 or 0 < args.checkpointing_minutes <= minutes:
-                    save_checkpoint(args, placeholders, models, state, snapshot())
-                    saved_step, saved_at = state.step, time.monotonic()
-            stopped_by = stop.agreed(world)
-            if stopped_by:
-                break
-    finally:
-        progress.close()
-        stop.deferred = False
-    if stopped_by:
-        path = Path(args.output_dir) / f"checkpoint-{state.step}"
-        if accelerator.is_main_process and saved_step != state.step:
-            save_checkpoint(args, placeholders, models, state, snapshot())
-        accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
-        raise Stopped(
-            f"stopped by {signal.Signals(stopped_by).name} at step {state.step}; saved {path}; to continue, "
-            "run the same command with --resume_from_checkpoint latest",
-            stopped_by,
-        )
-    seconds = time.perf_counter() - started
-    done = state.step - first_step
-    graphs = compiled_graphs() - models.graphs_before if args.compile else None
-    return TrainResult(state.step, seconds, done * global_batch / max(seconds, 1e-9), graphs)
-
-
-def tqdm_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="Steps", disable=not enabled, dynamic_ncols=True)
+    def saved(self, step: int) -> None:
+        self.saved_step, self.saved_at = step, time.monotonic()
 
 
 # ----------------------------------------------------------------------------------------
-# Files: embeddings, checkpoints, the full pipeline. Every file is written atomically.
+# The run: prepare, train, finish.
 
 
-def embedding_files(rows: list[torch.Tensor], token: str, models: Models, args, suffix: str) -> dict:
-    """{file name: tensors} of the learned_embeds files (the diffusers layouts) for `rows`."""
-    ext = ".bin" if args.no_safe_serialization else ".safetensors"
-    files = {f"learned_embeds{suffix}{ext}": {token: rows[0]}}
-    if models.family is StableDiffusionXL:
-        files[f"learned_embeds_2{suffix}{ext}"] = {token: rows[1]}
-    return files
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    samples_per_second: float
+    compiled_graphs: int | None = None  # with --compile: graphs compiled in the whole run
+    first_step: int = 0  # the step this run started from (a resumed checkpoint's)
 
 
-def save_embeddings(rows: list[torch.Tensor], token: str, models: Models, args, suffix: str = "") -> list[Path]:
+@dataclass
+class Run:
+    """All that train() and finish() work on, made once by prepare()."""
+
+    args: argparse.Namespace
+    plan: Plan
+    accelerator: object
+    stop: StopSignals
+    models: Models
+    placeholders: Placeholders
+    concept: Concept
+    state: RunState
+    optimization: Optimization
+    fused: FusedBatches
+    watch: Watch
+    checkpoint: Path | None  # the one this run resumed from
+    repo_id: str | None  # with --push_to_hub
+    saved: dict[str, int]  # run.json: the step each embedding file in --output_dir holds
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.output_dir)
+
+
+def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
+    """Everything the loop reads, computed once. Everything that can fail on the user's input
+    fails here, and before a model is built where it can; nothing in --output_dir is written
+    before the models, the word and the photos are known to be good."""
+    quiet_libraries(accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    warn_if_one_cpu_thread(accelerator)
+    checkpoint = find_checkpoint(args)
+    initializer = read_initializer_embedding(args)
+    source = read_model_source(args)
+    photos = list_photos(args.train_data_dir, args.caption_extension)
+    plan = make_plan(args, accelerator.num_processes, accelerator.mixed_precision, source, initializer, len(photos))
+
+    dataset = dataset_from_args(args, plan, photos)
+    examples = decode_images(dataset, args.dataloader_num_workers)
+    records = dataset.records(examples)
+    models = load_models(args, accelerator.device, plan.weight_dtype, source)
+    placeholders = add_placeholder_tokens(models, plan.tokens, initializer or args.initializer_token)
+    concept = encode_concept(
+        examples,
+        dataset.photo_prompts,
+        models,
+        placeholders,
+        unmasked_weight=args.unmasked_weight,
+        sources=dataset.prompt_sources,
+    )
+    del examples
+    if args.compile:
+        compile_models(models, args.compile_backend)
+    if args.validation_prompt:
+        models.vae.to(plan.weight_dtype)  # kept for validation images, at the UNet's precision
+    else:
+        models.vae = None  # encoded once; the loop never needs it
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    optimization = Optimization(placeholders.rows, args, plan, accelerator.device.type)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, models, placeholders, args, optimization)
+        logger.info("Resuming from %s (step %d)", checkpoint, state.step)
+    else:
+        state = RunState(step=0, seed=resolve_seed(args, accelerator))
+    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = embedding_files(rows, token, models, args, suffix)
-    return [infer.write_tensors(out / name, tensors) for name, tensors in files.items()]
+    if accelerator.is_main_process:
+        remove_temp_files(out)
+        accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
+        infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    watch = Watch(
+        args,
+        plan,
+        models,
+        placeholders,
+        concept,
+        accelerator,
+        state,
+        checkpoint is not None,
+        lambda: bool(stop.requested),
+    )
+    saved = read_saved_steps(out) if checkpoint is not None else {}
+    run = Run(
+        args, plan, accelerator, stop, models, placeholders, concept, state, optimization,
+        FusedBatches(plan.chunk), watch, checkpoint, repo_id, saved,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        write_run_record(run)
+    logger.info(
+        "%s: %d photos (%d captioned, %d masked, %d bucket(s)), %d prompts, %d vector(s) of width %s, "
+        "%d steps x %d samples (%d process(es)), seed %d",
+        plan.family.name,
+        concept.num_images,
+        sum(r["caption"] is not None for r in records),
+        sum(r["mask"] is not None for r in records),
+        len(concept.bucket_sizes),
+        len(concept.prompts),
+        plan.num_vectors,
+        "+".join(str(r.shape[1]) for r in placeholders.rows),
+        plan.max_steps,
+        plan.global_batch,
+        plan.world,
+        state.seed,
+    )
+    if checkpoint is not None and state.step >= plan.max_steps:
+        logger.info(
+            "%s is at step %d and --max_train_steps is %d: nothing to train; writing the outputs from it",
+            checkpoint,
+            state.step,
+            plan.max_steps,
+        )
+    return run
 
 
-def save_outputs(placeholders: Placeholders, models: Models, args: argparse.Namespace, state: RunState) -> list[Path]:
+def train(run: Run) -> TrainResult:
+    """The loop: one optimizer step per iteration; a stop signal ends it after the step, with a
+    checkpoint.
+
+    Accumulation and the gradient all-reduce are this script's own, with accelerate as the
+    launcher, precision and trackers: a step's samples go through the UNet in as few calls as
+    memory allows (FusedBatches: the gradient of accumulation, faster), and the only gradients
+    are the new rows' N x D numbers, averaged directly (Optimization.step) instead of wrapping
+    frozen models in DDP.
+    """
+    args, plan, state, watch, concept = run.args, run.plan, run.state, run.watch, run.concept
+    device, rank = run.accelerator.device, run.accelerator.process_index
+    generator = torch.Generator(device)
+    schedule = bucket_schedule(state.seed, plan.max_steps, concept)
+    num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
+    cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes, state.step)
+    run.stop.deferred = True  # from here on a signal stops the run after the current step
+    watch.start(state.step)
+    first_step, started, stopped = state.step, time.perf_counter(), False
+    try:
+        if state.step == 0:  # the baseline: how well the initializer word already explains the photos
+            watch.record(0, validate(run, images=False), plot=False)
+        while state.step < plan.max_steps and not state.stopped_early:
+            # Every process draws the whole global batch and keeps its own slice: N processes
+            # compute exactly what one process would with N times the batch.
+            generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
+            images, bucket = step_images(
+                state.seed, state.step, plan.global_batch, concept, schedule, args.repeats, device
+            )
+            batch = draw_batch(generator, images, concept, num_timesteps, bucket)
+            batch = batch[slice(rank * plan.per_process, (rank + 1) * plan.per_process)]
+            loss = run.fused.backward(run.models, concept, batch, run.optimization)
+            run.optimization.step(plan.world)
+            state.step += 1
+            watch.step_done(loss)
+
+            last = state.step == plan.max_steps
+            record = watch.training(run.optimization.lr) if state.step % args.logging_steps == 0 or last else {}
+            validating = state.step % plan.validation_steps == 0 or last
+            if validating:
+                record.update(validate(run))
+            if record:
+                watch.record(state.step, record, plot=validating)
+            if run.accelerator.is_main_process:
+                save_on_cadence(run, cadence, last)
+            if last or state.stopped_early:
+                break  # finished: a signal during this step lets the run end normally
+            if run.stop.agreed(plan.world):
+                stopped = True
+                break
+    finally:
+        watch.close()
+    if stopped:
+        checkpoint_and_stop(run, cadence)
+    seconds = time.perf_counter() - started
+    graphs = compiled_graphs() - run.models.graphs_before if args.compile else None
+    speed = (state.step - first_step) * plan.global_batch / max(seconds, 1e-9)
+    return TrainResult(state.step, seconds, speed, graphs, first_step)
+
+
+def validate(run: Run, images: bool = True) -> dict:
+    """The fixed-noise validation loss, which the state judges (best step, early stopping), and
+    validation images."""
+    loss = run.watch.validation_loss(run.fused.chunk)
+    run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
+    if images:
+        run.watch.images(run.state.step)
+    return {"val_loss": loss}
+
+
+def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
+    """learned_embeds-steps-N every --save_steps, a checkpoint when one is due (main process)."""
+    step = run.state.step
+    if step % run.args.save_steps == 0:
+        save_embeddings(run, run.placeholders.rows, f"-steps-{step}", step)
+    if cadence.due(step, last):
+        save_checkpoint(run)
+        cadence.saved(step)
+
+
+def checkpoint_and_stop(run: Run, cadence: CheckpointCadence) -> None:
+    """The stop all processes agreed on: one checkpoint of this step, then Stopped."""
+    step = run.state.step
+    if run.accelerator.is_main_process and cadence.saved_step != step:
+        save_checkpoint(run)
+    run.accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
+    raise Stopped(
+        f"stopped by {run.stop.cause} at step {step}; saved {run.out / f'checkpoint-{step}'}; to continue, "
+        "run the same command with --resume_from_checkpoint latest",
+        run.stop.requested,
+    )
+
+
+def finish(run: Run, result: TrainResult) -> None:
+    """The files users expect, the full pipeline and the Hub. A stop during the last step lets
+    the embedding be written and skips the long parts, saying how to do them later."""
+    args, out, stop = run.args, run.out, run.stop
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        written = save_outputs(run)
+        skipped = []
+        if args.save_as_full_pipeline:
+            if stop.requested:
+                skipped.append("--save_as_full_pipeline")
+            else:
+                save_full_pipeline(run)
+        if result.compiled_graphs is not None:
+            logger.info("torch.compile: %d graphs compiled in this run", result.compiled_graphs)
+        logger.info(
+            "Done: %s in %.1f s (%.1f samples/s); the run is at step %d; kept %s; files in %s",
+            trained_steps_text(result.first_step, result.steps),
+            result.seconds,
+            result.samples_per_second,
+            result.steps,
+            run.state.kept(args.early_stopping_patience),
+            written[0].parent,
+        )
+        if run.repo_id is not None:
+            if stop.requested:
+                skipped.append(f"the Hub upload (push later with: hf upload {run.repo_id} {out / 'hub'})")
+                prepare_hub_folder(run)
+            else:
+                push_to_hub(run)
+        if skipped:
+            raise Stopped(
+                f"stopped by {stop.cause} after the last step: the embedding is saved in {out}; skipped "
+                f"{' and '.join(skipped)}",
+                stop.requested,
+            )
+    run.accelerator.end_training()
+
+
+def trained_steps_text(first_step: int, last_step: int) -> str:
+    """What this run trained: all its steps, or the part after the checkpoint it resumed."""
+    if first_step == 0:
+        return f"{last_step} steps"
+    if first_step >= last_step:
+        return "no steps (the checkpoint was already at the end)"
+    return f"steps {first_step + 1}-{last_step} ({last_step - first_step} steps, resumed at {first_step})"
+
+
+# ----------------------------------------------------------------------------------------
+# Files: embeddings, the run record, checkpoints, the full pipeline. Every file is written
+# atomically, through infer.py.
+
+
+def save_embeddings(run: Run, rows: list[torch.Tensor], suffix: str, step: int) -> list[Path]:
+    """learned_embeds{suffix} in the family's diffusers layout, recorded in run.json as `step`."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    files = run.plan.family.embedding_files(rows, run.plan.tokens[0], run.plan.extension, suffix)
+    written = [infer.write_tensors(run.out / name, tensors) for name, tensors in files.items()]
+    return record_saved(run, written, step)
+
+
+def save_outputs(run: Run) -> list[Path]:
     """The files users expect: learned_embeds (the kept step), token_identifier.txt,
-    type_of_concept.txt; learned_embeds.bin too (SD), the single clip_l/clip_g file (SDXL),
-    and learned_embeds-last when early stopping kept an earlier step."""
-    out = Path(args.output_dir)
-    token, rows = placeholders.token, placeholders.rows
-    kept = state.best_rows if args.early_stopping_patience and state.best_rows is not None else rows
-    written = save_embeddings(kept, token, models, args)
+    type_of_concept.txt, the family's files for other tools, and learned_embeds-last when early
+    stopping kept an earlier step."""
+    state, rows, token = run.state, run.placeholders.rows, run.plan.tokens[0]
+    kept = state.kept_rows(rows)
+    written = save_embeddings(run, kept, "", state.kept_step)
     if kept is not rows:
-        written += save_embeddings(rows, token, models, args, "-last")
-    if models.family is StableDiffusion and not args.no_safe_serialization:
-        written.append(infer.write_diffusers_embedding(out / "learned_embeds.bin", token, kept[0]))
-    if models.family is StableDiffusionXL:
-        name = infer.file_name_for_token(token) + ".safetensors"
-        written.append(infer.write_sdxl_embedding(out / name, kept[0], kept[1]))
-    written.append(infer.write_text(out / "token_identifier.txt", token))
-    written.append(infer.write_text(out / "type_of_concept.txt", args.learnable_property))
+        written += save_embeddings(run, rows, "-last", state.step)
+    tools = run.plan.family.tool_files(run.out, token, kept, run.plan.extension)
+    written += record_saved(run, tools, state.kept_step)
+    written.append(infer.write_text(run.out / "token_identifier.txt", token))
+    written.append(infer.write_text(run.out / "type_of_concept.txt", run.args.learnable_property))
     return written
 
 
-def save_checkpoint(
-    args: argparse.Namespace, placeholders: Placeholders, models: Models, state: RunState, optimizer_state: dict
-) -> Path:
+def record_saved(run: Run, files: list[Path], step: int) -> list[Path]:
+    run.saved.update((file.name, step) for file in files)
+    write_run_record(run)
+    return files
+
+
+def write_run_record(run: Run) -> Path:
+    """--output_dir/run.json: what `infer.py eval` needs to rebuild this run's pipeline and
+    photos, and the step each embedding file in the folder holds."""
+    args = run.args
+
+    def local(name: str | None) -> str | None:  # absolute when it is a local path, else as given (a Hub id)
+        return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().exists() else name
+
+    record = {
+        "format": infer.RUN_FORMAT,
+        "model": local(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "single_file_config": local(args.single_file_config),
+        "vae": local(args.pretrained_vae_model_name_or_path),
+        "prediction_type": args.prediction_type,
+        "clip_skip": args.clip_skip,
+        "resolution": args.resolution,
+        "train_data_dir": local(args.train_data_dir),
+        "placeholder_token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
+        "initializer_embedding": local(args.initializer_embedding),
+        "num_vectors": run.plan.num_vectors,
+        "learnable_property": args.learnable_property,
+        "family": run.plan.family.name,
+        "saved": run.saved,
+    }
+    return infer.write_text(run.out / infer.RUN_RECORD, json.dumps(record, indent=1) + "\n")
+
+
+def read_saved_steps(out: Path) -> dict[str, int]:
+    """The earlier part of a resumed run's record of saved files (none if it cannot be read)."""
+    try:
+        saved = json.loads((out / infer.RUN_RECORD).read_text(encoding="utf-8"))["saved"]
+        return {str(name): int(step) for name, step in saved.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def save_checkpoint(run: Run) -> Path:
     """checkpoint-N/: the rows, optimizer, lr schedule and RunState (kilobytes), plus the
     embedding as it stands, loadable like any output folder."""
-    out = Path(args.output_dir)
+    state, placeholders, plan = run.state, run.placeholders, run.plan
     run_state = {f: getattr(state, f) for f in RunState.__dataclass_fields__}
     if state.best_rows is not None:
         run_state["best_rows"] = [r.cpu() for r in state.best_rows]
     payload = {
         "format": "textual-inversion-checkpoint/1",
-        "family": models.family.name,  # what a resume checks the model against, with the rows' widths
+        "family": plan.family.name,  # what a resume checks the model against, with the rows' widths
         "tokens": placeholders.tokens,
         "rows": [r.detach().cpu() for r in placeholders.rows],
-        "batch": [args.train_batch_size, args.gradient_accumulation_steps],
+        "batch": [run.args.train_batch_size, run.args.gradient_accumulation_steps],
         "state": run_state,
-        **optimizer_state,
+        **run.optimization.state_dict(),
     }
 
     def fill(folder: Path) -> None:
         infer.write_torch(folder / CHECKPOINT_STATE, payload)
-        for name, tensors in embedding_files(placeholders.rows, placeholders.token, models, args, "").items():
+        for name, tensors in plan.family.embedding_files(placeholders.rows, plan.tokens[0], plan.extension).items():
             infer.write_tensors(folder / name, tensors)
-        infer.write_text(folder / "token_identifier.txt", placeholders.token)
+        infer.write_text(folder / "token_identifier.txt", plan.tokens[0])
 
     # Complete or absent: `latest` never sees a half-written checkpoint.
-    final = infer.atomic_folder(out / f"checkpoint-{state.step}", fill)
+    final = infer.atomic_folder(run.out / f"checkpoint-{state.step}", fill)
     logger.info("Saved checkpoint %s", final)
-    if args.checkpoints_total_limit is not None:
-        for old in list_checkpoints(out)[: -args.checkpoints_total_limit]:
+    if run.args.checkpoints_total_limit is not None:
+        for old in list_checkpoints(run.out)[: -run.args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -1933,7 +2400,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, overwritten, unreadable: all mean the same here
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e).split(". ")[0]
         raise UserError(f"is corrupt: {CHECKPOINT_STATE} does not load ({reason})") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in payload] if isinstance(payload, dict) else CHECKPOINT_KEYS
     if missing:
@@ -1946,7 +2413,8 @@ def read_checkpoint(path: Path) -> dict:
 
 def check_resumable(path: Path, payload: dict, models: Models, placeholders: Placeholders) -> None:
     """One line naming what differs between the checkpoint and this run's model and word."""
-    family = payload.get("family") or (StableDiffusionXL.name if len(payload["rows"]) == 2 else StableDiffusion.name)
+    # Checkpoints from before the family was recorded: the family with as many text encoders as rows.
+    family = payload.get("family") or next(f.name for f in FAMILIES if len(f.encoders) == len(payload["rows"]))
     where = f"--resume_from_checkpoint {path}"
     if family != models.family.name:
         raise UserError(
@@ -1973,8 +2441,9 @@ def check_resumable(path: Path, payload: dict, models: Models, placeholders: Pla
 
 
 def load_checkpoint(
-    path: Path, models: Models, placeholders: Placeholders, args: argparse.Namespace
-) -> tuple[RunState, dict]:
+    path: Path, models: Models, placeholders: Placeholders, args: argparse.Namespace, optimization: Optimization
+) -> RunState:
+    """The checkpoint's rows into the new word, its optimizer state into `optimization`; its RunState."""
     payload = read_checkpoint(path)
     check_resumable(path, payload, models, placeholders)
     if payload["batch"] != [args.train_batch_size, args.gradient_accumulation_steps]:
@@ -1982,47 +2451,45 @@ def load_checkpoint(
     state = RunState(**payload["state"])
     if args.seed is not None and args.seed != state.seed:
         logger.warning("Resuming with the checkpoint's seed %d, not --seed %d", state.seed, args.seed)
-    device = placeholders.rows[0].device
     with torch.no_grad():
         for rows, saved in zip(placeholders.rows, payload["rows"]):
             rows.copy_(saved)
+    # The best rows are the result only under --early_stopping_patience (resumed without it: the last).
     if state.best_rows is not None:
-        state.best_rows = [r.to(device) for r in state.best_rows]
-    return state, {k: payload[k] for k in ("optimizer", "lr_scheduler", "grad_scaler")}
+        state.best_rows = [r.to(placeholders.rows[0].device) for r in state.best_rows]
+        if not args.early_stopping_patience:
+            state.best_rows = None
+    optimization.load_state_dict(payload)
+    return state
 
 
-def save_full_pipeline(args: argparse.Namespace, models: Models, output_dir: Path) -> None:
+def save_full_pipeline(run: Run) -> None:
     """The source pipeline, reloaded at its stored precision, with the new word loaded into it
-    by the same loader users call; written beside the embedding files."""
+    by the same loader users call; written beside the embedding files (model_index.json last:
+    a loader takes the folder for a pipeline once every part is in place)."""
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
 
-    if infer.is_model_file(models.source):  # checked when training started; this re-reads headers only
-        stored = infer.inspect_model_file(models.source, args.single_file_config, "--pretrained_model_name_or_path")
-        pipe = infer.load_pipeline(models.source, stored.dtype, "cpu", args.single_file_config)
+    args, source = run.args, run.models.source
+    if infer.is_model_file(source):  # checked when training started; this re-reads headers only
+        stored = infer.inspect_model_file(source, args.single_file_config, "--pretrained_model_name_or_path")
+        pipe = infer.load_pipeline(source, stored.dtype, "cpu", args.single_file_config)
     else:
-        pipe = DiffusionPipeline.from_pretrained(models.source, revision=args.revision, variant=args.variant)
+        pipe = DiffusionPipeline.from_pretrained(source, revision=args.revision, variant=args.variant)
     if args.prediction_type is not None:  # the pipeline predicts what it was trained with
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=args.prediction_type)
     if args.pretrained_vae_model_name_or_path:
         flag = "--pretrained_vae_model_name_or_path"
         pipe.vae = infer.load_vae(args.pretrained_vae_model_name_or_path, pipe.name_or_path, pipe.vae.dtype, flag)
-    infer.load_embedding(pipe, output_dir)
-    tmp = output_dir / ".pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        pipe.save_pretrained(tmp)
-        # model_index.json last: a loader takes the folder for a pipeline once every part is in place.
-        for item in sorted(tmp.iterdir(), key=lambda p: (p.name == "model_index.json", p.name)):
-            target = output_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    except (OSError, SafetensorError, RuntimeError) as e:  # the ways a full disk shows through save_pretrained
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise infer.WriteError(output_dir, f"the full pipeline ({reason})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    infer.load_embedding(pipe, run.out)
+
+    def fill(folder: Path) -> None:
+        try:
+            pipe.save_pretrained(folder)
+        except (SafetensorError, RuntimeError) as e:  # the ways a full disk shows through save_pretrained
+            raise OSError(f"the full pipeline ({first_line(e)})") from None
+
+    infer.atomic_folder(run.out, fill, merge=True, last=("model_index.json",))
 
 
 # ----------------------------------------------------------------------------------------
@@ -2042,54 +2509,31 @@ def create_hub_repo(args: argparse.Namespace) -> str:
     try:
         return hub_api(args.hub_token).create_repo(repo_id=name, private=args.hub_private, exist_ok=True).repo_id
     except Exception as e:  # auth, network, naming: all one line for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--push_to_hub: cannot create the Hub repo {name!r} ({reason})") from None
+        raise UserError(f"--push_to_hub: cannot create the Hub repo {name!r} ({first_line(e)})") from None
 
 
-def model_card(
-    repo_id: str, args: argparse.Namespace, models: Models, state: RunState, result, files: list[str]
-) -> str:
-    token = args.placeholder_token
-    xl = models.family is StableDiffusionXL
+def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunState, files: list[str]) -> str:
+    token, family = args.placeholder_token, plan.family
     base = args.pretrained_model_name_or_path
     if infer.is_model_file(base):  # a local file: the card names it; it has no Hub id to link
-        base, metadata = Path(base).name, []
-        pipeline_class = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+        base, metadata, pipeline_class = Path(base).name, [], family.pipeline_class
         load_base = f'{pipeline_class}.from_single_file("{base}")'
     else:
         metadata, pipeline_class = [f"base_model: {base}"], "AutoPipelineForText2Image"
         load_base = f'AutoPipelineForText2Image.from_pretrained("{base}")'
-    tags = ["textual-inversion", "text-to-image", "diffusers", "stable-diffusion-xl" if xl else "stable-diffusion"]
-    if xl:
-        load = (
-            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors",\n'
-            f"                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
-            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors",\n'
-            f"                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
-        )
-        single = infer.file_name_for_token(token) + ".safetensors"
-        other_tools = (
-            f"`{single}` holds both encoders' vectors (`clip_l`, `clip_g`), the layout A1111 and ComfyUI read."
-        )
-    else:
-        load = f'pipe.load_textual_inversion("{repo_id}")'
-        other_tools = "Convert for A1111 or ComfyUI with `python infer.py convert REPO OUT --to a1111`."
-    kept = (
-        f"step {state.best_step} of {state.step} (lowest validation loss {state.best_loss:.4f})"
-        if args.early_stopping_patience and state.best_rows is not None
-        else f"the last step ({state.step})"
-    )
+    tags = ["textual-inversion", "text-to-image", "diffusers", family.tag]
+    load, other_tools = family.card_use(repo_id, token)
     settings = {
         "steps": state.step,
         "batch": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
         "learning rate": f"{args.learning_rate} ({args.lr_scheduler})",
-        "vectors": args.num_vectors,
+        "vectors": plan.num_vectors,
         "initializer": args.initializer_token or f"the embedding {args.initializer_embedding}",
         "resolution": args.resolution,
         "seed": state.seed,
-        "kept": kept,
+        "kept": state.kept(args.early_stopping_patience),
     }
-    clip_skip = models.clip_skip  # images come out best from the layer it was trained on
+    clip_skip = args.clip_skip  # images come out best from the layer it was trained on
     if clip_skip:
         settings["clip skip"] = f"{clip_skip} (generate with clip_skip={clip_skip})"
     pipe_clip_skip = f", clip_skip={clip_skip}" if clip_skip else ""
@@ -2140,10 +2584,10 @@ def model_card(
     return "\n".join(lines)
 
 
-def prepare_hub_folder(args, models: Models, state: RunState, result, repo_id: str, watch: Watch) -> Path:
+def prepare_hub_folder(run: Run) -> Path:
     """output_dir/hub/: exactly what is uploaded (the final embedding files, token and concept
     type, loss.png, the last validation grid, README.md). Checkpoints and logs stay local."""
-    out = Path(args.output_dir)
+    out, watch = run.out, run.watch
     names = [
         p.name
         for p in sorted(out.iterdir())
@@ -2155,7 +2599,7 @@ def prepare_hub_folder(args, models: Models, state: RunState, result, repo_id: s
     copies = {name: out / name for name in names}
     if watch.last_grid is not None:
         copies["validation.png"] = watch.last_grid
-    card = model_card(repo_id, args, models, state, result, list(copies))
+    card = model_card(run.repo_id, run.args, run.plan, run.state, list(copies))
 
     def fill(folder: Path) -> None:
         for name, source in copies.items():
@@ -2168,23 +2612,27 @@ def prepare_hub_folder(args, models: Models, state: RunState, result, repo_id: s
 HUB_RETRY_SECONDS = (10, 30, 90)  # the waits between upload attempts: a network blip or a 5xx passes
 
 
-def push_to_hub(args, models: Models, state: RunState, result, repo_id: str, watch: Watch) -> None:
-    folder = prepare_hub_folder(args, models, state, result, repo_id, watch)
+def push_to_hub(run: Run) -> None:
+    """Upload hub/, retrying; a stop during the waits ends them, saying how to push later."""
+    folder, repo_id, stop = prepare_hub_folder(run), run.repo_id, run.stop
+    later = f"everything is saved in {folder}; push it later with: hf upload {repo_id} {folder}"
     for wait in (*HUB_RETRY_SECONDS, None):
         try:
-            hub_api(args.hub_token).upload_folder(
-                repo_id=repo_id, folder_path=str(folder), commit_message=f"Textual Inversion: {state.step} steps"
+            hub_api(run.args.hub_token).upload_folder(
+                repo_id=repo_id, folder_path=str(folder), commit_message=f"Textual Inversion: {run.state.step} steps"
             )
             break
         except Exception as e:  # no network, a 5xx, an expired token: the files are safe locally
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if wait is None:
                 raise UserError(
-                    f"--push_to_hub: upload to {repo_id} failed {len(HUB_RETRY_SECONDS) + 1} times ({reason}); "
-                    f"everything is saved in {folder}; push it later with: hf upload {repo_id} {folder}"
+                    f"--push_to_hub: upload to {repo_id} failed {len(HUB_RETRY_SECONDS) + 1} times ({first_line(e)}); "
+                    f"{later}"
                 ) from None
-            logger.warning("Upload to %s failed (%s); retrying in %g s", repo_id, reason, wait)
-            time.sleep(wait)
+            logger.warning("Upload to %s failed (%s); retrying in %g s", repo_id, first_line(e), wait)
+            if stop.wait(wait):
+                raise Stopped(
+                    f"stopped by {stop.cause} while retrying the Hub upload; {later}", stop.requested
+                ) from None
     logger.info("Pushed to https://huggingface.co/%s", repo_id)
 
 
@@ -2193,62 +2641,104 @@ def push_to_hub(args, models: Models, state: RunState, result, repo_id: str, wat
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # schedulers and `docker stop`, Ctrl-C, a closed terminal
 
+# The kernel tells a trainer its launcher died (PR_SET_PDEATHSIG) with a signal nobody else sends,
+# so that the launcher dying of the very signal the trainer got too (Ctrl-C and `scancel` reach the
+# whole process group) is never taken for a second, deliberate stop.
+LAUNCHER_GONE = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else None
+PR_SET_PDEATHSIG = 1
+
 
 class StopSignals:
     """SIGTERM, SIGINT and SIGHUP as a clean stop.
 
-    While train() runs (`deferred`), a signal asks the loop to stop after the current optimizer
-    step, so the checkpoint it writes holds whole steps; outside the loop it stops the run at
-    once, like Ctrl-C. A second signal ends the process on the spot: every file is written
-    atomically, so nothing is left half-written. Signals a shell set to be ignored (nohup,
-    background jobs) stay ignored. A process started by accelerate launch or torchrun gets
-    SIGTERM when its launcher dies (Linux), so it never trains on unseen.
+    Once training has started (`deferred`), a signal asks the run to stop after the current
+    optimizer step, so the checkpoint it writes holds whole steps; before that it stops the run
+    at once. A second signal ends the process on the spot: every file is written atomically, so
+    nothing is left half-written. Signals a shell set to be ignored (nohup, background jobs)
+    stay ignored.
+
+    A process started by accelerate launch or torchrun hears of its launcher's death (Linux) as a
+    stop of its own; when it is already stopping, that is the echo of the same stop (the launcher
+    got the same Ctrl-C or SIGTERM and exited first) and changes nothing. A stop agreed with the
+    other processes is not a signal received here either, so the launcher's forwarded SIGTERM
+    that follows it is still a first signal.
     """
 
     def __init__(self):
-        self.signum = 0
+        self.received = 0  # the signal this process got (LAUNCHER_GONE is reported as SIGTERM)
+        self.agreed_signum = 0  # the stop all processes agreed on
         self.deferred = False
         self.previous: dict[int, object] = {}
+        self.watched_parent = False
+        self.launcher_exited = False
         self.group = None  # the CPU process group the processes agree on a stop through
+        self.event = threading.Event()  # set by a signal received here, for waits a stop cuts short
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True as soon as a stop is requested (then at once)."""
+        return bool(self.requested) or self.event.wait(seconds)
+
+    @property
+    def cause(self) -> str:
+        """What stopped the run, for its last line: SIGINT, SIGTERM, the launcher's exit."""
+        return "the launcher's exit" if self.launcher_exited else signal.Signals(self.requested).name
+
+    @property
+    def requested(self) -> int:
+        """The signal that asked this run to stop (0: none): received here or agreed on."""
+        return self.received or self.agreed_signum
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                signum = getattr(signal, name, None)  # Windows has no SIGHUP
-                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-                    self.previous[signum] = signal.signal(signum, self.handle)
-        if sys.platform.startswith("linux") and parent_is_launcher():
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)  # Windows has no SIGHUP
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                self.previous[signum] = signal.signal(signum, self.handle)
+        parent = os.getppid()
+        if LAUNCHER_GONE is not None and sys.platform.startswith("linux") and parent_is_launcher():
             import ctypes
 
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            self.previous[LAUNCHER_GONE] = signal.signal(LAUNCHER_GONE, self.handle)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, LAUNCHER_GONE)
+            self.watched_parent = True
+            if os.getppid() != parent:  # it died before the kernel was asked to tell
+                self.handle(LAUNCHER_GONE, None)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.watched_parent:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0)
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
     def handle(self, signum: int, frame) -> None:
-        if self.signum:
+        if signum == LAUNCHER_GONE:
+            if self.requested:
+                return  # the launcher exited on the same stop: its echo, not a second stop
+            signum, self.launcher_exited = signal.SIGTERM, True
+        elif self.received:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.received = signum
+        self.event.set()
         if not self.deferred:
-            name = signal.Signals(signum).name
-            raise Stopped(f"stopped by {name} outside the training loop (no checkpoint written)", signum)
+            raise Stopped(f"stopped by {self.cause} before training started (nothing to save)", signum)
 
     def agreed(self, world: int) -> int:
         """The signal any process received (0: none), the same on every process, so all stop at
         the same step. One int through a CPU (gloo) all-reduce: no wait for the accelerator."""
         if world == 1:
-            return self.signum
+            return self.received
         if self.group is None:
             self.group = torch.distributed.new_group(backend="gloo")
-        flag = torch.tensor([self.signum])
+        flag = torch.tensor([self.received])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        self.signum = self.signum or int(flag)  # from now on, a signal here is a second one
-        return int(flag)
+        self.agreed_signum = int(flag)
+        return self.agreed_signum
 
 
 def parent_is_launcher() -> bool:
@@ -2351,7 +2841,7 @@ def remove_temp_files(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The run.
+# accelerate (the launcher, the precision, the trackers), and the command.
 
 
 def make_accelerator(args: argparse.Namespace):
@@ -2389,22 +2879,39 @@ def resolve_report_to(value: str | None) -> list[str] | None:
     return names
 
 
-def tracker_config(args: argparse.Namespace) -> dict:
-    """The run's settings for trackers: plain values only, never the Hub token."""
-    return {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+def tracker_config(args: argparse.Namespace, plan: Plan) -> dict:
+    """The run's settings for trackers: the flags' plain values (never the Hub token), with the
+    values the plan derived where a flag was left unset."""
+    flags = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    return {**flags, **plan.derived()}
+
+
+def quiet_libraries(accelerator) -> None:
+    """The script's own lines on the local main process; the libraries' warnings and bars off."""
+    import diffusers
+    import transformers
+
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
 
 
 def warn_if_one_cpu_thread(accelerator) -> None:
-    """`accelerate launch` without --cpu sets OMP_NUM_THREADS=1: on a CPU, training then uses one
-    core per process however many there are."""
+    """`accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise (even with --cpu where
+    psutil counts one physical core): on a CPU, training then uses one core per process however
+    many there are. The launcher keeps an OMP_NUM_THREADS it is given, and its own flag."""
     cores = os.cpu_count() or 1
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     if accelerator.device.type == "cpu" and torch.get_num_threads() == 1 and cores > processes:
+        threads = cores // processes
         logger.warning(
             "Training on the CPU with 1 thread per process while %d cores are free (OMP_NUM_THREADS=1); "
-            "launch with `accelerate launch --cpu ...` or `accelerate launch --num_cpu_threads_per_process %d ...`",
+            "launch with `accelerate launch --num_cpu_threads_per_process %d ...` (or OMP_NUM_THREADS=%d)",
             cores,
-            cores // processes,
+            threads,
+            threads,
         )
 
 
@@ -2420,133 +2927,26 @@ def resolve_seed(args: argparse.Namespace, accelerator) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     try:
-        run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.status
+        run_training(parse_args(argv))
     except infer.WriteError as e:  # every earlier file is intact, so the run can go on from its checkpoint
         print(f"error: {e}; once that is fixed, continue with --resume_from_checkpoint latest", file=sys.stderr)
-        return 2
+        return e.status
+    except UserError as e:
+        if not isinstance(e, Stopped) or int(os.environ.get("RANK", "0")) == 0:  # one stop line per run
+            print(f"error: {e}", file=sys.stderr)
+        return e.status
     return 0
 
 
-def run(args: argparse.Namespace) -> TrainResult:
-    """One run, with --output_dir to itself and stop signals turned into a checkpoint."""
+def run_training(args: argparse.Namespace) -> TrainResult:
+    """prepare, train and finish, holding --output_dir's lock, with stop signals turned into a
+    checkpoint (what main runs; tests run it in their own process)."""
     accelerator = make_accelerator(args)
     with OutputLock(Path(args.output_dir), accelerator.is_main_process), StopSignals() as stop:
-        return run_stages(args, accelerator, stop)
-
-
-def run_stages(args: argparse.Namespace, accelerator, stop: StopSignals) -> TrainResult:
-    import diffusers
-    import transformers
-
-    if not accelerator.is_local_main_process:
-        logger.setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
-    warn_if_one_cpu_thread(accelerator)
-    checkpoint = find_checkpoint(args)
-
-    # Everything that can fail on the user's input fails here, before a file is written.
-    initial_embedding = read_initializer_embedding(args)  # first: it sets --num_vectors
-    dataset = dataset_from_args(args)
-    examples = decode_images(dataset, args.dataloader_num_workers)
-    records = dataset.records(examples)
-    models = load_models(args, accelerator.device, weight_dtype)
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    if args.aspect_buckets and args.bucket_step % factor:
-        raise UserError(f"--bucket_step {args.bucket_step} must be a multiple of the VAE's downscaling factor {factor}")
-    placeholders = add_placeholder_tokens(
-        models, args.placeholder_token, initial_embedding or args.initializer_token, args.num_vectors
-    )
-    concept = encode_concept(
-        examples,
-        dataset.photo_prompts,
-        models,
-        placeholders,
-        unmasked_weight=args.unmasked_weight,
-        sources=dataset.prompt_sources,
-    )
-    del examples
-    if args.compile:
-        compile_models(models, args.compile_backend)
-    if args.validation_prompt:
-        models.vae.to(weight_dtype)  # kept for validation images, at the UNet's precision
-    else:
-        models.vae = None  # encoded once; the loop never needs it
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if checkpoint is not None:
-        state, optimizer_state = load_checkpoint(checkpoint, models, placeholders, args)
-        logger.info("Resuming from %s (step %d)", checkpoint, state.step)
-    else:
-        state, optimizer_state = RunState(step=0, seed=resolve_seed(args, accelerator)), None
-    world = accelerator.num_processes
-    if args.validation_epochs is not None:
-        args.validation_steps = args.validation_epochs * steps_per_epoch(args, concept.num_images, world)
-    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-
-    if accelerator.is_main_process:
-        remove_temp_files(Path(args.output_dir))
-        accelerator.init_trackers("textual_inversion", config=tracker_config(args))
-        infer.write_text(Path(args.output_dir) / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    logger.info(
-        "%s: %d photos (%d captioned, %d masked, %d bucket(s)), %d prompts, %d vector(s) of width %s, "
-        "%d steps x %d samples (%d process(es)), seed %d",
-        models.family.name,
-        concept.num_images,
-        sum(r["caption"] is not None for r in records),
-        sum(r["mask"] is not None for r in records),
-        len(concept.bucket_sizes),
-        len(concept.prompts),
-        args.num_vectors,
-        "+".join(str(r.shape[1]) for r in placeholders.rows),
-        total_steps(args, concept.num_images, world),
-        args.train_batch_size * args.gradient_accumulation_steps * world,
-        world,
-        state.seed,
-    )
-    chunk = args.micro_batch_size or args.train_batch_size * args.gradient_accumulation_steps
-    watch = Watch(models, placeholders, concept, args, accelerator, state, chunk, resumed=checkpoint is not None)
-    result = train(models, placeholders, concept, args, accelerator, state, watch, optimizer_state, stop)
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        written = save_outputs(placeholders, models, args, state)
-        if args.save_as_full_pipeline:
-            save_full_pipeline(args, models, out)
-        if result.compiled_graphs is not None:
-            logger.info("torch.compile: %d graphs compiled in this run", result.compiled_graphs)
-        logger.info(
-            "Done: %d steps in %.1f s (%.1f samples/s); kept %s; files in %s",
-            result.steps,
-            result.seconds,
-            result.samples_per_second,
-            kept_step_reason(args, state),
-            written[0].parent,
-        )
-        if repo_id is not None:
-            push_to_hub(args, models, state, result, repo_id, watch)
-    accelerator.end_training()
+        run = prepare(args, accelerator, stop)
+        result = train(run)
+        finish(run, result)
     return result
-
-
-def kept_step_reason(args: argparse.Namespace, state: RunState) -> str:
-    if args.early_stopping_patience and state.best_rows is not None:
-        why = (
-            f"stopped early: no better validation loss in {args.early_stopping_patience} evaluations"
-            if state.stopped_early
-            else "the lowest validation loss"
-        )
-        return f"step {state.best_step} ({why}, {state.best_loss:.4f})"
-    return f"the last step {state.step}"
 
 
 if __name__ == "__main__":

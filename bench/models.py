@@ -5,7 +5,7 @@ of the real shape gives honest timings without downloading anything. The tests u
 `tiny` shapes; the benchmarks use `sd15` and `sdxl` as well.
 
     python bench/models.py sd15 /tmp/sd15          # writes a diffusers folder
-    python bench/models.py tiny /tmp/tiny --vocab tiny
+    python bench/models.py tiny /tmp/tiny --prediction_type v_prediction
 
 Tokenizers: `tiny` vocabularies are trained here with a few lines of BPE over a word list;
 `clip` is the real 49,408-token CLIP vocabulary, read from the `bpe_simple_vocab_16e6.txt.gz`
@@ -363,6 +363,80 @@ def _build_pipeline(shape: str, folder: Path, prediction_type: str, seed: int) -
             requires_safety_checker=False,
         )
     pipe.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# Scorers for `infer.py eval`: a CLIP and a DINO-shaped ViT with random weights, each a folder
+# that transformers loads as the Hub's openai/clip-vit-base-patch32 and facebook/dino-vits16
+# (model, image processor, and CLIP's tokenizer). `real` has those models' shapes, `tiny`
+# is for tests.
+
+SCORER_SHAPES = {
+    "tiny": dict(
+        clip_vision=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=8
+        ),
+        clip_text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16,
+        dino=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=8),
+        image_size=32,
+    ),
+    "real": dict(  # CLIP ViT-B/32 (the papers' CLIP), DINO ViT-S/16 (DreamBooth's DINO)
+        clip_vision=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32
+        ),
+        clip_text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        projection_dim=512,
+        dino=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, patch_size=16),
+        image_size=224,
+    ),
+}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def build_clip_scorer(shape: str, folder: str | Path, seed: int = 0) -> Path:
+    """A random-weight CLIPModel folder with its CLIPProcessor (image processor as CLIP's,
+    resized and centre-cropped to the shape's size; the `tiny` CLIP vocabulary)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    spec, folder = SCORER_SHAPES[shape], Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer("tiny", Path(tmp) / "tok")
+    text = dict(
+        spec["clip_text"],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = CLIPConfig(
+        text_config=text,
+        vision_config=dict(spec["clip_vision"], image_size=spec["image_size"]),
+        projection_dim=spec["projection_dim"],
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    size = spec["image_size"]
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def build_dino_scorer(shape: str, folder: str | Path, seed: int = 0) -> Path:
+    """A random-weight ViTModel folder shaped as DINO's, with a ViTImageProcessor as DINO's
+    (resized to the shape's size, ImageNet mean and spread)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    spec, folder = SCORER_SHAPES[shape], Path(folder)
+    size = spec["image_size"]
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(**spec["dino"], image_size=size)).save_pretrained(folder)
+    processor = ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+    processor.save_pretrained(folder)
     return folder
 
 

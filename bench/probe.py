@@ -5,12 +5,15 @@
 Records, without changing the script: the time of every real optimizer step (a global
 torch.optim post-step hook, so gradient-accumulation micro-steps that do not step are not
 counted), every `Accelerator.log` call (the losses), the peak resident memory, the input shape
-of every training UNet call and, on CUDA, the peak allocated memory. Times are seconds since this process started.
+of every training UNet call and, on CUDA, the peak allocated memory. Times are seconds since this process started
+(`start_epoch` is that moment on the wall clock, so a parent can time from its own launch); `end`
+is taken at exit after a torch.cuda.synchronize(), so it counts every kernel the run queued.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import resource
@@ -19,6 +22,7 @@ import sys
 import time
 
 START = time.perf_counter()
+START_EPOCH = time.time()
 
 
 def main() -> None:
@@ -48,15 +52,21 @@ def main() -> None:
     forward = UNet2DConditionModel.forward
 
     def counting_forward(self, sample, *args, **kwargs):
-        if torch.is_grad_enabled():
+        # Not while torch.compile traces: a list mutated inside a graph becomes a guard on its
+        # length, and every later call would recompile (--compile runs record no calls).
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             unet_calls.append(list(sample.shape))
         return forward(self, sample, *args, **kwargs)
 
     UNet2DConditionModel.forward = counting_forward
 
     def dump() -> None:
-        cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+        cuda_peak = None
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            cuda_peak = torch.cuda.max_memory_allocated()
         record = {
+            "start_epoch": START_EPOCH,
             "steps": steps,
             "logs": logs,
             "unet_calls": unet_calls,
@@ -68,6 +78,10 @@ def main() -> None:
             json.dump(record, f)
 
     atexit.register(dump)
+    # PROBE_IMPORTS (comma-separated modules): a one-time import the script makes mid-run (this
+    # trainer's first loss.png) then lands in start-up, alike for a short and a long run.
+    for name in filter(None, os.environ.get("PROBE_IMPORTS", "").split(",")):
+        importlib.import_module(name)
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

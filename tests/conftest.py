@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.models import build_pipeline, write_single_file  # noqa: E402
+from bench.models import build_clip_scorer, build_dino_scorer, build_pipeline, write_single_file  # noqa: E402
 
 RESOLUTION = 64  # 8x8 latents with the tiny 8x VAE
 
@@ -34,6 +34,18 @@ def tiny_sd(tmp_path_factory) -> Path:
 def tiny_sd_v(tmp_path_factory) -> Path:
     """The same shapes with a v-prediction scheduler, as SD 2.x uses."""
     return build_pipeline("tiny", tmp_path_factory.mktemp("tiny_sd_v") / "pipe", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random-weight CLIPModel folder with its CLIPProcessor, for `infer.py eval --clip_model`."""
+    return build_clip_scorer("tiny", tmp_path_factory.mktemp("tiny_clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> Path:
+    """A tiny random-weight ViTModel folder shaped as DINO's, with its ViTImageProcessor (--dino_model)."""
+    return build_dino_scorer("tiny", tmp_path_factory.mktemp("tiny_dino") / "dino")
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +102,22 @@ def train_once(argv: list[str]):
     import textual_inversion
 
     try:
-        return textual_inversion.run(textual_inversion.parse_args([str(a) for a in argv]))
+        return textual_inversion.run_training(textual_inversion.parse_args([str(a) for a in argv]))
     finally:
         reset_accelerate_state()
+
+
+def plan_for(args, family=None, num_images: int = 3, world: int = 1, initializer=None, vae_scale: int = 8):
+    """The trainer's plan for parsed `args`, with the model read from its configs when it exists
+    (else a stand-in of `family`, SD by default): what the stages after it are given."""
+    import textual_inversion as ti
+
+    model = Path(args.pretrained_model_name_or_path)
+    if model.exists():
+        source = ti.read_model_source(args)
+    else:
+        source = ti.ModelSource(str(model), family or ti.StableDiffusion, str(model), None, vae_scale, 12)
+    return ti.make_plan(args, world, "no", source, initializer, num_images)
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str, **flags) -> list[str]:

@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, plan_for
 
 import textual_inversion as ti
 
@@ -95,13 +95,14 @@ def test_defaults_are_the_reference_scripts():
     required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
     args = ti.parse_args([*required, "--placeholder_token", "<x>", "--initializer_token", "a"])
     expected = dict(
-        learnable_property="object", num_vectors=1, repeats=100, resolution=512, train_batch_size=16,
+        learnable_property="object", repeats=100, resolution=512, train_batch_size=16,
         gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500,
         adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, save_steps=500,
         checkpointing_steps=500, num_validation_images=4, validation_steps=100, output_dir="text-inversion-model",
     )  # fmt: skip
     assert {k: getattr(args, k) for k in expected} == expected
-    assert ti.total_steps(args, num_images=4, world_size=1) == 5000
+    plan = plan_for(args, num_images=4)
+    assert (plan.num_vectors, plan.max_steps) == (1, 5000)
 
 
 def test_help_lists_every_flag():

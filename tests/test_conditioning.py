@@ -3,12 +3,10 @@ layer that diffusers' pipelines use for the same clip_skip, and every output say
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import RESOLUTION, train_args, train_once
+from conftest import RESOLUTION, plan_for, train_args, train_once
 from PIL import Image
 from test_errors import fails_cleanly
 from test_watch import RecordingHub, hub_run
@@ -40,7 +38,7 @@ def trainer_conditioning(model, photos, trained, tmp_path, clip_skip: int):
     args = ti.parse_args([*argv, "--initializer_embedding", str(trained)])
     embedding = ti.read_initializer_embedding(args)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    placeholders = ti.add_placeholder_tokens(models, "<concept>", embedding, args.num_vectors)
+    placeholders = ti.add_placeholder_tokens(models, plan_for(args, initializer=embedding).tokens, embedding)
     prompt = PROMPT.replace("<concept>", " ".join(placeholders.tokens))
     ids = [tok([prompt], padding="max_length", return_tensors="pt").input_ids for tok in models.tokenizers]
     time_ids = models.family.time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION))
@@ -124,7 +122,8 @@ def test_infer_generates_with_the_clip_skip_and_records_it(tiny_sd, trained_sd, 
     argv += ["--steps", 2, "--height", RESOLUTION, "--width", RESOLUTION, "--seed", 3, "--clip_skip", 1]
     assert infer.main([str(a) for a in argv]) == 0
     png = Image.open(tmp_path / "00000-3.png")
-    assert json.loads(png.text["parameters"])["clip_skip"] == 1
+    assert infer.read_png_settings(tmp_path / "00000-3.png")["clip_skip"] == 1
+    assert ", Clip skip: 2, " in png.text["parameters"]  # A1111 counts from 1
 
     pipe = infer.load_pipeline(str(tiny_sd))
     infer.set_scheduler(pipe, "dpm++")

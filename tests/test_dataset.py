@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_photo, train_args
+from conftest import make_photo, plan_for, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,15 +19,17 @@ BUCKETS = dict(aspect_buckets=True, bucket_step=16)  # at 64 px: 32x128 ... 64x6
 
 
 def dataset(data: Path, tmp_path: Path, **flags) -> ti.TextualInversionDataset:
-    return ti.dataset_from_args(ti.parse_args(train_args("model", data, tmp_path / "out", **flags)))
+    args = ti.parse_args(train_args("model", data, tmp_path / "out", **flags))
+    return ti.dataset_from_args(args, plan_for(args))
 
 
 def stages(model: Path, data: Path, tmp_path: Path, **flags):
     """(models, placeholders, concept) through the trainer's own stages, as run() calls them."""
     args = ti.parse_args(train_args(model, data, tmp_path / "out", **flags))
-    images = ti.dataset_from_args(args)
+    plan = plan_for(args)
+    images = ti.dataset_from_args(args, plan)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    placeholders = ti.add_placeholder_tokens(models, "<concept>", "toy", args.num_vectors)
+    placeholders = ti.add_placeholder_tokens(models, plan.tokens, "toy")
     concept = ti.encode_concept(
         ti.decode_images(images, 0),
         images.photo_prompts,
@@ -142,6 +144,35 @@ def test_a_cut_that_removes_the_new_word_is_an_error_naming_the_caption_file(tin
         stages(tiny_sd, tmp_path / "data", tmp_path, caption_extension=".txt")
 
 
+def test_a_caption_may_use_the_word_twice_and_each_gets_all_vector_tokens(tiny_sd, tmp_path, run_trainer):
+    make_photo(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.txt").write_text("a <concept> next to another [name]")
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, tmp_path / "data", out, caption_extension=".txt", num_vectors=2))
+    [record] = [json.loads(line) for line in (out / "dataset.jsonl").read_text().splitlines()]
+    assert record["prompts"] == ["a <concept> <concept>_1 next to another <concept> <concept>_1"]
+    assert (out / "learned_embeds.safetensors").exists()
+
+
+def test_every_occurrence_of_the_word_is_two_whole_runs_of_its_token_ids(tiny_sd, tmp_path):
+    make_photo(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.txt").write_text("[name] and [name]")
+    _, placeholders, concept = stages(tiny_sd, tmp_path / "data", tmp_path, caption_extension=".txt")
+    ids = concept.prompt_ids[0][0].tolist()
+    assert ids.count(placeholders.ids[0][0]) == 2
+    assert ti.word_occurrences(ids, placeholders.ids[0]) == (2, True)
+
+
+def test_a_vector_token_standing_without_the_word_is_still_refused(tiny_sd, tmp_path):
+    make_photo(tmp_path / "data" / "a.png")
+    models, placeholders, _ = stages(tiny_sd, tmp_path / "data", tmp_path, num_vectors=2)
+    tokenizer, ids = models.tokenizers[0], placeholders.ids[0]
+    assert ti.word_occurrences([1, *ids, 2, *ids], ids) == (2, True)
+    assert ti.word_occurrences([1, ids[1], 2], ids) == (0, False)
+    with pytest.raises(ti.UserError, match="does not tokenize as its own new token"):
+        ti.tokenize_prompts(["a <concept>_1 alone"], tokenizer, ids, "<concept>", {})
+
+
 # ----------------------------------------------------------------------------------------
 # Template files (A1111).
 
@@ -162,6 +193,37 @@ def test_filewords_take_the_caption_else_the_words_of_the_file_name(tmp_path):
     templates.write_text("a photo of [name], [filewords]\n")
     data = dataset(tmp_path, tmp_path, template_file=templates, caption_extension=".txt")
     assert data.photo_prompts == [["a photo of <concept>, red toy on grass"]] * 2
+
+
+def test_filewords_over_a_caption_holding_the_word_give_it_all_its_vector_tokens(tmp_path):
+    make_photo(tmp_path / "a.png")
+    make_photo(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("<concept> on a wooden table")
+    (tmp_path / "b.txt").write_text("a [name] on grass")
+    templates = tmp_path / "subject_filewords.txt"
+    templates.write_text("a photo of a [name], [filewords]\n")
+    data = dataset(tmp_path, tmp_path, template_file=templates, caption_extension=".txt", num_vectors=2)
+    word = "<concept> <concept>_1"
+    assert data.photo_prompts == [
+        [f"a photo of a {word}, {word} on a wooden table"],
+        [f"a photo of a {word}, a {word} on grass"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("template", "prompt"),
+    [
+        ("a photo of [name], [filewords]", "a photo of <concept>"),
+        ("[filewords], a photo of [name]", "a photo of <concept>"),
+        ("a [name] [filewords] style", "a <concept> style"),
+    ],
+    ids=["after", "before", "inside"],
+)
+def test_empty_filewords_leave_no_dangling_separator(tmp_path, template, prompt):
+    make_photo(tmp_path / "0001.png")  # no caption, and no words in its file name
+    templates = tmp_path / "t.txt"
+    templates.write_text(template + "\n")
+    assert dataset(tmp_path, tmp_path, template_file=templates).photo_prompts == [[prompt]]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +326,7 @@ def test_a_bad_mask_is_a_one_line_error_naming_it(tiny_sd, tmp_path, make, error
     make(tmp_path / "data" / "a-masklabel.png")
     argv = train_args(tiny_sd, tmp_path / "data", tmp_path / "out", masked_loss=True)
     with pytest.raises(ti.UserError, match=f"mask .*a-masklabel.png: {error}") as raised:
-        ti.run(ti.parse_args(argv))
+        ti.run_training(ti.parse_args(argv))
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "out").exists()
 

@@ -82,6 +82,12 @@ def test_placeholder_that_is_already_a_word(tiny_sd, photos, previous_run, capsy
     fails_cleanly(capsys, argv, "--placeholder_token 'toy' is already a word the model knows", previous_run)
 
 
+@pytest.mark.parametrize("token", ["my duck", " <duck>", "<duck>\t"], ids=["space", "leading", "tab"])
+def test_placeholder_with_whitespace(tiny_sd, photos, previous_run, capsys, token):
+    argv = train_args(tiny_sd, photos, previous_run, placeholder_token=token)
+    fails_cleanly(capsys, argv, f"--placeholder_token {token!r} holds whitespace", previous_run)
+
+
 def test_blank_initializer(tiny_sd, photos, previous_run, capsys):
     """A phrase of several tokens is fine (tests/test_initializers.py); an empty one is not."""
     argv = train_args(tiny_sd, photos, previous_run, initializer_token="  ")

@@ -10,11 +10,12 @@ import pytest
 from conftest import make_photo
 from PIL import Image
 
+import infer
 import textual_inversion as ti
 
 
 def pixels_of(path, size=16, center_crop=False) -> np.ndarray:
-    return ti.fit_pixels(ti.open_rgb(path), (size, size), center_crop)[0]
+    return ti.fit_pixels(infer.open_rgb(path), (size, size), center_crop)[0]
 
 
 def test_every_supported_format_is_read_in_sorted_order(tmp_path):
@@ -32,7 +33,7 @@ def test_other_files_and_subfolders_are_skipped_with_one_warning(tmp_path, caplo
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "metadata.jsonl").write_text("{}")
     (tmp_path / "more").mkdir()
-    with caplog.at_level(logging.WARNING, logger="textual_inversion"):
+    with caplog.at_level(logging.WARNING, logger="infer"):
         dataset = ti.TextualInversionDataset(tmp_path, size=16)
     assert [p.name for p in dataset.image_paths] == ["photo.png"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -53,7 +54,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
     image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    upright = ti.open_rgb(tmp_path / "rotated.jpg")
+    upright = infer.open_rgb(tmp_path / "rotated.jpg")
     assert upright.size == (20, 40)
     top, bottom = np.asarray(upright)[:20].mean(), np.asarray(upright)[20:].mean()
     assert top > 200 and bottom < 50  # the white half now on top
@@ -62,8 +63,8 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_transparency_is_composited_on_white(tmp_path):
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     Image.new("LA", (8, 8), (0, 128)).save(tmp_path / "half.png")
-    assert (np.asarray(ti.open_rgb(tmp_path / "clear.png")) == 255).all()
-    half = np.asarray(ti.open_rgb(tmp_path / "half.png"))
+    assert (np.asarray(infer.open_rgb(tmp_path / "clear.png")) == 255).all()
+    half = np.asarray(infer.open_rgb(tmp_path / "half.png"))
     assert (abs(half.astype(int) - 127) <= 1).all()
 
 
@@ -71,7 +72,7 @@ def test_palette_transparency_is_composited_on_white(tmp_path):
     image = Image.new("P", (8, 8), 0)
     image.putpalette([0, 0, 0] * 256)
     image.save(tmp_path / "p.png", transparency=0)
-    assert (np.asarray(ti.open_rgb(tmp_path / "p.png")) == 255).all()
+    assert (np.asarray(infer.open_rgb(tmp_path / "p.png")) == 255).all()
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "I;16", "RGBA", "1", "I", "F"])
@@ -85,7 +86,7 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
         image = Image.new(mode, (8, 8))
         path = tmp_path / ("img.jpg" if mode == "CMYK" else "img.png")
     image.save(path)
-    rgb = ti.open_rgb(path)
+    rgb = infer.open_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (8, 8)
     if mode in ("I;16", "I", "F"):
         assert (np.asarray(rgb) == 255).all()  # full-scale 16-bit/float white stays white
@@ -101,7 +102,7 @@ def test_center_crop_takes_the_middle_square_before_resizing(tmp_path):
     image = Image.new("RGB", (30, 10), (255, 0, 0))
     image.paste((0, 255, 0), (10, 0, 20, 10))  # the middle square is green
     image.save(tmp_path / "wide.png")
-    pixels, crop = ti.fit_pixels(ti.open_rgb(tmp_path / "wide.png"), (20, 20), center_crop=True)
+    pixels, crop = ti.fit_pixels(infer.open_rgb(tmp_path / "wide.png"), (20, 20), center_crop=True)
     assert (pixels[..., 1] == 255).all() and (pixels[..., 0] == 0).all()
     assert crop == (0, 20)  # SDXL's crop offset, in the resized (short side = 20) frame
 
@@ -140,20 +141,20 @@ def test_a_truncated_image_is_named_in_the_error(tmp_path):
     Image.new("RGB", (64, 64), (10, 20, 30)).save(data, "JPEG")
     (tmp_path / "broken.jpg").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
     with pytest.raises(ti.UserError, match="broken.jpg"):
-        ti.open_rgb(tmp_path / "broken.jpg")
+        infer.open_rgb(tmp_path / "broken.jpg")
 
 
 def test_a_file_that_is_not_an_image_is_named_in_the_error(tmp_path):
     (tmp_path / "fake.png").write_text("not a png")
     with pytest.raises(ti.UserError, match="fake.png"):
-        ti.open_rgb(tmp_path / "fake.png")
+        infer.open_rgb(tmp_path / "fake.png")
 
 
 def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch):
     make_photo(tmp_path / "big.png", (64, 64))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the real limit is ~89M pixels
     with pytest.raises(ti.UserError, match="big.png.*too many pixels"):
-        ti.open_rgb(tmp_path / "big.png")
+        infer.open_rgb(tmp_path / "big.png")
 
 
 def test_a_missing_folder_is_an_error(tmp_path):

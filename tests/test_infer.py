@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,7 +256,7 @@ def test_hub_repo_id_is_fetched_through_the_hugging_face_cache(tiny_sd, tmp_path
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "out" / "00000-1.png"), str(tmp_path / "out" / "grid.png")]
     assert "loaded <cat-toy> (1 vector, diffusers) from sd-concepts-library/cat-toy" in done.stderr
-    meta = json.loads(Image.open(tmp_path / "out" / "00000-1.png").text["parameters"])
+    meta = infer.read_png_settings(tmp_path / "out" / "00000-1.png")
     assert meta["embeddings"][0]["sha256"] == [hashlib.sha256(embedding.read_bytes()).hexdigest()]
 
 
@@ -380,6 +381,26 @@ def test_image_k_can_be_made_again_alone_from_seed_plus_k(trained_sd, sd_pipe):
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
+def parse_a1111_infotext(text: str) -> dict[str, str]:
+    """A "parameters" text read the way A1111's PNG Info reads it (its grammar, written out here):
+    the last line holds the settings if it has at least three `Key: value` pairs, separated by
+    commas, a value being text up to the next comma or a JSON string in double quotes; the lines
+    before are the prompt, up to a line starting "Negative prompt:", and then the negative prompt."""
+    pair = re.compile(r'(\w[\w /-]*?):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,\s*|$)')
+    *lines, last = text.strip().split("\n")
+    pairs = pair.findall(last)
+    if len(pairs) < 3:
+        lines, pairs = [*lines, last], []
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        in_negative = in_negative or line.startswith("Negative prompt:")
+        (negative if in_negative else prompt).append(line.removeprefix("Negative prompt:").strip())
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in pairs:
+        fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    return fields
+
+
 def test_pngs_record_their_parameters_and_a_grid_tiles_them(trained_sd, tiny_sd, tmp_path, capsys):
     argv = generate_argv(tiny_sd, tmp_path, "--embedding", trained_sd, "--prompt", "a <concept> backpack")
     argv += ["--negative_prompt", "blurry", "--num_images", 3, "--seed", 5, "--scheduler", "euler"]
@@ -387,14 +408,16 @@ def test_pngs_record_their_parameters_and_a_grid_tiles_them(trained_sd, tiny_sd,
 
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / n) for n in ("00000-5.png", "00001-6.png", "00002-7.png", "grid.png")]
-    meta = json.loads(Image.open(tmp_path / "00001-6.png").text["parameters"])
-    assert meta == {
+    sha256 = hashlib.sha256((trained_sd / "learned_embeds.safetensors").read_bytes()).hexdigest()
+    assert infer.read_png_settings(tmp_path / "00001-6.png") == {
         "prompt": "a <concept> backpack",
         "negative_prompt": "blurry",
         "seed": 6,
         "steps": STEPS,
         "guidance_scale": 7.5,
         "scheduler": "euler",
+        "sampler": "Euler",
+        "schedule_type": "Uniform",
         "width": RESOLUTION,
         "height": RESOLUTION,
         "model": str(tiny_sd),
@@ -404,13 +427,72 @@ def test_pngs_record_their_parameters_and_a_grid_tiles_them(trained_sd, tiny_sd,
                 "token": "<concept>",
                 "vectors": 2,
                 "source": str(trained_sd),
-                "sha256": [hashlib.sha256((trained_sd / "learned_embeds.safetensors").read_bytes()).hexdigest()],
+                "sha256": [sha256],
+                "name": "<concept>",
+                "hash": sha256[:12],
             }
         ],
     }
+    a1111 = parse_a1111_infotext(Image.open(tmp_path / "00001-6.png").text["parameters"])
+    assert a1111 == {
+        "Prompt": "a <concept> backpack",
+        "Negative prompt": "blurry",
+        "Steps": str(STEPS),
+        "Sampler": "Euler",
+        "Schedule type": "Uniform",
+        "CFG scale": "7.5",
+        "Seed": "6",
+        "Size": f"{RESOLUTION}x{RESOLUTION}",
+        "Model": tiny_sd.name,
+        "TI hashes": f"<concept>: {sha256[:12]}",
+    }
+    assert parse_a1111_infotext(Image.open(tmp_path / "grid.png").text["parameters"])["Seed"] == "5"
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * RESOLUTION, 2 * RESOLUTION)  # 3 images: 2 columns, 2 rows
     assert np.array_equal(np.asarray(grid)[:RESOLUTION, RESOLUTION:], np.asarray(Image.open(tmp_path / "00001-6.png")))
+
+
+def test_a1111_infotext_lines_quote_what_holds_commas_and_count_clip_skip_from_one():
+    settings = {
+        "prompt": "a <concept>, on a beach",
+        "negative_prompt": "blurry, easyneg",
+        "seed": 5,
+        "steps": 30,
+        "guidance_scale": 7.5,
+        "sampler": "DPM++ 2M",
+        "schedule_type": "Uniform",
+        "width": 512,
+        "height": 768,
+        "model": "/models/myFinetune.safetensors",
+        "clip_skip": 1,
+        "embeddings": [{"name": "charturnerv2", "hash": "0123456789ab"}, {"name": "easy:neg,x", "hash": "ba98765432"}],
+    }
+    text = infer.a1111_parameters(settings)
+
+    assert text.split("\n") == [
+        "a <concept>, on a beach",
+        "Negative prompt: blurry, easyneg",
+        "Steps: 30, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7.5, Seed: 5, Size: 512x768, "
+        'Model: myFinetune, Clip skip: 2, TI hashes: "charturnerv2: 0123456789ab, easynegx: ba98765432"',
+    ]  # A1111 drops ":" and "," from names in TI hashes
+    parsed = parse_a1111_infotext(text)
+    assert parsed["Prompt"] == "a <concept>, on a beach" and parsed["Negative prompt"] == "blurry, easyneg"
+    assert parsed["Clip skip"] == "2" and parsed["TI hashes"] == "charturnerv2: 0123456789ab, easynegx: ba98765432"
+
+
+def test_the_full_settings_json_round_trips_under_its_own_png_key(tmp_path):
+    settings = {"prompt": "ünïcode, <concept>", "negative_prompt": "", "seeds": [3, 4], "steps": 2,
+                "guidance_scale": 5.0, "sampler": "DDIM", "width": 8, "height": 8, "model": "org/name",
+                "embeddings": [], "anything": {"nested": [1, 2.5, None]}}  # fmt: skip
+    infer.write_png(tmp_path / "x.png", Image.new("RGB", (8, 8)), settings)
+
+    assert infer.read_png_settings(tmp_path / "x.png") == settings
+    assert Image.open(tmp_path / "x.png").text["parameters"].splitlines() == [
+        "ünïcode, <concept>",
+        "Steps: 2, Sampler: DDIM, CFG scale: 5.0, Seed: 3, Size: 8x8, Model: name",
+    ]
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert infer.read_png_settings(tmp_path / "plain.png") is None
 
 
 def test_a_second_run_numbers_on_instead_of_overwriting(trained_sd, tiny_sd, tmp_path, capsys):
@@ -473,6 +555,130 @@ def test_device_auto_is_cpu_here_and_dtype_auto_is_fp16_only_on_cuda():
     assert infer.pick_dtype("auto", torch.device("cuda")) == torch.float16
     assert infer.pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert infer.pick_dtype("auto", torch.device("mps")) == torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Calling an embedding by its file name, as A1111 and ComfyUI do.
+
+
+def a1111_file(path: Path, name: str, n: int = 4, seed: int = 0) -> Path:
+    """An A1111 .pt whose "name" field is `name`, saved under another file name, as A1111 users share them."""
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors(n, 32, seed)}, "name": name, "step": 100}
+    torch.save(data, path)
+    return path
+
+
+def test_an_a1111_file_answers_to_its_file_name_as_well_as_its_name_field(tmp_path, sd_pipe):
+    src = a1111_file(tmp_path / "charturnerv2.pt", "charturner")
+
+    tokens = infer.load_embedding(sd_pipe, src)
+
+    assert tokens[0] == "charturner"
+    for written in ("charturnerv2, a knight", "CharTurnerV2, a knight", "embedding:charturnerv2, a knight"):
+        assert infer.normalize_prompt(sd_pipe, written) == "charturner, a knight"
+    assert infer.unused_tokens(sd_pipe, tokens[:1], "charturnerv2, a knight") == []
+    assert np.array_equal(make_image(sd_pipe, "charturnerv2, a knight"), make_image(sd_pipe, "charturner, a knight"))
+
+
+def test_a_file_name_alias_is_matched_as_a_whole_word_and_never_inside_the_token(trained_sd, tmp_path, sd_pipe):
+    """Our own folder converted for A1111 is concept.pt holding "<concept>": both words call it."""
+    (src,) = infer.convert_embedding(trained_sd, tmp_path, "a1111")
+    assert src.name == "concept.pt"
+
+    infer.load_embedding(sd_pipe, src)
+
+    assert infer.normalize_prompt(sd_pipe, "a <concept> and concept, concepts") == "a <concept> and <concept>, concepts"
+
+
+def test_a_file_name_that_is_a_known_word_keeps_its_meaning_with_a_warning(tmp_path, sd_pipe, caplog):
+    src = a1111_file(tmp_path / "toy.pt", "<my-toy>")
+
+    infer.load_embedding(sd_pipe, src)
+
+    assert infer.normalize_prompt(sd_pipe, "a toy") == "a toy"
+    assert f"{src}: its file name 'toy' already means something in prompts; call this embedding '<my-toy>'" in (
+        caplog.text
+    )
+
+
+def test_renaming_with_token_drops_the_file_name(tmp_path):
+    src = a1111_file(tmp_path / "charturnerv2.pt", "charturner")
+    assert infer.read_embedding(src).aliases == ("charturnerv2",)
+    assert infer.read_embedding(src, token="<turner>").aliases == ()
+
+
+def test_the_command_line_takes_an_a1111_file_by_its_file_name(tiny_sd, tmp_path, sd_pipe):
+    src = a1111_file(tmp_path / "charturnerv2.pt", "charturner")
+    argv = generate_argv(tiny_sd, tmp_path / "out", "--embedding", src, "--prompt", "charturnerv2, a knight")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *map(str, [*argv, "--seed", 3])],
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert f"loaded charturner (4 vectors, A1111) from {src}; also answers to charturnerv2" in done.stderr
+    assert "warning" not in done.stderr
+    png = Image.open(tmp_path / "out" / "00000-3.png")
+    sha256 = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert parse_a1111_infotext(png.text["parameters"])["TI hashes"] == f"charturnerv2: {sha256[:12]}"
+    infer.set_scheduler(sd_pipe, "dpm++")
+    infer.load_embedding(sd_pipe, src)
+    assert np.array_equal(np.asarray(png.convert("RGB")), make_image(sd_pipe, "charturner, a knight", seed=3))
+
+
+# ----------------------------------------------------------------------------------------
+# A run stopped before its end has no learned_embeds: its newest rows are used, and named.
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_sd, photos, tmp_path_factory) -> Path:
+    """A 7-step run with learned_embeds-steps-3/-6 and checkpoint-4, its final files then
+    removed: what the folder holds when a run is stopped before its end."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    train(tiny_sd, photos, out, max_train_steps=7, save_steps=3, checkpointing_steps=4)
+    for name in ("learned_embeds.safetensors", "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"):
+        (out / name).unlink()
+    return out
+
+
+def test_a_stopped_runs_folder_gives_its_newest_saved_rows_and_names_them(stopped_run, caplog):
+    emb = infer.read_embedding(stopped_run)
+
+    newest = stopped_run / "learned_embeds-steps-6.safetensors"
+    assert emb.files == [newest]
+    assert torch.equal(emb.vectors["clip_l"], load_file(newest)["<concept>"])
+    assert f"using its newest rows, step 6: {newest}" in caplog.text
+
+
+def test_a_newer_checkpoint_wins_over_older_steps_files(stopped_run, tmp_path, caplog):
+    import shutil
+
+    folder = Path(shutil.copytree(stopped_run, tmp_path / "run"))
+    (folder / "learned_embeds-steps-6.safetensors").unlink()
+
+    emb = infer.read_embedding(folder)
+
+    checkpoint = folder / "checkpoint-4" / "learned_embeds.safetensors"
+    assert emb.files == [checkpoint] and emb.token == "<concept>"
+    assert f"using its newest rows, step 4: {checkpoint}" in caplog.text
+
+
+def test_the_command_line_generates_from_a_stopped_run_and_says_which_step(stopped_run, tiny_sd, tmp_path, capsys):
+    argv = generate_argv(tiny_sd, tmp_path, "--embedding", stopped_run, "--prompt", "a <concept>", "--seed", 1)
+    assert cli(*argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {stopped_run} has no learned_embeds file (a stopped run?); using its newest rows, step 6: "
+        f"{stopped_run / 'learned_embeds-steps-6.safetensors'}"
+    ]
+
+
+def test_a_finished_runs_folder_reads_its_learned_embeds_as_before(trained_sd, caplog):
+    assert infer.read_embedding(trained_sd).files == [trained_sd / "learned_embeds.safetensors"]
+    assert "newest rows" not in caplog.text
 
 
 # ----------------------------------------------------------------------------------------

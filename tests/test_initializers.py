@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_args, train_once
+from conftest import plan_for, train_args, train_once
 from safetensors.torch import load_file
 from test_errors import fails_cleanly
 
@@ -17,9 +17,9 @@ def start(model, photos, tmp_path, **flags):
     """(models, placeholders) through the stages run() calls before training."""
     args = ti.parse_args(train_args(model, photos, tmp_path / "out", **flags))
     embedding = ti.read_initializer_embedding(args)
+    plan = plan_for(args, initializer=embedding)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    initializer = embedding or args.initializer_token
-    return models, ti.add_placeholder_tokens(models, args.placeholder_token, initializer, args.num_vectors)
+    return models, ti.add_placeholder_tokens(models, plan.tokens, embedding or args.initializer_token)
 
 
 def phrase_token_rows(models, phrase: str) -> list[torch.Tensor]:
@@ -130,3 +130,21 @@ def test_an_embedding_of_another_width_is_refused_naming_both(tiny_sd, photos, t
 def test_an_unreadable_embedding_is_refused_naming_the_flag(tiny_sd, photos, tmp_path, capsys):
     argv = train_args(tiny_sd, photos, tmp_path / "out", initializer_token=None)
     fails_cleanly(capsys, [*argv, "--initializer_embedding", tmp_path / "missing.pt"], "--initializer_embedding")
+
+
+def test_an_initializer_that_splits_into_pieces_is_said_in_one_line(tiny_sd, photos, tmp_path, caplog):
+    with caplog.at_level("INFO", "textual_inversion"):
+        models, _ = start(tiny_sd, photos, tmp_path, initializer_token="xyzzyq", num_vectors=2)
+    pieces = models.tokenizers[0].tokenize("xyzzyq")
+    [line] = [r for r in caplog.records if "--initializer_token 'xyzzyq'" in r.getMessage()]
+    assert line.levelname == "WARNING"  # one word in several pieces: likely a typo
+    assert line.getMessage().startswith(f"--initializer_token 'xyzzyq' is {len(pieces)} tokens ({' '.join(pieces)})")
+    assert "vector 1 from" in line.getMessage() and "vector 2 from" in line.getMessage()
+
+
+def test_a_phrase_of_known_words_is_said_as_information(tiny_sd, photos, tmp_path, caplog):
+    with caplog.at_level("INFO", "textual_inversion"):
+        start(tiny_sd, photos, tmp_path, initializer_token="red toy")
+    [line] = [r for r in caplog.records if "--initializer_token 'red toy'" in r.getMessage()]
+    assert line.levelname == "INFO"
+    assert line.getMessage().endswith("the vector starts from the mean of red</w>, toy</w>")

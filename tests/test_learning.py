@@ -56,7 +56,7 @@ def stages(model, photos, out, placeholder: str):
     """The trainer's models and new token for `model`, in fp32 on the CPU."""
     args = ti.parse_args(train_args(model, photos, out, resolution=SIZE, placeholder_token=placeholder))
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    return models, ti.add_placeholder_tokens(models, placeholder, "toy", 1)
+    return models, ti.add_placeholder_tokens(models, [placeholder], "toy")
 
 
 def teach(models, pictures_per_concept: int = 24) -> None:

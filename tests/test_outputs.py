@@ -63,7 +63,7 @@ def test_no_safe_serialization_writes_bin_files(tiny_sd, photos, tmp_path, run_t
     out = tmp_path / "out"
     run_trainer(train_args(tiny_sd, photos, out, "--no_safe_serialization", max_train_steps=2, save_steps=1))
     names = sorted(p.name for p in out.glob("learned_embeds*"))
-    assert names == ["learned_embeds-steps-1.bin", "learned_embeds.bin"]
+    assert names == ["learned_embeds-steps-1.bin", "learned_embeds-steps-2.bin", "learned_embeds.bin"]
 
 
 def test_style_concepts_say_so(tiny_sd, photos, tmp_path, run_trainer):

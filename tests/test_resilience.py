@@ -8,6 +8,9 @@ import errno
 import json
 import logging
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -186,7 +189,7 @@ def test_every_file_the_trainer_writes_goes_through_the_atomic_writer(tiny_sd, p
     real_write, real_append = infer.atomic_write, infer.append_text
 
     def atomic_write(path, write):
-        written.add(Path(str(path).replace(".hub.tmp", "hub").replace(".checkpoint-1.tmp", "checkpoint-1")))
+        written.add(Path(re.sub(r"\.(hub|checkpoint-\d+)\.tmp", r"\1", str(path))))  # the folder it becomes
         return real_write(path, write)
 
     def append_text(path, text):
@@ -211,8 +214,10 @@ def test_every_file_the_trainer_writes_goes_through_the_atomic_writer(tiny_sd, p
 
 @pytest.fixture
 def two_checkpoints(tiny_sd, photos, tmp_path) -> Path:
+    """A 3-step run's folder as a kill after step 2 would have left its checkpoints: 1 and 2."""
     out = tmp_path / "out"
     train_once(train_args(tiny_sd, photos, out, max_train_steps=3, checkpointing_steps=1, logging_steps=1))
+    shutil.rmtree(out / "checkpoint-3")
     return out
 
 
@@ -358,6 +363,25 @@ def test_a_failing_upload_is_retried_then_one_line_with_the_files_kept(tiny_sd, 
     assert infer.read_embedding(out / "hub").token == "<concept>"
 
 
+def test_ctrl_c_while_waiting_to_retry_the_upload_ends_the_wait(tiny_sd, photos, tmp_path, capsys, monkeypatch):
+    attempts = []
+
+    def upload_folder(**kwargs):
+        attempts.append(kwargs["folder_path"])
+        os.kill(os.getpid(), signal.SIGINT)  # the user gives up on a slow network
+        raise ConnectionError("503 Service Unavailable")
+
+    monkeypatch.setattr(ti, "hub_api", lambda token: SimpleNamespace(upload_folder=upload_folder))
+    monkeypatch.setattr(ti, "create_hub_repo", lambda args: "someone/concept")
+    monkeypatch.setattr(ti, "HUB_RETRY_SECONDS", (600, 600))
+    out = tmp_path / "out"
+    assert ti.main(train_args(tiny_sd, photos, out, "--push_to_hub", max_train_steps=1)) == 128 + signal.SIGINT
+    assert len(attempts) == 1  # no second try after the wait: the stop cut it short
+    error = only_error_line(capsys)
+    assert "stopped by SIGINT while retrying the Hub upload" in error
+    assert f"hf upload someone/concept {out / 'hub'}" in error
+
+
 @pytest.mark.parametrize(("threads", "processes", "warned"), [(1, 1, True), (2, 1, False), (1, 4, False)])
 def test_one_cpu_thread_with_cores_to_spare_is_said_with_the_fix(monkeypatch, caplog, threads, processes, warned):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
@@ -366,4 +390,4 @@ def test_one_cpu_thread_with_cores_to_spare_is_said_with_the_fix(monkeypatch, ca
     accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=processes)
     with caplog.at_level(logging.WARNING, "textual_inversion"):
         ti.warn_if_one_cpu_thread(accelerator)
-    assert ("accelerate launch --cpu" in caplog.text) == warned
+    assert ("accelerate launch --num_cpu_threads_per_process 4" in caplog.text) == warned

@@ -32,9 +32,13 @@ def trainer_argv(model: Path, photos: Path, out: Path, **flags) -> list[str]:
 
 
 def start(argv: list[str], log: Path, launcher: list[str] | None = None, **env) -> subprocess.Popen:
+    """The trainer (under `launcher`) in a session of its own, as a terminal's foreground job or a
+    Slurm job step is: its process group is what Ctrl-C and `scancel` signal."""
     command = [*(launcher or [sys.executable]), str(ROOT / "textual_inversion.py"), *argv]
     with open(log, "a") as stream:
-        return subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env={**ENV, **env})
+        return subprocess.Popen(
+            command, stdout=stream, stderr=subprocess.STDOUT, env={**ENV, **env}, start_new_session=True
+        )
 
 
 def accelerate_launch(processes: int) -> list[str]:
@@ -195,5 +199,86 @@ def test_a_trainer_whose_launcher_died_stops_with_a_checkpoint(tiny_sd, photos, 
     finally:
         launcher.kill()
     [checkpoint] = checkpoints(out)
-    assert f"error: stopped by SIGTERM at step {ti.read_checkpoint(checkpoint)['state']['step']}" in log.read_text()
+    step = ti.read_checkpoint(checkpoint)["state"]["step"]
+    assert error_lines(log)[-1].startswith(f"error: stopped by the launcher's exit at step {step}; saved {checkpoint}")
     assert not (out / ti.LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Signals as users send them: to the whole process group. Ctrl-C in a terminal and a
+# scheduler's SIGTERM reach the launcher too, which dies of it (at once, or 0.25 s after
+# Ctrl-C), and the kernel then tells the trainer that its launcher is gone. Steps of about a
+# second (256 px, 1 x 4 samples on this CPU) put that echo in the middle of a step.
+
+LONG_STEPS = dict(resolution=256, gradient_accumulation_steps=4, max_train_steps=6)
+
+
+def long_argv(model: Path, photos: Path, out: Path, **flags) -> list[str]:
+    return trainer_argv(model, photos, out, **{**LONG_STEPS, "checkpointing_steps": 1000, **flags})
+
+
+@pytest.fixture(scope="module")
+def straight_long(tiny_sd, photos, tmp_path_factory):
+    """Uninterrupted long-step runs under one and two processes: {processes: learned rows}."""
+    rows = {}
+    for processes in (1, 2):
+        out = tmp_path_factory.mktemp(f"straight{processes}") / "out"
+        log = out.parent / "log"
+        launcher = start(long_argv(tiny_sd, photos, out), log, accelerate_launch(processes), ACCELERATE_USE_CPU="true")
+        try:
+            assert launcher.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+        finally:
+            launcher.kill()
+        rows[processes] = learned(out)
+    return rows
+
+
+def trainers_under(launcher: subprocess.Popen) -> list[psutil.Process]:
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    return [p for p in children if any(part.endswith("textual_inversion.py") for part in p.cmdline())]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_the_launchers_process_group_saves_one_checkpoint_and_resumes_bit_for_bit(
+    tiny_sd, photos, tmp_path, straight_long, processes, signum
+):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = long_argv(tiny_sd, photos, out)
+    launcher = start(argv, log, accelerate_launch(processes), ACCELERATE_USE_CPU="true")
+    try:
+        assert wait_for(lambda: trained_a_step(out), launcher), log.read_text()[-3000:]
+        trainers = trainers_under(launcher)
+        assert len(trainers) == processes
+        os.killpg(launcher.pid, signum)
+        launcher.wait(timeout=TIMEOUT)  # the launcher may be gone long before its trainer
+        _, still_running = psutil.wait_procs(trainers, timeout=TIMEOUT)
+        assert not still_running
+    finally:
+        launcher.kill()
+
+    [checkpoint] = checkpoints(out)
+    step = ti.read_checkpoint(checkpoint)["state"]["step"]
+    assert error_lines(log)[-1] == (
+        f"error: stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; to continue, run the "
+        "same command with --resume_from_checkpoint latest"
+    )
+    assert not (out / ti.LOCK_FILE).exists()
+    resumed = start(
+        [*argv, "--resume_from_checkpoint", "latest"], log, accelerate_launch(processes), ACCELERATE_USE_CPU="true"
+    )
+    assert resumed.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+    assert torch.equal(learned(out), straight_long[processes])
+
+
+def test_a_second_ctrl_c_ends_the_trainer_at_once_and_leaves_every_file_whole(tiny_sd, photos, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = long_argv(tiny_sd, photos, out, gradient_accumulation_steps=8, checkpointing_steps=1)  # steps of seconds
+    trainer = start(argv, log)  # plain python: the user's second Ctrl-C reaches the trainer itself
+    assert wait_for(lambda: trained_a_step(out) and checkpoints(out), trainer), log.read_text()[-3000:]
+    os.killpg(trainer.pid, signal.SIGINT)
+    time.sleep(0.3)  # well inside a step of several seconds: the first stop is still finishing it
+    os.killpg(trainer.pid, signal.SIGINT)
+    assert trainer.wait(timeout=TIMEOUT) == -signal.SIGINT  # ended by the signal itself, not by a clean stop
+    assert not any("stopped by" in line for line in error_lines(log))
+    assert_nothing_half_written(out)

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import RESOLUTION, train_args, train_once
+from conftest import RESOLUTION, plan_for, train_args, train_once
 from safetensors.torch import load_file, save_file
 from test_errors import fails_cleanly
 from test_infer import WritesAFile
@@ -139,9 +139,8 @@ def test_full_pipeline_from_a_file_holds_its_weights_and_the_new_word(tiny_sd1_f
 
 def test_the_model_card_names_the_file_and_loads_it_with_from_single_file(tiny_sd1_file, tiny_sd1_layout):
     args = model_args(tiny_sd1_file, tiny_sd1_layout)
-    models = argparse.Namespace(family=ti.StableDiffusion, clip_skip=0)
     state = ti.RunState(step=3, seed=0)
-    card = ti.model_card("me/concept", args, models, state, None, [])
+    card = ti.model_card("me/concept", args, plan_for(args), state, [])
     assert "base_model:" not in card
     assert 'StableDiffusionPipeline.from_single_file("tiny-sd1.safetensors")' in card
 

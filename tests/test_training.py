@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import RESOLUTION, train_args
+from conftest import RESOLUTION, plan_for, train_args
 from safetensors.torch import load_file
 
 import textual_inversion as ti
@@ -18,7 +17,7 @@ def build_stages(model, photos, tmp_path, num_vectors=1, dtype=torch.float32, **
     args = ti.parse_args(train_args(model, photos, tmp_path / "out", num_vectors=num_vectors, **flags))
     dataset = ti.TextualInversionDataset(photos, RESOLUTION, args.center_crop, placeholder_token="<concept>")
     models = ti.load_models(args, torch.device("cpu"), dtype)
-    placeholders = ti.add_placeholder_tokens(models, "<concept>", "toy", num_vectors)
+    placeholders = ti.add_placeholder_tokens(models, ti.vector_tokens("<concept>", num_vectors), "toy")
     prompts = [t.replace("{}", " ".join(placeholders.tokens)) for t in dataset.templates]
     concept = ti.encode_concept(ti.decode_images(dataset, 0), prompts, models, placeholders)
     return SimpleNamespace(args=args, models=models, placeholders=placeholders, concept=concept)
@@ -178,12 +177,13 @@ def test_scale_lr_multiplies_by_the_effective_batch(tiny_sd, photos, tmp_path, r
 
 
 def test_total_steps_come_from_epochs_when_max_steps_is_unset():
-    args = argparse.Namespace(
-        max_train_steps=None, num_train_epochs=3, train_batch_size=2, gradient_accumulation_steps=2, repeats=10
-    )
-    assert ti.total_steps(args, num_images=4, world_size=1) == 3 * 10  # 40 samples / 4 per step
-    assert ti.total_steps(argparse.Namespace(**{**vars(args), "max_train_steps": 7}), 4, 1) == 7
-    assert ti.total_steps(argparse.Namespace(**{**vars(args), "num_train_epochs": None}), 4, 1) == 5000
+    def max_steps(**flags) -> int:
+        argv = train_args("m", "d", "out", train_batch_size=2, gradient_accumulation_steps=2, repeats=10, **flags)
+        return plan_for(ti.parse_args(argv), num_images=4).max_steps
+
+    assert max_steps(max_train_steps=None, num_train_epochs=3) == 3 * 10  # 40 samples / 4 per step
+    assert max_steps(max_train_steps=7, num_train_epochs=3) == 7
+    assert max_steps(max_train_steps=None) == 5000
 
 
 def test_compile_builds_each_graph_once_and_never_recompiles(tiny_sd, photos, tmp_path, run_trainer):
