@@ -283,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
     g.add_argument(
+        "--validation_scores",
+        action="store_true",
+        help="Score the validation images as `infer.py eval` does, into metrics.jsonl and loss.png: CLIP-T "
+        "against the prompt with --class_word for the new word, CLIP-I and DINO against the training photos.",
+    )
+    g.add_argument(
+        "--class_word",
+        default=None,
+        help="The word CLIP-T reads in place of the new one (default: --initializer_token), e.g. toy or dog.",
+    )
+    g.add_argument("--clip_model", default=infer.DEFAULT_CLIP_MODEL, help="CLIP for --validation_scores.")
+    g.add_argument("--dino_model", default=infer.DEFAULT_DINO_MODEL, help="DINO for --validation_scores.")
+    g.add_argument(
         "--early_stopping_patience",
         type=int,
         default=None,
@@ -350,6 +363,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         (args.max_embedding_norm is None or args.max_embedding_norm > 0, "--max_embedding_norm must be positive"),
         (
+            not args.validation_scores or bool(args.validation_prompt),
+            "--validation_scores scores the validation images: give --validation_prompt too",
+        ),
+        (
+            not args.validation_scores or bool(args.class_word or args.initializer_token),
+            "--validation_scores with --initializer_embedding needs --class_word: the word CLIP-T reads in place "
+            "of the new one (e.g. toy, dog)",
+        ),
+        (
             args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
             "--checkpoints_total_limit must be >= 1",
         ),
@@ -404,6 +426,7 @@ class Plan:
     buckets: list[tuple[int, int]] | None  # (w, h) in pixels, with --aspect_buckets
     weight_dtype: torch.dtype  # of the frozen models; the trained rows stay fp32
     extension: str  # of the embedding files: .safetensors, or .bin with --no_safe_serialization
+    class_word: str | None  # stands in for the new word in CLIP-T's text: --class_word, else the initializer
 
     @property
     def num_vectors(self) -> int:
@@ -486,6 +509,7 @@ def make_plan(
         buckets=buckets,
         weight_dtype={"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision],
         extension=".bin" if args.no_safe_serialization else ".safetensors",
+        class_word=args.class_word or args.initializer_token,
     )
 
 
@@ -1670,6 +1694,17 @@ def validation_images(
     return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
 
 
+def validation_scoring(args: argparse.Namespace, accelerator) -> tuple[infer.Scorers, infer.References] | None:
+    """--validation_scores, on the main process: `infer.py eval`'s scorers and the training photos'
+    features, made once, before the models load (a scorer missing offline fails first)."""
+    if not (args.validation_scores and accelerator.is_main_process):
+        return None
+    scorers = infer.Scorers(args.clip_model, args.dino_model, accelerator.device)
+    photos = infer.read_photos(args.train_data_dir, "--train_data_dir")
+    logger.info("Validation scores: %s and %s against %d photos", args.clip_model, args.dino_model, len(photos))
+    return scorers, scorers.references(photos)
+
+
 def plot_run(history: list[dict], path: Path) -> bool:
     """loss.png: training loss (raw and smoothed), validation loss, embedding norm. Returns
     False when matplotlib is not installed (it is optional)."""
@@ -1683,7 +1718,10 @@ def plot_run(history: list[dict], path: Path) -> bool:
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     norms = [(h["step"], h["embedding_norm"], h["vocab_median_norm"]) for h in history if "embedding_norm" in h]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[2, 1])
+    scored = [h for h in history if "clip_i" in h]
+    panels = 3 if scored else 2
+    figure, axes = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=True, height_ratios=[2, 1, 1][:panels])
+    top, bottom = axes[0], axes[1]
     if train:
         steps, losses = zip(*train)
         smooth, value = [], losses[0]
@@ -1702,7 +1740,13 @@ def plot_run(history: list[dict], path: Path) -> bool:
         bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
         bottom.legend(loc="upper left")
     bottom.set_ylabel("L2 norm")
-    bottom.set_xlabel("step")
+    if scored:  # --validation_scores: fidelity (CLIP-I, DINO) against editability (CLIP-T)
+        steps = [h["step"] for h in scored]
+        for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
+            axes[2].plot(steps, [h[key] for h in scored], "o-", label=label)
+        axes[2].set_ylabel("score (validation images)")
+        axes[2].legend(loc="upper left")
+    axes[-1].set_xlabel("step")
     figure.tight_layout()
     infer.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
@@ -1727,7 +1771,9 @@ class Watch:
         state: RunState,
         resumed: bool,
         interrupted=lambda: False,
+        scoring: tuple[infer.Scorers, infer.References] | None = None,
     ):
+        self.scoring = scoring  # --validation_scores, on the main process
         self.args, self.plan, self.models, self.placeholders, self.concept = args, plan, models, placeholders, concept
         self.accelerator, self.seed = accelerator, state.seed
         self.interrupted = interrupted  # a stop was requested: drop the images being made
@@ -1793,11 +1839,12 @@ class Watch:
     def validation_loss(self, chunk: int) -> float:
         return validation_loss(self.models, self.concept, self.batch, chunk)
 
-    def images(self, step: int) -> None:
-        """Validation images (main process, with --validation_prompt): a grid and the trackers'."""
+    def images(self, step: int) -> dict:
+        """Validation images (main process, with --validation_prompt): a grid and the trackers';
+        with --validation_scores, their mean CLIP-I, CLIP-T and DINO."""
         args = self.args
         if not (self.main and args.validation_prompt):
-            return
+            return {}
         if self.pipe is None:
             self.pipe = validation_pipeline(self.models)
         try:
@@ -1813,7 +1860,7 @@ class Watch:
             )
         except Interrupted:
             logger.info("Stopping: validation images of step %d dropped", step)
-            return
+            return {}
         folder = self.out / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid = infer.image_grid([image for row in rows for image in row], args.num_validation_images)
@@ -1827,6 +1874,13 @@ class Watch:
 
                 captioned = [wandb.Image(i, caption=p) for p, row in zip(args.validation_prompt, rows) for i in row]
                 tracker.log({"validation": captioned}, step=step)
+        if self.scoring is None:
+            return {}
+        scorers, photos = self.scoring
+        texts = [p.replace(args.placeholder_token, self.plan.class_word) for p in args.validation_prompt]
+        count = args.num_validation_images
+        scores = scorers.score([i for row in rows for i in row], [t for t in texts for _ in range(count)], photos)
+        return {key: float(values.double().mean()) for key, values in scores.items()}
 
     def record(self, step: int, record: dict, plot: bool) -> None:
         record = {"step": step, **record}
@@ -2022,6 +2076,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     dataset = dataset_from_args(args, plan, photos)
     examples = decode_images(dataset, args.dataloader_num_workers)
     records = dataset.records(examples)
+    scoring = validation_scoring(args, accelerator)
     models = load_models(args, accelerator.device, plan.weight_dtype, source)
     placeholders = add_placeholder_tokens(models, plan.tokens, initializer or args.initializer_token)
     concept = encode_concept(
@@ -2064,6 +2119,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
         state,
         checkpoint is not None,
         lambda: bool(stop.requested),
+        scoring,
     )
     saved = read_saved_steps(out) if checkpoint is not None else {}
     run = Run(
@@ -2160,12 +2216,10 @@ def train(run: Run) -> TrainResult:
 
 def validate(run: Run, images: bool = True) -> dict:
     """The fixed-noise validation loss, which the state judges (best step, early stopping), and
-    validation images."""
+    validation images (and their scores)."""
     loss = run.watch.validation_loss(run.fused.chunk)
     run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
-    if images:
-        run.watch.images(run.state.step)
-    return {"val_loss": loss}
+    return {"val_loss": loss, **(run.watch.images(run.state.step) if images else {})}
 
 
 def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
@@ -2295,6 +2349,7 @@ def write_run_record(run: Run) -> Path:
         "train_data_dir": local(args.train_data_dir),
         "placeholder_token": args.placeholder_token,
         "initializer_token": args.initializer_token,
+        "class_word": args.class_word,
         "initializer_embedding": local(args.initializer_embedding),
         "num_vectors": run.plan.num_vectors,
         "learnable_property": args.learnable_property,

@@ -163,3 +163,26 @@ def test_output_dir_that_is_a_file(tiny_sd, photos, tmp_path, capsys):
 def test_tracker_that_is_not_installed(tiny_sd, photos, previous_run, capsys):
     argv = train_args(tiny_sd, photos, previous_run, report_to="wandb")
     fails_cleanly(capsys, argv, "--report_to wandb: wandb is not installed", previous_run)
+
+
+def test_validation_scores_without_a_validation_prompt(tiny_sd, photos, tmp_path, capsys):
+    argv = train_args(tiny_sd, photos, tmp_path / "out", validation_scores=True)
+    fails_cleanly(capsys, argv, "--validation_scores scores the validation images: give --validation_prompt")
+
+
+def test_validation_scores_from_an_initializer_embedding_need_a_class_word(tiny_sd, photos, tmp_path, capsys):
+    embedding = tmp_path / "start.safetensors"
+    argv = train_args(
+        tiny_sd, photos, tmp_path / "out", validation_scores=True, validation_prompt="a <concept>",
+        initializer_token=None, initializer_embedding=embedding,
+    )  # fmt: skip
+    fails_cleanly(capsys, argv, "needs --class_word")
+
+
+def test_a_scorer_that_is_not_available_offline_is_named(tiny_sd, photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = train_args(
+        tiny_sd, photos, tmp_path / "out", validation_scores=True, validation_prompt="a <concept>",
+        clip_model=tmp_path / "no-such-clip",
+    )  # fmt: skip
+    fails_cleanly(capsys, argv, "--clip_model")

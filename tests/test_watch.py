@@ -355,3 +355,70 @@ def test_a_hub_repo_that_cannot_be_created_fails_before_training(tiny_sd, photos
     assert ti.main([str(a) for a in argv]) == 2
     assert "--push_to_hub: cannot create the Hub repo 'out' (401 Client Error: Unauthorized)" in capsys.readouterr().err
     assert not out.exists()
+
+
+# --validation_scores: the validation images scored with infer.py eval's scorers.
+
+SCORED = dict(VALIDATION, validation_scores=True)
+SCORE_KEYS = {"clip_i", "clip_t", "dino"}
+
+
+def scored_args(tiny_sd, photos, out, tiny_clip, tiny_dino, **flags):
+    return train_args(tiny_sd, photos, out, clip_model=tiny_clip, dino_model=tiny_dino, **{**SCORED, **flags})
+
+
+def test_validation_scores_are_written_at_each_validation_with_images(
+    tiny_sd, photos, tiny_clip, tiny_dino, tmp_path, run_trainer
+):
+    out = tmp_path / "out"
+    run_trainer(scored_args(tiny_sd, photos, out, tiny_clip, tiny_dino, max_train_steps=3, validation_steps=2))
+    scored = {line["step"]: line for line in metrics(out) if SCORE_KEYS & line.keys()}
+    assert sorted(scored) == [2, 3]  # step 0's baseline has no images to score
+    assert all(line.keys() >= SCORE_KEYS and "val_loss" in line for line in scored.values())
+    assert all(-1 <= line[key] <= 1 for line in scored.values() for key in SCORE_KEYS)
+
+
+def test_a_run_without_validation_scores_writes_no_scores(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, validation_steps=1, **VALIDATION))
+    assert not any(SCORE_KEYS & line.keys() for line in metrics(out))
+
+
+def test_validation_scores_equal_the_scorers_on_the_saved_grid(
+    tiny_sd, photos, tiny_clip, tiny_dino, tmp_path, run_trainer
+):
+    """The grid's tiles are the validation images (PNG is lossless); CLIP-T reads the prompt with
+    the class word (here the initializer, toy) in place of the new word."""
+    import infer
+
+    out = tmp_path / "out"
+    run_trainer(scored_args(tiny_sd, photos, out, tiny_clip, tiny_dino, max_train_steps=1))
+    with Image.open(out / "validation" / "step-1.png") as grid:
+        tiles = [grid.crop((k * RESOLUTION, 0, (k + 1) * RESOLUTION, RESOLUTION)).convert("RGB") for k in range(2)]
+    scorers = infer.Scorers(str(tiny_clip), str(tiny_dino))
+    expected = scorers.score(tiles, ["a photo of a toy"] * 2, infer.read_photos(photos, "photos"))
+    (line,) = [line for line in metrics(out) if line["step"] == 1]
+    for key in SCORE_KEYS:
+        assert line[key] == pytest.approx(expected[key].double().mean().item(), abs=1e-5)
+
+
+def test_class_word_replaces_the_initializer_in_clip_t(tiny_sd, photos, tiny_clip, tiny_dino, tmp_path, run_trainer):
+    runs = {}
+    for word in ("toy", "volcano"):
+        out = tmp_path / word
+        run_trainer(scored_args(tiny_sd, photos, out, tiny_clip, tiny_dino, max_train_steps=1, class_word=word))
+        runs[word] = next(line for line in metrics(out) if line["step"] == 1)
+    assert runs["toy"]["clip_i"] == runs["volcano"]["clip_i"]  # the same images
+    assert runs["toy"]["clip_t"] != runs["volcano"]["clip_t"]  # read against other text
+
+
+def test_loss_plot_gains_a_scores_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = [
+        {"step": s, "loss": 0.1, "val_loss": 0.1, "embedding_norm": 0.4, "vocab_median_norm": 0.4} for s in (1, 2)
+    ]
+    scores = [{"step": 2, "clip_i": 0.7, "clip_t": 0.25, "dino": 0.5}]
+    ti.plot_run(history, tmp_path / "plain.png")
+    ti.plot_run(history + scores, tmp_path / "scored.png")
+    with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "scored.png") as scored:
+        assert scored.size[0] == plain.size[0] and scored.size[1] > plain.size[1]
