@@ -54,9 +54,11 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import textwrap
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -228,6 +230,97 @@ def write_torch(path: str | Path, data: object) -> Path:
     buffer = io.BytesIO()
     torch.save(data, buffer)
     return write_bytes(path, buffer.getvalue())
+
+
+LOCK_FILE = ".textual_inversion.lock"
+
+
+class OutputLock:
+    """--output_dir/.textual_inversion.lock (pid, host, start time): one run per output folder,
+    and no `infer.py eval --keep_best` rewriting it while a run trains there.
+
+    Taken (by the main process) before anything is read or written there, released on every way
+    out. A lock whose process is gone from this host is stale and taken over with a warning. A
+    folder made only to hold the lock is removed again if the run wrote nothing.
+    """
+
+    def __init__(self, folder: Path, enabled: bool = True, flag: str = "--output_dir"):
+        self.folder, self.enabled, self.flag = folder, enabled, flag
+        self.path = folder / LOCK_FILE
+        self.made_folder = False
+        self.mine = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def __enter__(self) -> OutputLock:
+        if not self.enabled:
+            return self
+        self.made_folder = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    self.take_over_if_stale()
+                    continue
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(self.mine, f)
+                except OSError:
+                    self.path.unlink(missing_ok=True)  # an empty lock would look like a run killed while taking it
+                    raise
+                return self
+        except OSError as e:
+            raise UserError(f"{self.flag} {self.folder}: cannot create the lock file {self.path} ({e})") from None
+        raise UserError(f"{self.flag} {self.folder}: another run took its lock file {self.path} just now")
+
+    def take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host, started = int(holder["pid"]), holder["host"], holder["started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = None  # empty or torn: its writer was killed between creating and writing it
+        if holder is not None and not (host == self.mine["host"] and (pid == os.getpid() or not pid_alive(pid))):
+            raise UserError(
+                f"{self.flag} {self.folder} is in use by another run: process {pid} on {host}, started {started} "
+                f"(lock file {self.path}); wait for it, use another --output_dir, or delete the lock file if "
+                "that run is gone"
+            )
+        logger.warning("Taking over the lock of a run that is gone (%s)", holder or "an unreadable lock file")
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+            if self.made_folder and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        except (OSError, ValueError):
+            pass  # never hide the run's own outcome behind a cleanup problem
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def remove_temp_files(out: Path) -> None:
+    """The temp files and folders a killed run left behind (never taken for complete files)."""
+    for leftover in [*out.glob(".*.tmp"), *out.glob("validation/.*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -2101,11 +2194,26 @@ def _same_image(found: dict | None, wanted: dict) -> bool:
     return strip(found) == strip(wanted)
 
 
-def run_eval(args: argparse.Namespace) -> list[dict]:
-    """`infer.py eval`: generate (or reuse) the images of every entry, score them, write
-    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines."""
-    from tqdm.auto import tqdm
+@dataclass
+class EvalInputs:
+    """What `infer.py eval` was given, resolved and checked before any model is loaded."""
 
+    run: Path | None  # the training run's OUTPUT_DIR; None when only --embeddings files are scored
+    record: dict | None  # its run.json, when it has one
+    known: dict  # the record, else {}: the run's settings that the flags default to
+    from_run: list[EvalEntry]  # the run's saved steps: --keep_best picks among these only
+    entries: list[EvalEntry]  # from_run, then the --embeddings files
+    model: str
+    photos: list  # the training photos, as the scorers see them
+    prompts: str  # --prompts: object, live, style or a file of prompts
+    templates: list[str]
+    class_word: str
+    out: Path  # where eval/, eval.jsonl and eval.png go
+
+
+def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
+    """Check the flags and read the run folder, its run.json, the embeddings, the photos and the
+    prompts: everything that can fail on the user's input fails here, before a model is loaded."""
     for flag, value in (
         ("--num_images_per_prompt", args.num_images_per_prompt),
         ("--num_inference_steps", args.num_inference_steps),
@@ -2124,7 +2232,6 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     if args.keep_best and run is None:
         raise EmbeddingError("--keep_best rewrites a training run's files; give its OUTPUT_DIR")
 
-    # Everything that can fail on the user's input fails here, before a model is loaded.
     from_run = run_entries(run, record) if run is not None else []
     entries = list(from_run)
     if run is not None and not entries:
@@ -2132,6 +2239,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
             f"{run}: no saved embeddings to score (learned_embeds-steps-N.* or learned_embeds.*); save them while "
             "training with --save_steps N, or give files with --embeddings"
         )
+    # Each --embeddings file gets an images folder named after it, numbered when the name is taken.
     folders = {entry.folder for entry in entries}
     for src in args.embeddings:
         emb = read_embedding(src)
@@ -2151,9 +2259,9 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         raise EmbeddingError("--train_data_dir is needed: the training photos the images are compared with")
     flag = "--train_data_dir" if args.train_data_dir else f"{run / RUN_RECORD}: train_data_dir"
     photos = read_photos(photos_dir, flag)
-    spec = args.prompts or ("style" if known.get("learnable_property") == "style" else "object")
-    templates = read_eval_prompts(spec)
-    class_word = args.class_word or known.get("initializer_token")
+    prompts = args.prompts or ("style" if known.get("learnable_property") == "style" else "object")
+    templates = read_eval_prompts(prompts)
+    class_word = args.class_word or known.get("class_word") or known.get("initializer_token")
     if not class_word:
         why = (
             "the run started from --initializer_embedding, so there is no initializer phrase to stand in"
@@ -2161,16 +2269,39 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
             else "the word scored in place of the learned one"
         )
         raise EmbeddingError(f"--class_word is needed: {why} (e.g. toy, dog, watercolor)")
+    out = Path(args.out).expanduser() if args.out else (run if run is not None else Path("outputs"))
+    return EvalInputs(run, record, known, from_run, entries, model, photos, prompts, templates, class_word, out)
 
+
+@dataclass
+class EvalSetup:
+    """The models eval runs and what every image is made with (load_eval_models)."""
+
+    scorers: Scorers
+    pipe: object  # the diffusers pipeline to generate with
+    initial: EvalEntry | None  # step 0, the rows the run started from (None without a run record)
+    entries: list[EvalEntry]  # what is scored: the inputs' entries, step 0 first unless one holds its rows
+    words: list[str]  # the word each entry is written as in its prompts
+    clip_skip: int
+    size: int  # the images' width and height in pixels
+    guidance: float
+    png_settings: dict  # the settings every image's PNG records (each adds its prompt, seed and rows)
+
+
+def load_eval_models(args: argparse.Namespace, inputs: EvalInputs) -> EvalSetup:
+    """Load the scorers and the pipeline, add step 0 and settle the generation settings; an
+    embedding or a --clip_skip that does not fit the model fails here, before any image is made."""
+    known = inputs.known
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
     scorers = Scorers(args.clip_model, args.dino_model, device)
-    # The run's pipeline exactly (its file config, VAE, prediction type), unless --model names another.
+    # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
+    # --model names another one.
     same = args.model is None
-    print(f"loading {model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     pipe = load_pipeline(
-        model,
+        inputs.model,
         dtype,
         device,
         args.single_file_config or (known.get("single_file_config") if same else None),
@@ -2180,7 +2311,8 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         variant=known.get("variant") if same else None,
     )
     set_scheduler(pipe, args.scheduler)
-    initial = initializer_entry(pipe, record) if record is not None else None
+    entries = list(inputs.entries)
+    initial = initializer_entry(pipe, inputs.record) if inputs.record is not None else None
     if initial is not None and all(
         rows_digest(e.embedding.vectors) != rows_digest(initial.embedding.vectors) for e in entries
     ):
@@ -2194,8 +2326,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     size = args.resolution or known.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
     guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
     words = eval_words(entries, text_encoder_slots(pipe)[0][1])
-    out = Path(args.out).expanduser() if args.out else (run if run is not None else Path("outputs"))
-    settings = {
+    png_settings = {
         "negative_prompt": "",
         "steps": args.num_inference_steps,
         "guidance_scale": guidance,
@@ -2203,134 +2334,194 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         **a1111_sampler(pipe.scheduler),
         "width": size,
         "height": size,
-        "model": model,
+        "model": inputs.model,
         "dtype": str(dtype).removeprefix("torch."),
         **({"clip_skip": clip_skip} if clip_skip else {}),
     }
+    return EvalSetup(scorers, pipe, initial, entries, words, clip_skip, size, guidance, png_settings)
 
-    # The plan: every image of every entry, each reused when a PNG with its exact settings is there.
+
+PlannedImage = tuple[Path, dict, bool]  # where its PNG goes, its settings, whether that PNG is made already
+
+
+def plan_eval_images(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup) -> list[list[PlannedImage]]:
+    """Every image of every entry (one list per entry of setup.entries, in order): each is reused
+    when a PNG with its exact settings is already there."""
     plan = []
-    for entry, word in zip(entries, words):
+    for entry, word in zip(setup.entries, setup.words):
         rows = rows_digest(entry.embedding.vectors)
-        for p, template in enumerate(templates):
+        images = []
+        for p, template in enumerate(inputs.templates):
             for k in range(args.num_images_per_prompt):
                 image_settings = {
                     "prompt": template.replace("{}", word),
-                    **settings,
+                    **setup.png_settings,
                     "seed": eval_seed(template, k),
                     "embeddings": [embedding_record(word, entry.embedding)],
                     "eval": {"template": template, "image": k, "rows": rows},
                 }
-                path = out / "eval" / entry.folder / f"{p:02d}-{k:02d}.png"
-                plan.append((entry, word, path, image_settings, _same_image(read_png_settings(path), image_settings)))
-    reused = sum(done for *_, done in plan)
-    labels = ", ".join(entry.label for entry in entries)
+                path = inputs.out / "eval" / entry.folder / f"{p:02d}-{k:02d}.png"
+                images.append((path, image_settings, _same_image(read_png_settings(path), image_settings)))
+        plan.append(images)
+    return plan
+
+
+def print_eval_plan(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup, reused: int, total: int) -> None:
+    """The line saying what is about to be scored, and how."""
+    labels = ", ".join(entry.label for entry in setup.entries)
     print(
-        f"scoring {len(entries)} embedding(s) ({labels}) on {len(templates)} prompts ({spec}) x "
-        f"{args.num_images_per_prompt} images, class word {class_word!r}; {args.scheduler} "
-        f"({settings['sampler']}), {args.num_inference_steps} steps, guidance {guidance}, {size}x{size} px"
-        + (f", clip skip {clip_skip}" if clip_skip else "")
-        + (f"; reusing {reused} of {len(plan)} images already made" if reused else ""),
+        f"scoring {len(setup.entries)} embedding(s) ({labels}) on {len(inputs.templates)} prompts "
+        f"({inputs.prompts}) x {args.num_images_per_prompt} images, class word {inputs.class_word!r}; "
+        f"{args.scheduler} ({setup.png_settings['sampler']}), {args.num_inference_steps} steps, guidance "
+        f"{setup.guidance}, {setup.size}x{setup.size} px"
+        + (f", clip skip {setup.clip_skip}" if setup.clip_skip else "")
+        + (f"; reusing {reused} of {total} images already made" if reused else ""),
         file=sys.stderr,
     )
 
-    refs = scorers.references(photos)
-    common = {
-        "model": model,
+
+def eval_line_settings(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup) -> dict:
+    """The "settings" of every eval.jsonl line: what its scores were measured with."""
+    return {
+        "model": inputs.model,
         "scheduler": args.scheduler,
-        "sampler": settings["sampler"],
+        "sampler": setup.png_settings["sampler"],
         "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": guidance,
-        "resolution": size,
-        "clip_skip": clip_skip,
+        "guidance_scale": setup.guidance,
+        "resolution": setup.size,
+        "clip_skip": setup.clip_skip,
         "num_images_per_prompt": args.num_images_per_prompt,
-        "prompts": spec,
-        "num_prompts": len(templates),
-        "class_word": class_word,
+        "prompts": inputs.prompts,
+        "num_prompts": len(inputs.templates),
+        "class_word": inputs.class_word,
         "clip_model": args.clip_model,
         "dino_model": args.dino_model,
-        "dtype": settings["dtype"],
-        "photos": len(photos),
+        "dtype": setup.png_settings["dtype"],
+        "photos": len(inputs.photos),
     }
-    lines = []
+
+
+def real_images_line(refs: References, photo_count: int, line_settings: dict) -> dict | None:
+    """The "real images" baseline line of eval.jsonl: the photos scored against each other (None
+    with fewer than two photos)."""
     real = Scorers.among_themselves(refs)
-    if real is not None:
-        clip_i, clip_i_se = mean_and_error(real["clip_i"])
-        dino, dino_se = mean_and_error(real["dino"])
-        lines.append(
-            {
-                "label": "real images",
-                "step": None,
-                "baseline": "real images",
-                "images": len(photos),
-                "clip_i": clip_i,
-                "clip_i_se": clip_i_se,
-                "clip_t": None,
-                "clip_t_se": None,
-                "dino": dino,
-                "dino_se": dino_se,
-                "settings": common,
-            }
-        )
-    if spec == "style":
+    if real is None:
+        return None
+    clip_i, clip_i_se = mean_and_error(real["clip_i"])
+    dino, dino_se = mean_and_error(real["dino"])
+    return {
+        "label": "real images",
+        "step": None,
+        "baseline": "real images",
+        "images": photo_count,
+        "clip_i": clip_i,
+        "clip_i_se": clip_i_se,
+        "clip_t": None,
+        "clip_t_se": None,
+        "dino": dino,
+        "dino_se": dino_se,
+        "settings": line_settings,
+    }
+
+
+def score_eval_images(
+    args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup, plan: list[list[PlannedImage]]
+) -> tuple[list[dict], list[tuple[EvalEntry, dict]]]:
+    """Make the planned images not made yet and score every entry, writing eval.jsonl as it goes.
+    Returns eval.jsonl's lines (the "real images" baseline first, when there is one) and each
+    entry with its line."""
+    from tqdm.auto import tqdm
+
+    reused = sum(done for images in plan for *_, done in images)
+    total = sum(len(images) for images in plan)
+    print_eval_plan(args, inputs, setup, reused, total)
+    refs = setup.scorers.references(inputs.photos)
+    line_settings = eval_line_settings(args, inputs, setup)
+    real = real_images_line(refs, len(inputs.photos), line_settings)
+    lines = [real] if real is not None else []
+    if inputs.prompts == "style":
         print("note: DINO measures object identity, not style; read CLIP-I and CLIP-T for a style", file=sys.stderr)
     installed: dict[str, int] = {}
     scored: list[tuple[EvalEntry, dict]] = []
-    log = out / "eval.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(plan), initial=reused, desc="Eval images", unit="image", dynamic_ncols=True) as bar:
-        for entry, word in zip(entries, words):
-            mine = [(path, s, done) for e, _, path, s, done in plan if e is entry]
-            if not all(done for *_, done in mine):
-                put_rows(pipe, entry.embedding, word, installed)
-                (out / "eval" / entry.folder).mkdir(parents=True, exist_ok=True)
-            for path, image_settings, done in mine:
+    log = inputs.out / "eval.jsonl"
+    inputs.out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=total, initial=reused, desc="Eval images", unit="image", dynamic_ncols=True) as bar:
+        for entry, word, images in zip(setup.entries, setup.words, plan):
+            if not all(done for *_, done in images):
+                put_rows(setup.pipe, entry.embedding, word, installed)
+                (inputs.out / "eval" / entry.folder).mkdir(parents=True, exist_ok=True)
+            for path, image_settings, done in images:
                 if done:
                     continue
                 (image,) = generate(
-                    pipe,
+                    setup.pipe,
                     image_settings["prompt"],
                     seeds=[image_settings["seed"]],
                     steps=args.num_inference_steps,
-                    guidance_scale=guidance,
-                    height=size,
-                    width=size,
-                    clip_skip=clip_skip,
+                    guidance_scale=setup.guidance,
+                    height=setup.size,
+                    width=setup.size,
+                    clip_skip=setup.clip_skip,
                 )
                 write_png(path, image, image_settings)
                 bar.update(1)
-            line = score_entry(scorers, refs, entry, mine, class_word, initial, common)
+            line = score_entry(setup.scorers, refs, entry, images, inputs.class_word, setup.initial, line_settings)
             lines.append(line)
             scored.append((entry, line))
-            write_text(
-                log, "".join(json.dumps(line) + "\n" for line in lines)
-            )  # an interrupted eval keeps what it scored
+            # eval.jsonl rewritten after every entry: an interrupted eval keeps what it scored
+            write_text(log, "".join(json.dumps(line) + "\n" for line in lines))
+    return lines, scored
 
+
+def report_eval(
+    args: argparse.Namespace, inputs: EvalInputs, lines: list[dict], scored: list[tuple[EvalEntry, dict]]
+) -> None:
+    """Pick a step (marked in eval.jsonl), print the table and the pick, plot eval.png, and with
+    --keep_best make the pick the run's final embedding."""
     pick = pick_step(lines, args.pick)
     if pick is not None:
         pick.update(pick=True, pick_rule=args.pick)
+    log = inputs.out / "eval.jsonl"
     write_text(log, "".join(json.dumps(line) + "\n" for line in lines))
     print(eval_table(lines, pick, args.pick))
-    plotted = plot_eval(lines, out / "eval.png", pick)
-    print(f"wrote {log}" + (f" and {out / 'eval.png'}" if plotted else " (eval.png needs matplotlib)"), file=sys.stderr)
+    plot = inputs.out / "eval.png"
+    plotted = plot_eval(lines, plot, pick)
+    print(f"wrote {log}" + (f" and {plot}" if plotted else " (eval.png needs matplotlib)"), file=sys.stderr)
     if pick is not None:
         print(f"pick ({args.pick}): {pick['label']}" + (f" ({', '.join(pick['files'])})" if pick["files"] else ""))
     if args.keep_best and pick is not None:
         chosen = next(entry for entry, line in scored if line is pick)
-        if not any(chosen is entry for entry in from_run):
-            raise EmbeddingError(f"--keep_best: the pick, {pick['label']}, is not one of the run's saved steps")
-        token = known.get("placeholder_token") or chosen.embedding.token
-        current = [read_embedding(f) for f in final_files(run, token) if re.match(r"learned_embeds\.", f.name)]
-        wanted = rows_digest(chosen.embedding.vectors)
-        if current and all(rows_digest(emb.vectors) == wanted for emb in current):
-            print(f"--keep_best: learned_embeds already holds {pick['label']}; nothing rewritten", file=sys.stderr)
-        else:
-            for path in keep_best(run, chosen, token, record):
-                print(
-                    f"--keep_best: {path} now holds {pick['label']} (the previous one: "
-                    f"{path.stem}-before-eval{path.suffix})",
-                    file=sys.stderr,
-                )
+        keep_pick(inputs, chosen, pick["label"])
+
+
+def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
+    """--keep_best: rewrite the run's final embedding files from the picked step, unless they
+    hold its rows already."""
+    if not any(chosen is entry for entry in inputs.from_run):
+        raise EmbeddingError(f"--keep_best: the pick, {label}, is not one of the run's saved steps")
+    token = inputs.known.get("placeholder_token") or chosen.embedding.token
+    current = [read_embedding(f) for f in final_files(inputs.run, token) if re.match(r"learned_embeds\.", f.name)]
+    wanted = rows_digest(chosen.embedding.vectors)
+    if current and all(rows_digest(emb.vectors) == wanted for emb in current):
+        print(f"--keep_best: learned_embeds already holds {label}; nothing rewritten", file=sys.stderr)
+        return
+    with OutputLock(inputs.run, flag="OUTPUT_DIR"):  # never while a run trains into the folder
+        rewritten = keep_best(inputs.run, chosen, token, inputs.record)
+    for path in rewritten:
+        print(
+            f"--keep_best: {path} now holds {label} (the previous one: {path.stem}-before-eval{path.suffix})",
+            file=sys.stderr,
+        )
+
+
+def run_eval(args: argparse.Namespace) -> list[dict]:
+    """`infer.py eval`: generate (or reuse) the images of every entry, score them, write
+    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines."""
+    inputs = read_eval_inputs(args)  # the user's input is all checked before a model loads
+    setup = load_eval_models(args, inputs)
+    plan = plan_eval_images(args, inputs, setup)
+    lines, scored = score_eval_images(args, inputs, setup, plan)
+    report_eval(args, inputs, lines, scored)
     return lines
 
 
@@ -2504,7 +2695,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class_word",
         default=None,
-        help="The word CLIP-T reads in place of the learned one. Default: the run's initializer phrase.",
+        help="The word CLIP-T reads in place of the learned one. Default: the run's --class_word, else its "
+        "initializer phrase.",
     )
     p.add_argument("--num_images_per_prompt", type=int, default=4, help="Images per prompt and step (default 4).")
     p.add_argument("--num_inference_steps", type=int, default=30, help="Denoising steps (default 30).")

@@ -41,7 +41,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -2106,7 +2105,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     out = Path(args.output_dir)
     if accelerator.is_main_process:
-        remove_temp_files(out)
+        infer.remove_temp_files(out)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
         infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     watch = Watch(
@@ -2805,96 +2804,6 @@ def parent_is_launcher() -> bool:
     return any(name in command for name in (b"accelerate", b"torchrun", b"torch.distributed.run"))
 
 
-LOCK_FILE = ".textual_inversion.lock"
-
-
-class OutputLock:
-    """--output_dir/.textual_inversion.lock (pid, host, start time): one run per output folder.
-
-    Taken by the main process before anything is read or written there, released on every way
-    out. A lock whose process is gone from this host is stale and taken over with a warning. A
-    folder made only to hold the lock is removed again if the run wrote nothing.
-    """
-
-    def __init__(self, folder: Path, enabled: bool):
-        self.folder, self.enabled = folder, enabled
-        self.path = folder / LOCK_FILE
-        self.made_folder = False
-        self.mine = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-
-    def __enter__(self) -> OutputLock:
-        if not self.enabled:
-            return self
-        self.made_folder = not self.folder.exists()
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for _ in range(2):
-                try:
-                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    self.take_over_if_stale()
-                    continue
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(self.mine, f)
-                except OSError:
-                    self.path.unlink(missing_ok=True)  # an empty lock would look like a run killed while taking it
-                    raise
-                return self
-        except OSError as e:
-            raise UserError(f"--output_dir {self.folder}: cannot create the lock file {self.path} ({e})") from None
-        raise UserError(f"--output_dir {self.folder}: another run took its lock file {self.path} just now")
-
-    def take_over_if_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-            pid, host, started = int(holder["pid"]), holder["host"], holder["started"]
-        except (OSError, ValueError, KeyError, TypeError):
-            holder = None  # empty or torn: its writer was killed between creating and writing it
-        if holder is not None and not (host == self.mine["host"] and (pid == os.getpid() or not pid_alive(pid))):
-            raise UserError(
-                f"--output_dir {self.folder} is in use by another run: process {pid} on {host}, started {started} "
-                f"(lock file {self.path}); wait for it, use another --output_dir, or delete the lock file if "
-                "that run is gone"
-            )
-        logger.warning("Taking over the lock of a run that is gone (%s)", holder or "an unreadable lock file")
-        self.path.unlink(missing_ok=True)
-
-    def __exit__(self, *exc) -> None:
-        if not self.enabled:
-            return
-        try:
-            if json.loads(self.path.read_text()).get("pid") == os.getpid():
-                self.path.unlink()
-            if self.made_folder and not any(self.folder.iterdir()):
-                self.folder.rmdir()
-        except (OSError, ValueError):
-            pass  # never hide the run's own outcome behind a cleanup problem
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
-
-
-def remove_temp_files(out: Path) -> None:
-    """The temp files and folders a killed run left behind (never taken for complete files)."""
-    for leftover in [*out.glob(".*.tmp"), *out.glob("validation/.*.tmp")]:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------------------
 # accelerate (the launcher, the precision, the trackers), and the command.
 
@@ -2997,7 +2906,7 @@ def run_training(args: argparse.Namespace) -> TrainResult:
     """prepare, train and finish, holding --output_dir's lock, with stop signals turned into a
     checkpoint (what main runs; tests run it in their own process)."""
     accelerator = make_accelerator(args)
-    with OutputLock(Path(args.output_dir), accelerator.is_main_process), StopSignals() as stop:
+    with infer.OutputLock(Path(args.output_dir), accelerator.is_main_process), StopSignals() as stop:
         run = prepare(args, accelerator, stop)
         result = train(run)
         finish(run, result)

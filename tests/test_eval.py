@@ -12,6 +12,9 @@ import contextlib
 import io
 import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -337,6 +340,33 @@ def test_keep_best_rewrites_the_final_files_from_the_pick_and_keeps_the_previous
     again = run_eval(folder, *scorer_flags(tiny_clip, tiny_dino, prompts_file))
     assert "reusing 12 of 12 images" in again.err, again.err
     assert [line["label"] for line in infer.read_eval_log(folder / "eval.jsonl")][-1] == "step 4"
+
+
+def test_keep_best_leaves_a_folder_alone_while_a_run_trains_into_it(
+    evaluated, tiny_clip, tiny_dino, prompts_file, tmp_path, monkeypatch
+):
+    folder = Path(shutil.copytree(evaluated.folder, tmp_path / "out"))
+    monkeypatch.setattr(infer, "pick_step", pick_step_2)
+    final = (folder / "learned_embeds.safetensors").read_bytes()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as trainer:
+        try:
+            lock = {"pid": trainer.pid, "host": socket.gethostname(), "started": "2026-12-01T00:00:00Z"}
+            (folder / infer.LOCK_FILE).write_text(json.dumps(lock))
+            done = run_eval(folder, *scorer_flags(tiny_clip, tiny_dino, prompts_file), "--keep_best")
+        finally:
+            trainer.kill()
+    assert done.code == 2 and f"error: OUTPUT_DIR {folder} is in use by another run: process {trainer.pid}" in done.err
+    assert (folder / "learned_embeds.safetensors").read_bytes() == final
+    assert not (folder / "learned_embeds-before-eval.safetensors").exists()
+
+
+def test_the_class_word_a_run_trained_with_is_the_one_eval_reads(tiny_sd, eval_photos, tiny_clip, tiny_dino, tmp_path):
+    out = tmp_path / "out"
+    train_once(train_args(tiny_sd, eval_photos, out, max_train_steps=1, class_word="plush toy"))
+    (tmp_path / "one.txt").write_text("a {} on the beach\n")
+    done = run_eval(out, *scorer_flags(tiny_clip, tiny_dino, tmp_path / "one.txt", per_prompt=1))
+    assert done.code == 0, done.err
+    assert {line["settings"]["class_word"] for line in infer.read_eval_log(out / "eval.jsonl")} == {"plush toy"}
 
 
 def test_keep_best_cut_short_leaves_every_file_whole_and_running_it_again_finishes(run, tmp_path, monkeypatch):

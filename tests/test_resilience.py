@@ -134,7 +134,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_finishes_bit_exa
     assert f"cannot write {out / 'checkpoint-2'}: no space left on device" in error
     assert "--resume_from_checkpoint latest" in error
     assert ti.read_checkpoint(out / "checkpoint-1")["state"]["step"] == 1
-    assert leftovers(out) == [] and not (out / ti.LOCK_FILE).exists()
+    assert leftovers(out) == [] and not (out / infer.LOCK_FILE).exists()
 
     monkeypatch.undo()  # space is freed
     assert ti.main([*argv, "--resume_from_checkpoint", "latest"]) == 0
@@ -161,7 +161,7 @@ def test_a_really_full_disk_stops_with_one_line_and_resume_finishes_bit_exact(
     assert ti.main(argv) == 2
     error = only_error_line(capsys)
     assert error.startswith(f"error: cannot write {out}") and "no space left on device" in error
-    assert leftovers(out) == [] and not (out / ti.LOCK_FILE).exists()
+    assert leftovers(out) == [] and not (out / infer.LOCK_FILE).exists()
 
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space is freed
     assert ti.main([*argv, "--resume_from_checkpoint", "latest"]) == 0
@@ -305,7 +305,7 @@ def test_checkpointing_minutes_zero_turns_them_off(tiny_sd, photos, tmp_path):
 
 def write_lock(out: Path, pid: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / ti.LOCK_FILE
+    lock = out / infer.LOCK_FILE
     lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00Z"}))
     return lock
 
@@ -321,7 +321,7 @@ def test_a_second_run_into_a_busy_folder_stops_at_once_naming_the_other(tiny_sd,
         finally:
             other.kill()
     assert f"is in use by another run: process {other.pid} on {socket.gethostname()}" in error
-    assert lock.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [ti.LOCK_FILE]
+    assert lock.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [infer.LOCK_FILE]
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning_and_released(tiny_sd, photos, tmp_path, caplog):
@@ -329,10 +329,10 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released(tiny_sd, photos,
     gone.wait()
     out = tmp_path / "out"
     write_lock(out, gone.pid)
-    with caplog.at_level(logging.WARNING, "textual_inversion"):
+    with caplog.at_level(logging.WARNING, "infer"):
         train_once(train_args(tiny_sd, photos, out, max_train_steps=1))
     assert f"Taking over the lock of a run that is gone ({{'pid': {gone.pid}" in caplog.text
-    assert (out / "learned_embeds.safetensors").exists() and not (out / ti.LOCK_FILE).exists()
+    assert (out / "learned_embeds.safetensors").exists() and not (out / infer.LOCK_FILE).exists()
 
 
 def test_the_lock_is_released_when_a_run_fails(tiny_sd, photos, tmp_path, capsys):
