@@ -10,7 +10,10 @@ for bench/RESULTS.md) in --out after every run:
   floor    a bare text encoder + UNet forward and backward at the same shapes (bench/floor.py)
   memory   peak allocated memory with --gradient_checkpointing, both trainers (without: from sd15)
   sdxl     SDXL shapes at 1024 px against textual_inversion_sdxl.py (--reference_sdxl), and its floor
-  scoring  the throughput of `infer.py eval` (skipped while infer.py has no eval command)
+  scoring  `infer.py eval` on the sd15 row's run, 2 DreamBench prompts x 2 images a step, with
+           random-weight scorers of the default scorers' shapes (CLIP ViT-B/32, DINO ViT-S/16):
+           seconds per scored step and images/s, generating the images (first eval) and reusing
+           them all (rerun: scoring only)
   compile  --compile, cold (compile caches off), against the plain run
 --budget_s (default 360) bounds the whole call, model building included. Each row gets a share of
 what is left; step counts are calibrated from each trainer's first (short) run to fit that share;
@@ -29,6 +32,14 @@ How each figure is taken:
   - --compile: one cold run; its steady cost comes from the loss read-backs it logs every 10 steps
     (each one a host sync), set against the same figure of the plain long run; the compile time
     is its extra start-up.
+  - scoring: as bench/eval_cost.py, `infer.py eval` of a run that saved more than one step (the
+    sd15 long run, with the short run's rows as its learned_embeds-steps-N: entries step 0, N
+    and the final step), first generating every image, then again reusing them all (loading and
+    scoring only). Each eval marks the end of every scored entry in its own process (its scores
+    read back, so synchronized); per scored step = (time after the last entry - time after the
+    first) / (entries - 1): eval_cost's difference of more scored steps against fewer, taken
+    within one process, so start-up, loading and the photos' features cancel without a second
+    eval. Images per second: the images scored in that span over it.
 Models are random-weight models of the real shapes (bench/models.py), built on the GPU by this
 process. The trainers are its subprocesses, interleaved (ours short, reference short, ours long,
 reference long), with the same photos, recipe, precision and seed.
@@ -115,6 +126,10 @@ class Settings:
     grace_s: float  # a stopped run gets this long to exit before it is killed
     photo_size: int  # side of the synthetic photos, when no real ones are found
     model_dtype: str  # the precision the random-weight models are built and stored in
+    scorers: str  # bench/models.py scorer shapes: real (CLIP ViT-B/32, DINO ViT-S/16) or tiny
+    eval_prompts: int  # the scoring row's prompts: the first N of DreamBench's object prompts
+    eval_images: int  # its --num_images_per_prompt
+    eval_inference_steps: int  # its --num_inference_steps
 
 
 GPU = Settings(
@@ -129,6 +144,10 @@ GPU = Settings(
     grace_s=8.0,
     photo_size=1440,  # the DreamBooth photos' size
     model_dtype="fp16",
+    scorers="real",
+    eval_prompts=2,  # 4 images an entry, 12 for the 3 entries: about the row's share of the budget
+    eval_images=2,
+    eval_inference_steps=30,  # infer.py eval's default
 )
 SMOKE = Settings(
     sd=Shape("tiny", 64, ours=Steps(2, 4, 6), reference=Steps(1, 2, 3)),
@@ -142,6 +161,10 @@ SMOKE = Settings(
     grace_s=3.0,
     photo_size=96,
     model_dtype="fp32",
+    scorers="tiny",
+    eval_prompts=2,
+    eval_images=2,
+    eval_inference_steps=4,
 )
 
 
@@ -358,6 +381,7 @@ class Bench:
         self.build_s: dict[str, float] = {}
         self.photos = find_photos(args, settings, work)
         self.references: dict[str, Path] = {}
+        self.outputs: dict[str, Path] = {}  # label: the --output_dir of a run kept for a later row
 
     def log_run(self, label: str, launched_epoch: float, wall: float, cpu: float, status: int | None) -> None:
         launched = launched_epoch - START_EPOCH
@@ -450,8 +474,10 @@ class Bench:
         label: str,
         flags: tuple = (),
         env: dict | None = None,
+        keep: bool = False,
     ) -> dict:
-        """One run of this trainer or the reference under bench/probe.py: its figures."""
+        """One run of this trainer or the reference under bench/probe.py: its figures. `keep`:
+        its --output_dir stays (in self.outputs, by label) for a later row; else it is removed."""
         script = ROOT / "textual_inversion.py" if trainer == "ours" else self.reference(self.reference_path(shape))
         out = self.work / label
         flags_for = SimpleNamespace(
@@ -471,8 +497,26 @@ class Bench:
         figures = run_figures(data, launched_epoch, wall)
         if figures["steps"] != steps:
             raise RunFailed(f"{label}: {figures['steps']} optimizer steps recorded, {steps} asked")
-        shutil.rmtree(out, ignore_errors=True)
+        if keep:
+            self.outputs[label] = out
+        else:
+            shutil.rmtree(out, ignore_errors=True)
         return figures
+
+    def call(self, label: str, command: list[str], env: dict, record: Path) -> tuple[dict, float]:
+        """Run a subprocess that writes `record` (JSON) to completion or to the deadline: (the
+        record, seconds it ran). BudgetSpent or RunFailed otherwise."""
+        limit = self.deadline - self.settings.grace_s
+        if limit - time.monotonic() < 1:
+            raise BudgetSpent(f"{label}: no time left to start it")
+        launched_epoch, cpu = time.time(), children_cpu_s()
+        status, output, wall = run_until(command, env, limit, self.settings.grace_s)
+        self.log_run(label, launched_epoch, wall, children_cpu_s() - cpu, status)
+        if status is None:
+            raise BudgetSpent(f"{label}: stopped at the budget after {wall:.0f} s")
+        if status != 0 or not record.exists():
+            raise RunFailed(f"{label} exited with status {status}", tail(output))
+        return json.loads(record.read_text()), wall
 
     def reference_path(self, shape: Shape) -> str:
         return self.args.reference_sdxl if shape is self.settings.xl else self.args.reference
@@ -541,11 +585,15 @@ def compare(bench: Bench, entry: dict, shape: Shape, reference: str | None, allo
     )
     trainers = ["ours", "reference"] if reference else ["ours"]
     entry.update(ours=None, reference=None, speedup=None)  # filled below, in this order
+
+    def kept(trainer: str) -> bool:  # this trainer's SD runs are what the scoring row evaluates
+        return trainer == "ours" and shape is settings.sd
+
     runs: dict[str, dict] = entry.setdefault("runs", {})
     for trainer in trainers:
         runs[trainer] = {}
         runs[trainer]["short"] = bench.train(
-            trainer, shape, model, shape.steps(trainer).short, f"{shape.name}-{trainer}-short"
+            trainer, shape, model, shape.steps(trainer).short, f"{shape.name}-{trainer}-short", keep=kept(trainer)
         )
         bench.save()
     for index, trainer in enumerate(trainers):
@@ -559,7 +607,8 @@ def compare(bench: Bench, entry: dict, shape: Shape, reference: str | None, allo
         steps = long_steps(
             calibration, shape.steps(trainer), settings.recipe_steps, left_in_row * share, recipe_allowance, limit
         )
-        runs[trainer]["long"] = bench.train(trainer, shape, model, steps, f"{shape.name}-{trainer}-long")
+        label = f"{shape.name}-{trainer}-long"
+        runs[trainer]["long"] = bench.train(trainer, shape, model, steps, label, keep=kept(trainer))
         whole = trainer == "ours" and steps == settings.recipe_steps
         entry[trainer] = trainer_figures(runs[trainer]["short"], runs[trainer]["long"], settings.recipe_steps, whole)
         bench.save()
@@ -584,17 +633,8 @@ def floor(bench: Bench, shape: Shape, label: str) -> dict:
         str(record),
     ]
     bench.say(f"{label}: text encoder + UNet forward and backward")
-    limit = bench.deadline - bench.settings.grace_s
-    if limit - time.monotonic() < 1:
-        raise BudgetSpent(f"{label}: no time left to start it")
-    launched_epoch, cpu = time.time(), children_cpu_s()
-    status, output, wall = run_until(command, bench.env("floor"), limit, bench.settings.grace_s)
-    bench.log_run(label, launched_epoch, wall, children_cpu_s() - cpu, status)
-    if status is None:
-        raise BudgetSpent(f"{label}: stopped at the budget after {wall:.0f} s")
-    if status != 0 or not record.exists():
-        raise RunFailed(f"{label} exited with status {status}", tail(output))
-    return {"ms_per_sample": json.loads(record.read_text())["ms_per_sample"], "wall_s": wall}
+    data, wall = bench.call(label, command, bench.env("floor"), record)
+    return {"ms_per_sample": data["ms_per_sample"], "wall_s": wall}
 
 
 def row_sd15(bench: Bench, entry: dict, allowance: float) -> None:
@@ -650,22 +690,177 @@ def row_sdxl(bench: Bench, entry: dict, allowance: float) -> None:
         entry["floor"] = {"skipped": "the row's share of the budget was spent"}
 
 
-def infer_has_eval() -> bool:
-    """Whether `python infer.py eval --help` names an eval command (issue 16)."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
-        infer.main(["eval", "--help"])
-    return text.getvalue().lstrip().startswith("usage: infer.py eval")
+# python -c PROBE_EVAL ROOT RECORD EVAL_ARGS...: infer.py eval under probe_eval.
+PROBE_EVAL = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from bench.gpu import probe_eval; "
+    "probe_eval(sys.argv[1], sys.argv[2:])"
+)
+
+
+def probe_eval(record_path: str, argv: list[str]) -> None:
+    """`infer.py eval` in this process (the scoring row's subprocess), recording at the end of
+    every scored entry: the time (seconds since this call, after a torch.cuda.synchronize()),
+    its images, and the images generated and seconds spent generating so far. Writes the record
+    (with eval's exit status) and exits with that status."""
+    import torch
+
+    started = time.perf_counter()
+    marks: list[dict] = []
+    made = {"images": 0, "seconds": 0.0}
+    generate, score_entry = infer.generate, infer.score_entry
+
+    def timed_generate(*args, **kwargs):
+        began = time.perf_counter()
+        images = generate(*args, **kwargs)
+        made["images"] += len(images)
+        made["seconds"] += time.perf_counter() - began
+        return images
+
+    def marked_score_entry(*args, **kwargs):
+        line = score_entry(*args, **kwargs)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        marks.append(
+            {
+                "time": time.perf_counter() - started,
+                "label": line["label"],
+                "images": line["images"],
+                "generated": made["images"],
+                "generating_s": made["seconds"],
+            }
+        )
+        return line
+
+    infer.generate, infer.score_entry = timed_generate, marked_score_entry
+    status = infer.main(["eval", *argv])
+    record = {"status": status, "marks": marks, "end": time.perf_counter() - started}
+    Path(record_path).write_text(json.dumps(record))
+    sys.exit(status)
+
+
+def eval_figures(record: dict, wall: float, default_images: int) -> dict:
+    """What one eval measured: per scored step, (time after the last entry - time after the
+    first) / (entries - 1), and the images scored in that span per second. `default_images`: a
+    step's images at eval's defaults (DreamBench's 25 object prompts x 4), projected from it."""
+    marks = record["marks"]
+    if len(marks) < 2:
+        raise RunFailed(f"eval scored {len(marks)} entries; at least two are needed to difference them")
+    first, last = marks[0], marks[-1]
+    span, steps = last["time"] - first["time"], len(marks) - 1
+    images = sum(mark["images"] for mark in marks[1:])
+    per_image = span / images if span > 0 else None
+    return {
+        "entries": [mark["label"] for mark in marks],
+        "images_scored": sum(mark["images"] for mark in marks),
+        "generated": last["generated"],
+        "per_step_s": span / steps if span > 0 else None,
+        "images_per_s": None if per_image is None else 1 / per_image,
+        "generating_per_step_s": (last["generating_s"] - first["generating_s"]) / steps,
+        "default_step_s": None if per_image is None else default_images * per_image,
+        "generating_s": last["generating_s"],
+        "wall_s": wall,  # launch to exit: start-up, every entry, the table and eval.png
+    }
+
+
+def scoring_run(bench: Bench, shape: Shape, model: Path, folder: Path) -> str:
+    """Fill `folder` with a run of `shape` that saved more than one step, as infer.py eval reads
+    it: the sd15 row's long run with its short run's rows as learned_embeds-steps-N (the same
+    recipe and seed: the rows the long run had at that step); without those runs, a short run
+    made here that saves twice. Returns where it came from."""
+    short, long = (f"{shape.name}-ours-{kind}" for kind in ("short", "long"))
+    if short in bench.outputs and long in bench.outputs:
+        shutil.copytree(bench.outputs[long], folder)
+        rows = folder / f"learned_embeds-steps-{shape.ours.short}.safetensors"  # train() checked its step count
+        shutil.copy(bench.outputs[short] / "learned_embeds.safetensors", rows)
+        return "sd15"
+    steps = max(2, shape.ours.short)
+    label = f"{shape.name}-ours-scoring"
+    bench.train("ours", shape, model, steps, label, ("--save_steps", str(steps // 2)), keep=True)
+    shutil.copytree(bench.outputs[label], folder)
+    return "a run made here (no sd15 row runs)"
 
 
 def row_scoring(bench: Bench, entry: dict, allowance: float) -> None:
     """Scoring throughput of `python infer.py eval` (issue 16): seconds per scored step and
     images per second, on the sd15 row's output with random-weight scorers of the default
-    scorers' shapes (CLIP ViT-B/32, DINO ViT-S/16). Until infer.py has that command the row is
-    skipped; the command's flags are settled there, so the measurement is added with it."""
-    if not infer_has_eval():
-        raise RowSkipped("infer.py has no eval command yet (issue 16)")
-    raise RowSkipped("infer.py has an eval command, but this row does not measure it yet: add it here")
+    scorers' shapes (CLIP ViT-B/32, DINO ViT-S/16; the tests' tiny ones in the smoke run), as
+    bench/eval_cost.py measures it on a CPU: a first eval generating every image, then a rerun
+    reusing them all (loading and scoring only). The rerun is skipped when the row's share of
+    the budget cannot hold it."""
+    from bench.models import build_clip_scorer, build_dino_scorer
+
+    began = time.monotonic()
+    settings, shape = bench.settings, bench.settings.sd
+    model = bench.model(shape.name)
+    work = bench.work / "scoring"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    source = scoring_run(bench, shape, model, work / "run")
+    bench.say(f"scoring: building the random-weight {settings.scorers} scorers")
+    started = time.monotonic()
+    with bench.device:  # as the pipelines: built on the GPU, no CPU copy
+        clip = build_clip_scorer(settings.scorers, work / "clip")
+        dino = build_dino_scorer(settings.scorers, work / "dino")
+    if bench.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    templates = infer.read_eval_prompts("object")
+    prompts = infer.write_text(work / "prompts.txt", "".join(t + "\n" for t in templates[: settings.eval_prompts]))
+    default_images = len(templates) * infer.build_eval_parser().get_default("num_images_per_prompt")
+    entry.update(
+        source=source,
+        shape=shape.name,
+        resolution=shape.resolution,
+        scorers=settings.scorers,
+        scorers_build_s=time.monotonic() - started,
+        prompts=settings.eval_prompts,
+        num_images_per_prompt=settings.eval_images,
+        num_inference_steps=settings.eval_inference_steps,
+        images_per_step=settings.eval_prompts * settings.eval_images,
+        default_images_per_step=default_images,
+        generate=None,
+        reuse=None,
+    )
+    flags = ["--clip_model", str(clip), "--dino_model", str(dino), "--prompts", str(prompts),
+             "--num_images_per_prompt", str(settings.eval_images),
+             "--num_inference_steps", str(settings.eval_inference_steps), "--device", bench.device.type]  # fmt: skip
+    env = bench.env("eval", {"MPLBACKEND": "Agg"})
+
+    def measure(kind: str) -> dict:
+        record = work / f"{kind}.json"
+        command = [sys.executable, "-c", PROBE_EVAL, str(ROOT), str(record), str(work / "run"), *flags]
+        bench.say(f"scoring-{kind}: infer.py eval, {settings.eval_prompts} prompts x {settings.eval_images} images")
+        data, wall = bench.call(f"scoring-{kind}", command, env, record)
+        entry[kind] = eval_figures(data, wall, default_images)
+        bench.save()
+        return entry[kind]
+
+    spent = time.monotonic() - began
+    if spent >= allowance:
+        raise RowSkipped(
+            f"the row's share of the budget ({allowance:.0f} s) was spent before the first eval "
+            f"({spent:.0f} s on the run and the scorers)"
+        )
+    measure("generate")
+    reason = rerun_skipped(time.monotonic() - began, allowance, entry["generate"])
+    if reason:
+        entry["reuse"] = {"skipped": reason}
+        return
+    if measure("reuse")["generated"]:
+        raise RunFailed(f"the rerun generated {entry['reuse']['generated']} images: it did not reuse them all")
+
+
+def rerun_skipped(spent: float, allowance: float, first: dict) -> str | None:
+    """Why the scoring row's rerun is skipped (None: it fits): it needs about what the first eval
+    took less its generating, and the row has `allowance` s, `spent` of them used."""
+    needs = first["wall_s"] - first["generating_s"]
+    if spent + needs <= allowance:
+        return None
+    return (
+        f"the row's share of the budget was spent: {spent:.0f} s of {allowance:.0f} s used, the rerun needs "
+        f"about {needs:.0f} s"
+    )
 
 
 def row_compile(bench: Bench, entry: dict, allowance: float) -> None:
@@ -855,6 +1050,40 @@ def goals_table(rows: dict, smoke: bool) -> list[str]:
     return lines
 
 
+SCORER_NAMES = {"real": "CLIP ViT-B/32 and DINO ViT-S/16", "tiny": "tests' tiny CLIP and DINO"}
+
+
+def scoring_table(row: dict) -> list[str]:
+    first = row["generate"]
+    source = "the sd15 row's run" if row["source"] == "sd15" else row["source"]
+    lines = [
+        f"`infer.py eval` of {source} ({row['shape']} at {row['resolution']} px; "
+        f"entries {', '.join(first['entries'])}): "
+        f"{row['prompts']} prompts x {row['num_images_per_prompt']} images = {row['images_per_step']} images a step, "
+        f"{row['num_inference_steps']} denoising steps each; scorers of the {SCORER_NAMES[row['scorers']]} shapes "
+        f"(random weights, built in {row['scorers_build_s']:.0f} s). Per scored step: (time after the last entry - "
+        "time after the first) / (entries - 1), in the eval's own process.",
+        "",
+        "| | per scored step (s) | of it generating (s) | images/s | a step of "
+        f"{row['default_images_per_step']} images (eval's default count), projected (s) | eval wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, label in (
+        ("generate", "first eval: generate + score"),
+        ("reuse", "rerun: every image reused (score only)"),
+    ):
+        figures = row.get(kind)
+        if figures and figures.get("skipped"):
+            lines.append(f"| {label} | skipped: {figures['skipped']} | | | | |")
+        elif figures:
+            lines.append(
+                f"| {label} | {number(figures['per_step_s'], '{:.3f}')} | "
+                f"{number(figures['generating_per_step_s'], '{:.3f}')} | {number(figures['images_per_s'])} | "
+                f"{number(figures['default_step_s'])} | {number(figures['wall_s'])} |"
+            )
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The section for bench/RESULTS.md."""
     machine, rows, settings = report["machine"], report["rows"], report["settings"]
@@ -915,6 +1144,8 @@ def markdown(report: dict) -> str:
                         f"{gigabytes(m['peak_allocated_bytes_checkpointing'])} GB with --gradient_checkpointing "
                         f"({m['steps']} steps)"
                     )
+        elif name == "scoring" and row.get("generate"):
+            lines += ["", *scoring_table(row)]
         elif name == "compile" and row.get("startup_s") is not None:
             lines.append(
                 f"- backend {row['backend']}, cold, {row['steps']} steps: first optimizer step "

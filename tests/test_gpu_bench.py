@@ -68,13 +68,13 @@ def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     return done, report, (folder / "out" / "gpu.md").read_text()
 
 
-def test_smoke_run_completes_every_row_but_scoring(smoke):
+def test_smoke_run_completes_every_row(smoke):
     _, report, _ = smoke
     assert list(report["rows"]) == ROWS
     statuses = {name: row["status"] for name, row in report["rows"].items()}
     failed = {name: report["rows"][name].get("error") for name, s in statuses.items() if s == "failed"}
     assert not failed, failed
-    assert statuses == {name: "skipped" if name == "scoring" else "done" for name in ROWS}
+    assert statuses == dict.fromkeys(ROWS, "done")
 
 
 def test_gpu_json_names_the_machine_the_commit_and_the_command(smoke):
@@ -122,10 +122,67 @@ def test_memory_row_runs_both_trainers_with_gradient_checkpointing(smoke):
     assert {"tiny-ours-checkpointing", "tiny-reference-checkpointing"} <= labels
 
 
-def test_scoring_row_is_skipped_with_its_reason_while_infer_has_no_eval(smoke):
-    _, report, _ = smoke
-    assert not gpu.infer_has_eval()
-    assert "infer.py has no eval command" in report["rows"]["scoring"]["reason"]
+def assert_scoring_figures(row: dict, steps: list[int]) -> None:
+    """Both evals scored every entry's images, the first making them all, the rerun none, and
+    gave a positive time per scored step and images per second that agree with each other."""
+    per_step = gpu.SMOKE.eval_prompts * gpu.SMOKE.eval_images
+    assert row["scorers"] == "tiny" and row["images_per_step"] == per_step
+    for kind in ("generate", "reuse"):
+        figures = row[kind]
+        assert figures["entries"] == [f"step {n}" for n in steps], kind
+        assert figures["images_scored"] == per_step * len(steps), kind
+        assert figures["per_step_s"] > 0 and figures["images_per_s"] > 0, kind
+        assert figures["images_per_s"] * figures["per_step_s"] == pytest.approx(per_step), kind
+    assert row["generate"]["generated"] == row["generate"]["images_scored"]
+    assert row["reuse"]["generated"] == 0 and row["reuse"]["generating_per_step_s"] == 0
+
+
+def test_scoring_row_times_infer_eval_on_the_sd15_runs_generating_then_reusing(smoke):
+    _, report, text = smoke
+    row = report["rows"]["scoring"]
+    assert row["source"] == "sd15"
+    # The long run's final rows, and the short run's as its step-N file; step 0 is the initializer.
+    steps = [0, gpu.SMOKE.sd.ours.short, report["rows"]["sd15"]["runs"]["ours"]["long"]["steps"]]
+    assert_scoring_figures(row, steps)
+    labels = [run["label"] for run in report["runs"]]
+    assert labels.index("scoring-generate") < labels.index("scoring-reuse")
+    assert "#### scoring: done" in text
+    assert "| first eval: generate + score |" in text and "| rerun: every image reused (score only) |" in text
+
+
+def test_scoring_row_alone_scores_a_run_it_makes(tmp_path):
+    done = run_gpu_bench(tmp_path / "out", "--budget_s", "1800", "--rows", "scoring")
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    row = report["rows"]["scoring"]
+    assert row["status"] == "done", row
+    assert row["source"].startswith("a run made here")
+    steps = max(2, gpu.SMOKE.sd.ours.short)
+    assert_scoring_figures(row, [0, steps // 2, steps])  # it saves every steps // 2
+    assert [run["label"] for run in report["runs"]] == ["tiny-ours-scoring", "scoring-generate", "scoring-reuse"]
+
+
+def test_per_scored_step_is_the_span_from_the_first_entry_to_the_last_over_the_steps_between():
+    def mark(time: float, step: int, generating_s: float) -> dict:
+        return {"time": time, "label": f"step {step}", "images": 4, "generated": 4, "generating_s": generating_s}
+
+    # Start-up and the first entry take 5 s; each later entry 2 s, 1.5 s of it generating.
+    record = {"marks": [mark(5.0, 0, 1.0), mark(7.0, 2, 2.5), mark(9.0, 4, 4.0)]}
+    figures = gpu.eval_figures(record, wall=10.0, default_images=100)
+    assert figures["entries"] == ["step 0", "step 2", "step 4"] and figures["images_scored"] == 12
+    assert figures["per_step_s"] == pytest.approx(2.0)
+    assert figures["images_per_s"] == pytest.approx(2.0)  # 8 images in the 4 s after the first entry
+    assert figures["generating_per_step_s"] == pytest.approx(1.5)
+    assert figures["default_step_s"] == pytest.approx(50.0)
+    with pytest.raises(gpu.RunFailed):
+        gpu.eval_figures({"marks": record["marks"][:1]}, wall=6.0, default_images=100)
+
+
+def test_the_rerun_is_skipped_when_the_rows_share_cannot_hold_it():
+    first = {"wall_s": 12.0, "generating_s": 8.0}  # the rerun needs about 4 s
+    assert gpu.rerun_skipped(spent=20.0, allowance=25.0, first=first) is None
+    reason = gpu.rerun_skipped(spent=22.0, allowance=25.0, first=first)
+    assert reason.startswith("the row's share of the budget was spent") and "about 4 s" in reason
 
 
 def test_compile_row_reports_the_cold_compile_time_and_both_speeds(smoke):
