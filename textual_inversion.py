@@ -2712,10 +2712,12 @@ class StopSignals:
     stay ignored.
 
     A process started by accelerate launch or torchrun hears of its launcher's death (Linux) as a
-    stop of its own; when it is already stopping, that is the echo of the same stop (the launcher
-    got the same Ctrl-C or SIGTERM and exited first) and changes nothing. A stop agreed with the
-    other processes is not a signal received here either, so the launcher's forwarded SIGTERM
-    that follows it is still a first signal.
+    stop of its own. When it is already stopping, the launcher's part in the same stop changes
+    nothing: its death (it got the same Ctrl-C or SIGTERM and exited first), or the SIGTERM with
+    which it terminates its workers (accelerate 1.16 and torchrun do, after a Ctrl-C or SIGTERM
+    of their own). A second Ctrl-C still ends the process at once. A stop agreed with the other
+    processes is not a signal received here either, so the launcher's SIGTERM that follows it is
+    still a first signal.
     """
 
     def __init__(self):
@@ -2774,6 +2776,8 @@ class StopSignals:
                 return  # the launcher exited on the same stop: its echo, not a second stop
             signum, self.launcher_exited = signal.SIGTERM, True
         elif self.received:
+            if signum == signal.SIGTERM and self.watched_parent:
+                return  # the launcher terminating its workers on the stop it got too: the same stop
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

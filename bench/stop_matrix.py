@@ -67,10 +67,21 @@ def trainer_args(model: Path, photos: Path, out: Path, *extra: str) -> list[str]
     return [str(ROOT / "textual_inversion.py"), *(x for k, v in flags.items() for x in (f"--{k}", str(v))), *extra]
 
 
+# Exec'd in front of the command: SIGINT as a terminal's foreground job has it. A background job
+# of a non-interactive shell (a CI runner's, `cmd &` in a script) inherits SIGINT ignored, and
+# the trainer rightly keeps an ignored signal ignored, as nohup asks. (An exec keeps the pid.)
+TAKES_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])",
+]
+
+
 def start(command: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["HF_HUB_OFFLINE"] = "1"
     with open(log, "a") as stream:
+        command = [*TAKES_CTRL_C, *command]
         return subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -86,7 +97,8 @@ def logged_step(out: Path) -> int:
 def trainers_of(launcher: subprocess.Popen) -> list:
     import psutil
 
-    found = [launcher.pid] if launcher.args[1:2] != ["-m"] else []
+    command = launcher.args[len(TAKES_CTRL_C) :]
+    found = [launcher.pid] if command[1:2] != ["-m"] else []
     children = psutil.Process(launcher.pid).children(recursive=True)
     found += [c.pid for c in children if "textual_inversion.py" in " ".join(c.cmdline())]
     return [psutil.Process(pid) for pid in found]

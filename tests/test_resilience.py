@@ -391,3 +391,39 @@ def test_one_cpu_thread_with_cores_to_spare_is_said_with_the_fix(monkeypatch, ca
     with caplog.at_level(logging.WARNING, "textual_inversion"):
         ti.warn_if_one_cpu_thread(accelerator)
     assert ("accelerate launch --num_cpu_threads_per_process 4" in caplog.text) == warned
+
+
+# How a stopping process takes a further signal (the process tests send real ones).
+
+
+@pytest.fixture
+def kills(monkeypatch) -> list:
+    """StopSignals ends the process by re-raising a signal on itself: record it instead."""
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    return sent
+
+
+def stopping(watched_parent: bool, first: int) -> ti.StopSignals:
+    signals = ti.StopSignals()
+    signals.deferred, signals.watched_parent = True, watched_parent
+    signals.handle(first, None)
+    return signals
+
+
+def test_the_launchers_sigterm_during_a_stop_is_the_same_stop(kills):
+    """accelerate 1.16+ and torchrun terminate their workers with SIGTERM on a Ctrl-C of their own."""
+    signals = stopping(watched_parent=True, first=signal.SIGINT)
+    signals.handle(signal.SIGTERM, None)
+    assert kills == [] and signals.requested == signal.SIGINT
+
+
+def test_a_second_ctrl_c_under_a_launcher_ends_the_process(kills):
+    stopping(watched_parent=True, first=signal.SIGINT).handle(signal.SIGINT, None)
+    assert kills == [signal.SIGINT]
+
+
+def test_without_a_launcher_a_second_sigterm_ends_the_process(kills):
+    stopping(watched_parent=False, first=signal.SIGTERM).handle(signal.SIGTERM, None)
+    assert kills == [signal.SIGTERM]

@@ -31,10 +31,20 @@ def trainer_argv(model: Path, photos: Path, out: Path, **flags) -> list[str]:
     return train_args(model, photos, out, **{"max_train_steps": STEPS, "logging_steps": 1, **flags})
 
 
+# Exec'd in front of the command: SIGINT as a terminal's foreground job has it. A background job
+# of a non-interactive shell (a CI runner's, `cmd &` in a script) inherits SIGINT ignored, and
+# the trainer rightly keeps an ignored signal ignored, as nohup asks. (An exec keeps the pid.)
+TAKES_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])",
+]
+
+
 def start(argv: list[str], log: Path, launcher: list[str] | None = None, **env) -> subprocess.Popen:
     """The trainer (under `launcher`) in a session of its own, as a terminal's foreground job or a
     Slurm job step is: its process group is what Ctrl-C and `scancel` signal."""
-    command = [*(launcher or [sys.executable]), str(ROOT / "textual_inversion.py"), *argv]
+    command = [*TAKES_CTRL_C, *(launcher or [sys.executable]), str(ROOT / "textual_inversion.py"), *argv]
     with open(log, "a") as stream:
         return subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, env={**ENV, **env}, start_new_session=True
@@ -123,7 +133,7 @@ def test_sigterm_ends_the_step_saves_a_checkpoint_and_exits_for_a_requeue(tiny_s
         "with --resume_from_checkpoint latest"
     ]
     assert [r["step"] for r in records(out)][-1] == step
-    assert not (out / ti.LOCK_FILE).exists()
+    assert not (out / infer.LOCK_FILE).exists()
 
     assert finish([*argv, "--resume_from_checkpoint", "latest"], log) == 0, log.read_text()[-3000:]
     assert torch.equal(learned(out), learned(reference))
@@ -181,7 +191,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_with_one_checkp
     [checkpoint] = checkpoints(out)
     step = ti.read_checkpoint(checkpoint)["state"]["step"]
     assert f"error: stopped by SIGTERM at step {step}; saved {checkpoint}" in "\n".join(error_lines(log))
-    assert not (out / ti.LOCK_FILE).exists()
+    assert not (out / infer.LOCK_FILE).exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -201,7 +211,7 @@ def test_a_trainer_whose_launcher_died_stops_with_a_checkpoint(tiny_sd, photos, 
     [checkpoint] = checkpoints(out)
     step = ti.read_checkpoint(checkpoint)["state"]["step"]
     assert error_lines(log)[-1].startswith(f"error: stopped by the launcher's exit at step {step}; saved {checkpoint}")
-    assert not (out / ti.LOCK_FILE).exists()
+    assert not (out / infer.LOCK_FILE).exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,7 +273,7 @@ def test_a_signal_to_the_launchers_process_group_saves_one_checkpoint_and_resume
         f"error: stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; to continue, run the "
         "same command with --resume_from_checkpoint latest"
     )
-    assert not (out / ti.LOCK_FILE).exists()
+    assert not (out / infer.LOCK_FILE).exists()
     resumed = start(
         [*argv, "--resume_from_checkpoint", "latest"], log, accelerate_launch(processes), ACCELERATE_USE_CPU="true"
     )
@@ -273,11 +283,13 @@ def test_a_signal_to_the_launchers_process_group_saves_one_checkpoint_and_resume
 
 def test_a_second_ctrl_c_ends_the_trainer_at_once_and_leaves_every_file_whole(tiny_sd, photos, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
-    argv = long_argv(tiny_sd, photos, out, gradient_accumulation_steps=8, checkpointing_steps=1)  # steps of seconds
+    argv = long_argv(tiny_sd, photos, out, gradient_accumulation_steps=32, checkpointing_steps=1)  # steps of seconds
     trainer = start(argv, log)  # plain python: the user's second Ctrl-C reaches the trainer itself
     assert wait_for(lambda: trained_a_step(out) and checkpoints(out), trainer), log.read_text()[-3000:]
+    step = max(r["step"] for r in records(out))
+    assert wait_for(lambda: max(r["step"] for r in records(out)) > step, trainer)  # a step has just begun
     os.killpg(trainer.pid, signal.SIGINT)
-    time.sleep(0.3)  # well inside a step of several seconds: the first stop is still finishing it
+    time.sleep(0.3)  # well inside the step of seconds that just began: the first stop is still finishing it
     os.killpg(trainer.pid, signal.SIGINT)
     assert trainer.wait(timeout=TIMEOUT) == -signal.SIGINT  # ended by the signal itself, not by a clean stop
     assert not any("stopped by" in line for line in error_lines(log))
