@@ -2772,6 +2772,7 @@ class StopSignals:
 
     def handle(self, signum: int, frame) -> None:
         if signum == LAUNCHER_GONE:
+            silence_orphaned_pipes()
             if self.requested:
                 return  # the launcher exited on the same stop: its echo, not a second stop
             signum, self.launcher_exited = signal.SIGTERM, True
@@ -2797,6 +2798,25 @@ class StopSignals:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         self.agreed_signum = int(flag)
         return self.agreed_signum
+
+
+def silence_orphaned_pipes() -> None:
+    """Point stdout and stderr at /dev/null where they are pipes nobody reads any more. accelerate
+    1.16+ pipes its trainer's stderr through itself: killed outright, it takes the pipe along,
+    and the next progress bar or log line would end the run (BrokenPipeError) before its
+    checkpoint. (Linux reports a pipe without readers as POLLERR; its last writer is us.)"""
+    import select
+
+    for fd in (1, 2):
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poller.poll(0)):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            continue
 
 
 def parent_is_launcher() -> bool:
