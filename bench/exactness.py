@@ -543,7 +543,8 @@ def execute(run: Run, env: dict[str, str], cwd: Path, timeout: float) -> Run:
 
 def crash_state_at(step: int, straight: Path, folder: Path) -> None:
     """What a run stopped right after `step` leaves in its output folder, taken from the
-    straight run's: checkpoint-<step>, the embeddings saved up to it, the metrics up to it."""
+    straight run's: checkpoint-<step>, the embeddings saved up to it, the metrics up to it, and
+    run.json naming those embeddings."""
     folder.mkdir(parents=True)
     shutil.copytree(straight / f"checkpoint-{step}", folder / f"checkpoint-{step}")
     for path in straight.glob("learned_embeds*-steps-*"):
@@ -553,6 +554,11 @@ def crash_state_at(step: int, straight: Path, folder: Path) -> None:
     lines = (straight / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     (folder / "metrics.jsonl").write_text("".join(kept), encoding="utf-8")
+    record = straight / "run.json"  # the trainer's record of the files it saved, where it writes one
+    if record.exists():
+        data = json.loads(record.read_text(encoding="utf-8"))
+        data["saved"] = {name: at for name, at in data.get("saved", {}).items() if (folder / name).exists()}
+        (folder / "run.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 @dataclasses.dataclass
