@@ -2819,6 +2819,46 @@ def silence_orphaned_pipes() -> None:
             continue
 
 
+class ReaderSafeStream:
+    """sys.stdout or sys.stderr on a pipe, for a run that must outlive the pipe's reader: a write
+    that finds the reader gone sends the stream to /dev/null instead of raising BrokenPipeError
+    in the middle of a step. (accelerate 1.16+ pipes its trainer's stderr through the launcher,
+    and the launcher's death closes the pipe before the kernel says it died.)"""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            silence_orphaned_pipes()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            silence_orphaned_pipes()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def outlive_output_readers() -> None:
+    """Wrap sys.stdout and sys.stderr in ReaderSafeStream where they are pipes."""
+    import stat
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            piped = stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+        except (OSError, ValueError, AttributeError):
+            continue  # not a real file (a test's capture, say)
+        if piped and not isinstance(stream, ReaderSafeStream):
+            setattr(sys, name, ReaderSafeStream(stream))
+
+
 def parent_is_launcher() -> bool:
     """Started by accelerate launch or torchrun (not by a shell, whose exit must not stop a nohup run)."""
     try:
@@ -2913,6 +2953,7 @@ def resolve_seed(args: argparse.Namespace, accelerator) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    outlive_output_readers()  # before logging and tqdm take hold of sys.stderr
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     try:
         run_training(parse_args(argv))

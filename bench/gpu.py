@@ -442,15 +442,21 @@ class Bench:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "shims"), env.get("PYTHONPATH")]))
         return {**env, **(extra or {})}
 
-    def launch(self, label: str, command: list[str], env: dict, record: Path) -> tuple[dict, float, float]:
-        """Run one subprocess to completion or to the deadline: (its probe record, launch time on
-        the wall clock, seconds it ran). BudgetSpent or RunFailed otherwise."""
+    def spawn(self, label: str, command: list[str], env: dict) -> tuple[int | None, str, float, float]:
+        """Run one subprocess until it exits or the deadline stops it, and log it: (its status, None
+        when stopped; its output; seconds it ran; launch time on the wall clock)."""
         limit = self.deadline - self.settings.grace_s
         if limit - time.monotonic() < 1:
             raise BudgetSpent(f"{label}: no time left to start it")
         launched_epoch, cpu = time.time(), children_cpu_s()
         status, output, wall = run_until(command, env, limit, self.settings.grace_s)
         self.log_run(label, launched_epoch, wall, children_cpu_s() - cpu, status)
+        return status, output, wall, launched_epoch
+
+    def launch(self, label: str, command: list[str], env: dict, record: Path) -> tuple[dict, float, float]:
+        """Run one subprocess to completion or to the deadline: (its probe record, launch time on
+        the wall clock, seconds it ran). BudgetSpent or RunFailed otherwise."""
+        status, output, wall, launched_epoch = self.spawn(label, command, env)
         if status is None:
             partial = ""
             if record.exists():  # this trainer exits through its stop handler, and the probe writes on exit
@@ -506,12 +512,7 @@ class Bench:
     def call(self, label: str, command: list[str], env: dict, record: Path) -> tuple[dict, float]:
         """Run a subprocess that writes `record` (JSON) to completion or to the deadline: (the
         record, seconds it ran). BudgetSpent or RunFailed otherwise."""
-        limit = self.deadline - self.settings.grace_s
-        if limit - time.monotonic() < 1:
-            raise BudgetSpent(f"{label}: no time left to start it")
-        launched_epoch, cpu = time.time(), children_cpu_s()
-        status, output, wall = run_until(command, env, limit, self.settings.grace_s)
-        self.log_run(label, launched_epoch, wall, children_cpu_s() - cpu, status)
+        status, output, wall, _ = self.spawn(label, command, env)
         if status is None:
             raise BudgetSpent(f"{label}: stopped at the budget after {wall:.0f} s")
         if status != 0 or not record.exists():

@@ -4,6 +4,7 @@ need a process of their own: test_resilience_processes.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -427,3 +428,17 @@ def test_a_second_ctrl_c_under_a_launcher_ends_the_process(kills):
 def test_without_a_launcher_a_second_sigterm_ends_the_process(kills):
     stopping(watched_parent=False, first=signal.SIGTERM).handle(signal.SIGTERM, None)
     assert kills == [signal.SIGTERM]
+
+
+def test_output_whose_reader_is_gone_does_not_end_the_run():
+    """accelerate 1.16+ pipes its trainer's stderr through the launcher, which may die first."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    raw = open(write_end, "w", buffering=1)  # noqa: SIM115 (closed below, where the pipe's error is expected)
+    stream = ti.ReaderSafeStream(raw)  # line-buffered, as stderr is
+    try:
+        assert stream.write("Steps:  50%|█████     | 2/4\n") > 0
+        stream.flush()
+    finally:
+        with contextlib.suppress(OSError):
+            raw.close()
