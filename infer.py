@@ -226,9 +226,15 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_torch(path: str | Path, data: object) -> Path:
     """A torch pickle, serialized in memory first so a full disk is a plain OSError (torch.save
-    onto a full disk raises a RuntimeError from C++ instead)."""
+    onto a full disk raises a RuntimeError from C++ instead).
+
+    Written in torch's legacy (non-zip) format: A1111 checks every pickle before loading it and
+    refuses zip entries it does not know, and recent torch adds some (torch 2.13's zip holds
+    .format_version and .storage_alignment, refused by A1111 1.10; older A1111 releases refuse
+    byteorder too). The legacy format holds the same pickle and loads in A1111, diffusers,
+    ComfyUI, kohya, InvokeAI and torch.load(weights_only=True); only mmap needs the zip."""
     buffer = io.BytesIO()
-    torch.save(data, buffer)
+    torch.save(data, buffer, _use_new_zipfile_serialization=False)
     return write_bytes(path, buffer.getvalue())
 
 
