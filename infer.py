@@ -2124,25 +2124,34 @@ def pick_step(lines: list[dict], rule: str = "balanced") -> dict | None:
     Ties go to the earlier line (the earlier step: less drift from the initializer)."""
     if rule not in PICK_RULES:
         raise EmbeddingError(f"--pick {rule}: choose one of {', '.join(PICK_RULES)}")
-    scored = [
+    scored = _pickable(lines)
+    if not scored:
+        return None
+    candidates = pareto_front(scored) if rule == "balanced" else scored
+    return max(candidates, key=_pick_rank(scored, rule))
+
+
+def _pickable(lines: list[dict]) -> list[dict]:
+    return [
         line
         for line in lines
         if not line.get("baseline") and line.get("clip_i") is not None and line.get("clip_t") is not None
     ]
-    if not scored:
-        return None
+
+
+def _pick_rank(scored: list[dict], rule: str) -> Callable[[dict], float]:
+    """What the rule maximises, over the lines `scored`."""
     if rule == "fidelity":
-        return max(scored, key=lambda line: line["clip_i"])
+        return lambda line: line["clip_i"]
     if rule == "editability":
-        return max(scored, key=lambda line: line["clip_t"])
+        return lambda line: line["clip_t"]
 
     def scaled(key: str) -> Callable[[dict], float]:
         low, high = min(line[key] for line in scored), max(line[key] for line in scored)
         return lambda line: (line[key] - low) / (high - low) if high > low else 0.0
 
     fidelity, editability = scaled("clip_i"), scaled("clip_t")
-    front = pareto_front(scored)
-    return max(front, key=lambda line: fidelity(line) + editability(line))
+    return lambda line: fidelity(line) + editability(line)
 
 
 # The scores each pick rule reads, and their names in print.
@@ -2151,13 +2160,15 @@ SCORE_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
 
 
 def within_noise_of(lines: list[dict], pick: dict, rule: str = "balanced") -> dict | None:
-    """The line the rule would pick if `pick` were not there, when no score the rule reads tells
-    the two apart: on each, the difference is under twice its standard error (the root of the
-    two squared errors; about 95% confidence). None when the pick stands clear, stands alone, or
-    an error is unknown (one image per prompt)."""
-    runner_up = pick_step([line for line in lines if line is not pick], rule)
-    if runner_up is None:
+    """The next best line by the rule, when no score the rule reads tells it from `pick`: on
+    each, the difference is under twice its standard error (the root of the two squared errors;
+    about 95% confidence). None when the pick stands clear, stands alone, or an error is
+    unknown (one image per prompt)."""
+    scored = _pickable(lines)
+    others = [line for line in scored if line is not pick]
+    if not others:
         return None
+    runner_up = max(others, key=_pick_rank(scored, rule))
     for key in PICK_SCORES[rule]:
         errors = (pick.get(f"{key}_se"), runner_up.get(f"{key}_se"))
         if None in errors or abs(pick[key] - runner_up[key]) >= 2 * math.hypot(*errors):
