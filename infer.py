@@ -2631,11 +2631,8 @@ def report_eval(
     """Pick a step (marked in eval.jsonl), print the table and the pick, plot eval.png, and with
     --keep_best make the pick the run's final embedding."""
     pick = pick_step(lines, args.pick)
-    runner_up = within_noise_of(lines, pick, args.pick) if pick is not None else None
     if pick is not None:
         pick.update(pick=True, pick_rule=args.pick)
-        if runner_up is not None:
-            pick["within_noise_of"] = runner_up["label"]
     log = inputs.out / "eval.jsonl"
     write_text(log, "".join(json.dumps(line) + "\n" for line in lines))
     print(eval_table(lines, pick, args.pick))
@@ -2643,7 +2640,7 @@ def report_eval(
     plotted = plot_eval(lines, plot, pick)
     print(f"wrote {log}" + (f" and {plot}" if plotted else " (eval.png needs matplotlib)"), file=sys.stderr)
     if pick is not None:
-        print(pick_text(pick, runner_up, args.pick))
+        print(pick_text(pick, within_noise_of(lines, pick, args.pick), args.pick))
     if args.keep_best and pick is not None:
         chosen = next(entry for entry, line in scored if line is pick)
         keep_pick(inputs, chosen, pick["label"])
