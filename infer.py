@@ -778,7 +778,12 @@ def list_images(
         found = f" (it holds: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
         raise UserError(f"{flag} {folder}: no images (png, jpg, webp, bmp, tiff, gif) found{found}")
     if skipped and warn:
-        logger.warning("Skipping %d non-image entries in %s: %s", len(skipped), folder, ", ".join(skipped))
+        logger.warning(
+            "Skipping %s in %s: %s",
+            plural(len(skipped), "non-image entry", "non-image entries"),
+            folder,
+            ", ".join(skipped),
+        )
     return images
 
 
@@ -1544,6 +1549,8 @@ def a1111_parameters(settings: dict) -> str:
     embedding is listed in "TI hashes" under its A1111 name with the first 12 hex digits of its
     file's sha256 (A1111's short hash)."""
     seed = settings["seed"] if "seed" in settings else settings["seeds"][0]
+    # A grid of several prompts (a validation grid's rows) lists them one per line.
+    prompt = settings["prompt"] if "prompt" in settings else "\n".join(settings["prompts"])
     embeddings = [
         f"{e['name'].replace(':', '').replace(',', '')}: {e['hash']}"
         for e in settings.get("embeddings", [])
@@ -1559,10 +1566,11 @@ def a1111_parameters(settings: dict) -> str:
         "Model": a1111_model_name(settings["model"]),
         "Clip skip": settings["clip_skip"] + 1 if settings.get("clip_skip") else None,
         "TI hashes": ", ".join(embeddings) or None,
+        "Embedding step": settings.get("embedding_step"),
     }
     line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in fields.items() if v is not None)
     negative = settings.get("negative_prompt")
-    return settings["prompt"] + (f"\nNegative prompt: {negative}" if negative else "") + "\n" + line
+    return prompt + (f"\nNegative prompt: {negative}" if negative else "") + "\n" + line
 
 
 def write_png(path: str | Path, image, settings: dict) -> Path:
@@ -1591,6 +1599,112 @@ def read_png_settings(path: str | Path) -> dict | None:
     except ValueError:
         return None
     return settings if isinstance(settings, dict) else None
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """The count and its noun, in the number it needs: "1 photo", "2 photos", "0 photos"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def _label_font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1: the small fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit_lines(text: str, font, width: float, max_lines: int) -> list[str]:
+    """`text` wrapped at spaces to `width` pixels; a word too long for a line, and whatever
+    does not fit in `max_lines`, is cut and marked with an ellipsis."""
+
+    def cut(line: str, mark: str = "") -> str:
+        while line and font.getlength(line + mark) > width:
+            line, mark = line[:-1], "…"
+        return line.rstrip() + mark
+
+    lines: list[str] = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    lines = [cut(line) for line in lines] or [""]
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], cut(lines[max_lines - 1], "…")]
+    return lines
+
+
+def labelled_grid(rows: list[list], labels: list[str], title: str):
+    """Rows of equal-sized images under a title line (the step), each row's label (its prompt)
+    to its left, wrapped, black on white. The images fill the bottom-right corner, uncut and
+    untouched, so grid_tiles can take them back out."""
+    from PIL import Image, ImageDraw
+
+    w, h = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    size = max(12, min(48, h // 20))  # about 25 px at 512, 48 at 1024, legible at tiny sizes
+    font, margin = _label_font(size), size // 2
+    ascent, descent = font.getmetrics()
+    line_height = round((ascent + descent) * 1.15)
+    label_width, title_height = max(w // 2, 12 * size), line_height + 2 * margin
+    grid = Image.new("RGB", (label_width + columns * w, title_height + len(rows) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((margin, margin), title, fill="black", font=font)
+    max_lines = max(1, (h - 2 * margin) // line_height)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        top = title_height + r * h
+        if r:  # a faint rule between two rows' labels
+            draw.line((margin, top, label_width - margin, top), fill=(200, 200, 200), width=max(1, size // 12))
+        lines = _fit_lines(label, font, label_width - 2 * margin, max_lines)
+        y = top + (h - len(lines) * line_height) // 2  # centred on its row
+        for k, line in enumerate(lines):
+            draw.text((margin, y + k * line_height), line, fill="black", font=font)
+        for c, image in enumerate(row):
+            grid.paste(image, (label_width + c * w, top))
+    return grid
+
+
+def grid_tiles(path: str | Path) -> list[list]:
+    """The images of a labelled grid written with its settings (a validation grid), row by row:
+    one row per prompt, one image per seed, taken from the bottom-right corner."""
+    from PIL import Image
+
+    settings = read_png_settings(path)
+    if settings is None or "prompts" not in settings:
+        raise UserError(f"{path}: not a labelled grid (its PNG holds no prompts and seeds)")
+    w, h, columns = settings["width"], settings["height"], len(settings["seeds"])
+    with Image.open(path) as png:
+        grid = png.convert("RGB")
+    left, top = grid.width - columns * w, grid.height - len(settings["prompts"]) * h
+    return [
+        [grid.crop((left + c * w, top + r * h, left + (c + 1) * w, top + (r + 1) * h)) for c in range(columns)]
+        for r in range(len(settings["prompts"]))
+    ]
+
+
+def new_figure(rows: int, columns: int, **options):
+    """(figure, axes) for a plot: a bare matplotlib Figure, rendered by Agg when saved, so no
+    backend or window is ever chosen, laid out "constrained", which keeps room for legends
+    placed outside the axes. None when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib  # noqa: F401  (first: a missing or hidden matplotlib fails here, even with a submodule loaded)
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    figure = Figure(figsize=options.pop("figsize", None), layout="constrained")
+    return figure, figure.subplots(rows, columns, **options)
+
+
+def save_figure(figure, path: Path) -> Path:
+    """The figure as a PNG, written atomically."""
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+# A legend beside its axes, to the right: never over the data (the constrained layout makes room).
+LEGEND_BESIDE = {"loc": "upper left", "bbox_to_anchor": (1.02, 1), "borderaxespad": 0, "fontsize": "small"}
 
 
 def image_grid(images: list, columns: int):
@@ -2016,25 +2130,70 @@ def pick_step(lines: list[dict], rule: str = "balanced") -> dict | None:
     Ties go to the earlier line (the earlier step: less drift from the initializer)."""
     if rule not in PICK_RULES:
         raise EmbeddingError(f"--pick {rule}: choose one of {', '.join(PICK_RULES)}")
-    scored = [
+    scored = _pickable(lines)
+    if not scored:
+        return None
+    candidates = pareto_front(scored) if rule == "balanced" else scored
+    return max(candidates, key=_pick_rank(scored, rule))
+
+
+def _pickable(lines: list[dict]) -> list[dict]:
+    return [
         line
         for line in lines
         if not line.get("baseline") and line.get("clip_i") is not None and line.get("clip_t") is not None
     ]
-    if not scored:
-        return None
+
+
+def _pick_rank(scored: list[dict], rule: str) -> Callable[[dict], float]:
+    """What the rule maximises, over the lines `scored`."""
     if rule == "fidelity":
-        return max(scored, key=lambda line: line["clip_i"])
+        return lambda line: line["clip_i"]
     if rule == "editability":
-        return max(scored, key=lambda line: line["clip_t"])
+        return lambda line: line["clip_t"]
 
     def scaled(key: str) -> Callable[[dict], float]:
         low, high = min(line[key] for line in scored), max(line[key] for line in scored)
         return lambda line: (line[key] - low) / (high - low) if high > low else 0.0
 
     fidelity, editability = scaled("clip_i"), scaled("clip_t")
-    front = pareto_front(scored)
-    return max(front, key=lambda line: fidelity(line) + editability(line))
+    return lambda line: fidelity(line) + editability(line)
+
+
+# The scores each pick rule reads, and their names in print.
+PICK_SCORES = {"balanced": ("clip_i", "clip_t"), "fidelity": ("clip_i",), "editability": ("clip_t",)}
+SCORE_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
+
+
+def within_noise_of(lines: list[dict], pick: dict, rule: str = "balanced") -> dict | None:
+    """The next best line by the rule, when no score the rule reads tells it from `pick`: on
+    each, the difference is under twice its standard error (the root of the two squared errors;
+    about 95% confidence). None when the pick stands clear, stands alone, or an error is
+    unknown (one image per prompt)."""
+    scored = _pickable(lines)
+    others = [line for line in scored if line is not pick]
+    if not others:
+        return None
+    runner_up = max(others, key=_pick_rank(scored, rule))
+    for key in PICK_SCORES[rule]:
+        errors = (pick.get(f"{key}_se"), runner_up.get(f"{key}_se"))
+        if None in errors or abs(pick[key] - runner_up[key]) >= 2 * math.hypot(*errors):
+            return None
+    return runner_up
+
+
+def pick_text(pick: dict, runner_up: dict | None, rule: str) -> str:
+    """The printed pick: its step and files, and the step it is within noise of, if any."""
+    text = f"pick ({rule}): {pick['label']}" + (f" ({', '.join(pick['files'])})" if pick.get("files") else "")
+    if runner_up is None:
+        return text
+    scores = "; ".join(
+        f"{SCORE_NAMES[key]} {_score_text(pick, key)} vs {_score_text(runner_up, key)}" for key in PICK_SCORES[rule]
+    )
+    return (
+        f"{text}, within noise of {runner_up['label']} ({scores}); "
+        "more images per prompt (--num_images_per_prompt) narrow the errors"
+    )
 
 
 def read_eval_log(path: str | Path) -> list[dict]:
@@ -2088,20 +2247,16 @@ def keep_best(folder: Path, entry: EvalEntry, token: str, record: dict | None) -
 
 def plot_eval(lines: list[dict], path: Path, pick: dict | None) -> bool:
     """eval.png: the three scores against step (real images dashed), and CLIP-I against CLIP-T
-    with each point labelled by its step, as the Textual Inversion paper's Figure 10a. False when
-    matplotlib is not installed (it is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    with each point labelled by its step, as the Textual Inversion paper's Figure 10a; one legend
+    for both, below them. False when matplotlib is not installed (it is optional)."""
+    made = new_figure(1, 2, figsize=(12, 5.6))
+    if made is None:
         return False
+    figure, (left, right) = made
     scored = [line for line in lines if line.get("baseline") != "real images"]
     real = next((line for line in lines if line.get("baseline") == "real images"), None)
     numeric = all(line["step"] is not None for line in scored)
     xs = [line["step"] for line in scored] if numeric else list(range(len(scored)))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     # CLIP-T lives near 0.25-0.35 and CLIP-I, DINO near 0.5-0.9: CLIP-T gets its own axis, on the right.
     text_axis = left.twinx()
     for axis, key, color, name in (
@@ -2120,8 +2275,6 @@ def plot_eval(lines: list[dict], path: Path, pick: dict | None) -> bool:
     left.set_xlabel("step")
     left.set_ylabel("CLIP-I, DINO (mean ± standard error)")
     text_axis.set_ylabel("CLIP-T", color="tab:orange")
-    handles = [h for axis in (left, text_axis) for h in axis.get_legend_handles_labels()[0]]
-    text_axis.legend(handles=handles, fontsize="small", framealpha=0.85)  # on the top axis, over both plots
     right.errorbar(
         [line["clip_t"] for line in scored],
         [line["clip_i"] for line in scored],
@@ -2151,12 +2304,11 @@ def plot_eval(lines: list[dict], path: Path, pick: dict | None) -> bool:
             zorder=3,
             label=f"pick: {pick['label']}",
         )
-        right.legend(fontsize="small")
     right.set_xlabel("CLIP-T: image vs prompt (editability)")
     right.set_ylabel("CLIP-I: image vs photos (fidelity)")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
+    handles = [h for axis in (left, text_axis, right) for h in axis.get_legend_handles_labels()[0]]
+    figure.legend(handles=handles, loc="outside lower center", ncols=4, fontsize="small")
+    save_figure(figure, path)
     return True
 
 
@@ -2376,12 +2528,12 @@ def print_eval_plan(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSet
     """The line saying what is about to be scored, and how."""
     labels = ", ".join(entry.label for entry in setup.entries)
     print(
-        f"scoring {len(setup.entries)} embedding(s) ({labels}) on {len(inputs.templates)} prompts "
-        f"({inputs.prompts}) x {args.num_images_per_prompt} images, class word {inputs.class_word!r}; "
-        f"{args.scheduler} ({setup.png_settings['sampler']}), {args.num_inference_steps} steps, guidance "
+        f"scoring {plural(len(setup.entries), 'embedding')} ({labels}) on {plural(len(inputs.templates), 'prompt')} "
+        f"({inputs.prompts}) x {plural(args.num_images_per_prompt, 'image')}, class word {inputs.class_word!r}; "
+        f"{args.scheduler} ({setup.png_settings['sampler']}), {plural(args.num_inference_steps, 'step')}, guidance "
         f"{setup.guidance}, {setup.size}x{setup.size} px"
         + (f", clip skip {setup.clip_skip}" if setup.clip_skip else "")
-        + (f"; reusing {reused} of {total} images already made" if reused else ""),
+        + (f"; reusing {reused} of {plural(total, 'image')} already made" if reused else ""),
         file=sys.stderr,
     )
 
@@ -2494,7 +2646,7 @@ def report_eval(
     plotted = plot_eval(lines, plot, pick)
     print(f"wrote {log}" + (f" and {plot}" if plotted else " (eval.png needs matplotlib)"), file=sys.stderr)
     if pick is not None:
-        print(f"pick ({args.pick}): {pick['label']}" + (f" ({', '.join(pick['files'])})" if pick["files"] else ""))
+        print(pick_text(pick, within_noise_of(lines, pick, args.pick), args.pick))
     if args.keep_best and pick is not None:
         chosen = next(entry for entry, line in scored if line is pick)
         keep_pick(inputs, chosen, pick["label"])
@@ -2785,7 +2937,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         triggers.append(tokens[0])
         also = [a for a, t in getattr(pipe, ALIASES, {}).items() if t == tokens[0]]
         print(
-            f"loaded {tokens[0]} ({emb.num_vectors} vector{'s' if emb.num_vectors > 1 else ''}, "
+            f"loaded {tokens[0]} ({plural(emb.num_vectors, 'vector')}, "
             f"{emb.layout}) from {emb.source}" + (f"; also answers to {', '.join(also)}" if also else ""),
             file=sys.stderr,
         )

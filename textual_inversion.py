@@ -710,13 +710,19 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             missing = self.captions.count(None)
             if missing:
                 logger.warning(
-                    "%d of %d photos have no caption (%s file) or a blank one; they use the templates",
+                    "%d of %s %s no caption (%s file) or a blank one; they use the templates",
                     missing,
-                    len(self.image_paths),
+                    infer.plural(len(self.image_paths), "photo"),
+                    "has" if missing == 1 else "have",
                     extension,
                 )
             if prefixed:
-                logger.info("%d captions had no [name] or %s; the new word was put in front of them", prefixed, token)
+                logger.info(
+                    "%s had no [name] or %s; the new word was put in front of %s",
+                    infer.plural(prefixed, "caption"),
+                    token,
+                    "it" if prefixed == 1 else "them",
+                )
         self.mask_paths: list[Path | None] = []
         if masked:
             folder = Path(mask_dir) if mask_dir else None
@@ -725,7 +731,13 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             self.mask_paths = [find_mask(p, folder) for p in self.image_paths]
             missing = self.mask_paths.count(None)
             if missing:
-                logger.warning("%d of %d photos have no mask; they count fully", missing, len(self.image_paths))
+                logger.warning(
+                    "%d of %s %s no mask; %s fully",
+                    missing,
+                    infer.plural(len(self.image_paths), "photo"),
+                    "has" if missing == 1 else "have",
+                    "it counts" if missing == 1 else "they count",
+                )
         else:
             self.mask_paths = [None] * len(self.image_paths)
 
@@ -1215,7 +1227,7 @@ def describe_initializer(phrase: str, pieces: list[str], num_vectors: int) -> st
         if num_vectors == 1
         else "; ".join(f"vector {i + 1} from {share}" for i, share in enumerate(shares))
     )
-    return f"--initializer_token {phrase!r} is {len(pieces)} tokens ({' '.join(pieces)}): {starts}"
+    return f"--initializer_token {phrase!r} is {infer.plural(len(pieces), 'token')} ({' '.join(pieces)}): {starts}"
 
 
 def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str | infer.Embedding) -> Placeholders:
@@ -1588,7 +1600,7 @@ class RunState:
         if self.best_rows is None:
             return f"the last step {self.step}"
         why = (
-            f"stopped early: no better validation loss in {patience} evaluations"
+            f"stopped early: no better validation loss in {infer.plural(patience, 'evaluation')}"
             if self.stopped_early
             else "the lowest validation loss"
         )
@@ -1670,9 +1682,7 @@ def validation_images(
     device = pipe.unet.device
     if clip_skip:
         infer.enable_clip_skip(pipe)
-    generators = [
-        torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION, k)) for k in range(count)
-    ] * len(prompts)
+    generators = [torch.Generator(device).manual_seed(s) for s in validation_seeds(seed, count)] * len(prompts)
 
     def check(_pipe, _step, _timestep, callback_kwargs):
         if interrupted():
@@ -1693,6 +1703,31 @@ def validation_images(
     return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
 
 
+def validation_seeds(seed: int, count: int) -> list[int]:
+    """The seed of each column of the validation grid: the same at every step."""
+    return [derive_seed(seed, STREAM_VALIDATION, k) for k in range(count)]
+
+
+def validation_grid_settings(args: argparse.Namespace, models: Models, pipe, seed: int, step: int) -> dict:
+    """What a validation grid was made with, for its PNG: A1111's infotext (its PNG Info reads
+    the prompts, sampler, steps, CFG, seeds, size and model) and the whole, as JSON."""
+    return {
+        "prompts": list(args.validation_prompt),
+        "steps": args.validation_inference_steps,
+        "guidance_scale": infer.default_guidance_scale(pipe),
+        "scheduler": "dpm++",  # validation_pipeline's DPMSolverMultistepScheduler, as infer.py names it
+        **infer.a1111_sampler(pipe.scheduler),
+        "seeds": validation_seeds(seed, args.num_validation_images),
+        "width": args.resolution,
+        "height": args.resolution,
+        "model": args.pretrained_model_name_or_path,
+        "dtype": str(models.weight_dtype).removeprefix("torch."),
+        **({"clip_skip": models.clip_skip} if models.clip_skip else {}),
+        "token": args.placeholder_token,
+        "embedding_step": step,
+    }
+
+
 def validation_scoring(args: argparse.Namespace, accelerator) -> tuple[infer.Scorers, infer.References] | None:
     """--validation_scores, on the main process: `infer.py eval`'s scorers and the training photos'
     features, made once, before the models load (a scorer missing offline fails first)."""
@@ -1700,26 +1735,24 @@ def validation_scoring(args: argparse.Namespace, accelerator) -> tuple[infer.Sco
         return None
     scorers = infer.Scorers(args.clip_model, args.dino_model, accelerator.device)
     photos = infer.read_photos(args.train_data_dir, "--train_data_dir")
-    logger.info("Validation scores: %s and %s against %d photos", args.clip_model, args.dino_model, len(photos))
+    logger.info(
+        "Validation scores: %s and %s against %s", args.clip_model, args.dino_model, infer.plural(len(photos), "photo")
+    )
     return scorers, scorers.references(photos)
 
 
 def plot_run(history: list[dict], path: Path) -> bool:
-    """loss.png: training loss (raw and smoothed), validation loss, embedding norm. Returns
-    False when matplotlib is not installed (it is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """loss.png: training loss (raw and smoothed), validation loss, embedding norm, each panel's
+    legend beside it. Returns False when matplotlib is not installed (it is optional)."""
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     norms = [(h["step"], h["embedding_norm"], h["vocab_median_norm"]) for h in history if "embedding_norm" in h]
     scored = [h for h in history if "clip_i" in h]
     panels = 3 if scored else 2
-    figure, axes = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=True, height_ratios=[2, 1, 1][:panels])
+    made = infer.new_figure(panels, 1, figsize=(10, 3 * panels), sharex=True, height_ratios=[2, 1, 1][:panels])
+    if made is None:
+        return False
+    figure, axes = made
     top, bottom = axes[0], axes[1]
     if train:
         steps, losses = zip(*train)
@@ -1732,23 +1765,21 @@ def plot_run(history: list[dict], path: Path) -> bool:
     if val:
         top.plot(*zip(*val), "o-", color="tab:orange", label="validation loss (fixed noise)")
     top.set_ylabel("loss")
-    top.legend(loc="upper right")
+    top.legend(**infer.LEGEND_BESIDE)
     if norms:
         steps, norm, median = zip(*norms)
         bottom.plot(steps, norm, color="tab:green", label="learned vectors' norm")
         bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
-        bottom.legend(loc="upper left")
+        bottom.legend(**infer.LEGEND_BESIDE)
     bottom.set_ylabel("L2 norm")
     if scored:  # --validation_scores: fidelity (CLIP-I, DINO) against editability (CLIP-T)
         steps = [h["step"] for h in scored]
         for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
             axes[2].plot(steps, [h[key] for h in scored], "o-", label=label)
         axes[2].set_ylabel("score (validation images)")
-        axes[2].legend(loc="upper left")
+        axes[2].legend(**infer.LEGEND_BESIDE)
     axes[-1].set_xlabel("step")
-    figure.tight_layout()
-    infer.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
+    infer.save_figure(figure, path)
     return True
 
 
@@ -1862,8 +1893,9 @@ class Watch:
             return {}
         folder = self.out / "validation"
         folder.mkdir(parents=True, exist_ok=True)
-        grid = infer.image_grid([image for row in rows for image in row], args.num_validation_images)
-        self.last_grid = infer.atomic_write(folder / f"step-{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        grid = infer.labelled_grid(rows, args.validation_prompt, f"step {step}")
+        settings = validation_grid_settings(args, self.models, self.pipe, self.seed, step)
+        self.last_grid = infer.write_png(folder / f"step-{step}.png", grid, settings)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 pixels = np.stack([np.asarray(image) for row in rows for image in row])
@@ -2127,22 +2159,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     )  # fmt: skip
     if accelerator.is_main_process:
         write_run_record(run)
-    logger.info(
-        "%s: %d photos (%d captioned, %d masked, %d bucket(s)), %d prompts, %d vector(s) of width %s, "
-        "%d steps x %d samples (%d process(es)), seed %d",
-        plan.family.name,
-        concept.num_images,
-        sum(r["caption"] is not None for r in records),
-        sum(r["mask"] is not None for r in records),
-        len(concept.bucket_sizes),
-        len(concept.prompts),
-        plan.num_vectors,
-        "+".join(str(r.shape[1]) for r in placeholders.rows),
-        plan.max_steps,
-        plan.global_batch,
-        plan.world,
-        state.seed,
-    )
+    logger.info("%s", startup_text(plan, concept, records, placeholders, accelerator.device, state.seed))
     if checkpoint is not None and state.step >= plan.max_steps:
         logger.info(
             "%s is at step %d and --max_train_steps is %d: nothing to train; writing the outputs from it",
@@ -2151,6 +2168,24 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
             plan.max_steps,
         )
     return run
+
+
+def startup_text(
+    plan: Plan, concept: Concept, records: list[dict], placeholders: Placeholders, device: torch.device, seed: int
+) -> str:
+    """The start-up line: what is trained, from what, how long, and on what hardware."""
+    plural = infer.plural
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return (
+        f"{plan.family.name}: {plural(concept.num_images, 'photo')} "
+        f"({sum(r['caption'] is not None for r in records)} captioned, {sum(r['mask'] is not None for r in records)} "
+        f"masked, {plural(len(concept.bucket_sizes), 'bucket')}), {plural(len(concept.prompts), 'prompt')}, "
+        f"{plural(plan.num_vectors, 'vector')} of width {'+'.join(str(r.shape[1]) for r in placeholders.rows)}, "
+        f"{plural(plan.max_steps, 'step')} x {plural(plan.global_batch, 'sample')} "
+        f"({plural(plan.world, 'process', 'processes')}), seed {seed}; on {where}, "
+        f"precision {str(plan.weight_dtype).removeprefix('torch.')} (learned vectors float32), "
+        f"{plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if plan.world > 1 else "")
+    )
 
 
 def train(run: Run) -> TrainResult:
@@ -2286,10 +2321,12 @@ def finish(run: Run, result: TrainResult) -> None:
 def trained_steps_text(first_step: int, last_step: int) -> str:
     """What this run trained: all its steps, or the part after the checkpoint it resumed."""
     if first_step == 0:
-        return f"{last_step} steps"
+        return infer.plural(last_step, "step")
     if first_step >= last_step:
         return "no steps (the checkpoint was already at the end)"
-    return f"steps {first_step + 1}-{last_step} ({last_step - first_step} steps, resumed at {first_step})"
+    return (
+        f"steps {first_step + 1}-{last_step} ({infer.plural(last_step - first_step, 'step')}, resumed at {first_step})"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -2478,7 +2515,7 @@ def check_resumable(path: Path, payload: dict, models: Models, placeholders: Pla
     saved = payload["tokens"]
     if len(saved) != len(placeholders.tokens):
         raise UserError(
-            f"{where}: it has {len(saved)} vector(s), --num_vectors is {len(placeholders.tokens)}; "
+            f"{where}: it has {infer.plural(len(saved), 'vector')}, --num_vectors is {len(placeholders.tokens)}; "
             f"use --num_vectors {len(saved)}"
         )
     if saved != placeholders.tokens:

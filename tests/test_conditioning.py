@@ -93,7 +93,7 @@ def test_validation_images_are_generated_with_the_clip_skip(tiny_sd, photos, tmp
     out = tmp_path / "out"
     flags = dict(max_train_steps=1, validation_prompt="a <concept>", num_validation_images=1)
     run_trainer(train_args(tiny_sd, photos, out, clip_skip=2, validation_inference_steps=2, **flags))
-    grid = np.asarray(Image.open(out / "validation" / "step-1.png"))
+    grid = np.asarray(infer.grid_tiles(out / "validation" / "step-1.png")[0][0])
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 

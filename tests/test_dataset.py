@@ -260,7 +260,7 @@ def test_a_photo_without_a_mask_counts_fully_with_one_warning(tiny_sd, tmp_path,
     save_mask(tmp_path / "data" / "a-masklabel.png", (64, 64), (0, 0, 32, 64))
     with caplog.at_level(logging.WARNING, logger="textual_inversion"):
         _, _, concept = stages(tiny_sd, tmp_path / "data", tmp_path, masked_loss=True)
-    assert [r.getMessage() for r in caplog.records] == ["1 of 2 photos have no mask; they count fully"]
+    assert [r.getMessage() for r in caplog.records] == ["1 of 2 photos has no mask; it counts fully"]
     assert torch.equal(concept.loss_weight[1], torch.ones_like(concept.loss_weight[1]))
 
 
@@ -428,7 +428,7 @@ def test_dataset_jsonl_and_the_summary_line_show_what_the_trainer_sees(tiny_sd, 
     assert records[2]["mask"] == str(data / "wide-masklabel.png") and records[2]["prompts"] == [
         "a <concept> on the grass"
     ]
-    assert any("3 photos (2 captioned, 2 masked, 3 bucket(s))" in r.getMessage() for r in caplog.records)
+    assert any("3 photos (2 captioned, 2 masked, 3 buckets)" in r.getMessage() for r in caplog.records)
 
 
 def learned(out: Path) -> torch.Tensor:

@@ -36,7 +36,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, photos
     flags = dict(max_train_steps=3, checkpointing_steps=2, save_steps=2, train_batch_size=1)
     two = launch(train_args(tiny_sd, photos, tmp_path / "two", gradient_accumulation_steps=2, **flags), 2)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "(2 process(es))" in two.stderr + two.stdout
+    assert "(2 processes)" in two.stderr + two.stdout
     one = launch(train_args(tiny_sd, photos, tmp_path / "one", gradient_accumulation_steps=4, **flags), 1)
     assert one.returncode == 0, one.stderr[-3000:]
 

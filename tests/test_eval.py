@@ -310,6 +310,39 @@ def test_baselines_are_never_picked_and_ties_go_to_the_earlier_step():
         assert infer.pick_step(tied, rule)["label"] == "step 100"
 
 
+def two_steps(first: tuple, second: tuple) -> list[dict]:
+    """Lines of steps 300 and 400, each (CLIP-I, its standard error)."""
+    return [
+        {"label": f"step {step}", "step": step, "clip_i": score, "clip_i_se": error, "clip_t": 0.25, "clip_t_se": 0.01}
+        for step, (score, error) in ((300, first), (400, second))
+    ]
+
+
+def test_a_pick_within_noise_of_the_next_best_step_says_so():
+    lines = two_steps((0.70, 0.02), (0.71, 0.02))  # 0.01 apart, errors of 0.02: indistinguishable
+    pick = infer.pick_step(lines, "fidelity")
+    runner_up = infer.within_noise_of(lines, pick, "fidelity")
+    assert infer.pick_text(pick, runner_up, "fidelity") == (
+        "pick (fidelity): step 400, within noise of step 300 (CLIP-I 0.710 ± 0.020 vs 0.700 ± 0.020); "
+        "more images per prompt (--num_images_per_prompt) narrow the errors"
+    )
+
+
+def test_a_pick_clear_of_the_next_best_or_without_errors_makes_no_noise_claim():
+    for lines in (two_steps((0.70, 0.01), (0.80, 0.01)), two_steps((0.70, None), (0.71, None))):
+        pick = infer.pick_step(lines, "fidelity")
+        assert infer.within_noise_of(lines, pick, "fidelity") is None
+
+
+def test_the_eval_plot_legend_sits_outside_the_data(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from test_watch import drawn_figure, legends_over_axes
+
+    lines = [dict(line, dino=0.5) for line in HAND_MADE if line["clip_t"] is not None]
+    figure = drawn_figure(monkeypatch, lambda: infer.plot_eval(lines, tmp_path / "eval.png", lines[-1]))
+    assert legends_over_axes(figure) == (1, 0)
+
+
 # ----------------------------------------------------------------------------------------
 # --keep_best.
 

@@ -264,7 +264,7 @@ def test_resuming_an_sd_checkpoint_into_sdxl_names_both_families(tiny_sdxl, phot
 def test_resuming_with_another_vector_count_names_it(tiny_sd, photos, two_checkpoints, capsys):
     argv = train_args(tiny_sd, photos, two_checkpoints, num_vectors=2, resume_from_checkpoint="latest")
     assert ti.main(argv) == 2
-    assert "it has 1 vector(s), --num_vectors is 2; use --num_vectors 1" in only_error_line(capsys)
+    assert "it has 1 vector, --num_vectors is 2; use --num_vectors 1" in only_error_line(capsys)
 
 
 def test_resuming_into_an_encoder_of_another_width_names_both_widths(tiny_sd, photos, two_checkpoints, capsys):

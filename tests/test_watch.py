@@ -14,6 +14,7 @@ from conftest import RESOLUTION, plan_for, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
+import infer
 import textual_inversion as ti
 
 
@@ -32,7 +33,7 @@ def test_validation_grids_appear_every_validation_steps_and_at_the_end(tiny_sd, 
     out = tmp_path / "out"
     run_trainer(train_args(tiny_sd, photos, out, max_train_steps=5, validation_steps=2, **VALIDATION))
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-4.png", "step-5.png"]
-    assert Image.open(out / "validation" / "step-5.png").size == (2 * RESOLUTION, RESOLUTION)
+    assert [len(row) for row in infer.grid_tiles(out / "validation" / "step-5.png")] == [2]
 
 
 def test_each_validation_prompt_is_a_row_of_the_grid(tiny_sd, photos, tmp_path, run_trainer):
@@ -47,15 +48,59 @@ def test_each_validation_prompt_is_a_row_of_the_grid(tiny_sd, photos, tmp_path, 
         "2",
     ]
     run_trainer([*argv, *more])
-    assert Image.open(out / "validation" / "step-1.png").size == (3 * RESOLUTION, 2 * RESOLUTION)
+    tiles = infer.grid_tiles(out / "validation" / "step-1.png")
+    assert [[tile.size for tile in row] for row in tiles] == [[(RESOLUTION, RESOLUTION)] * 3] * 2
+
+
+def solid_rows(rows: int, columns: int) -> list[list[Image.Image]]:
+    return [[Image.new("RGB", (RESOLUTION, RESOLUTION), (90, 140, 200)) for _ in range(columns)] for _ in range(rows)]
+
+
+def label_strips(grid: Image.Image, rows: int, columns: int) -> list[np.ndarray]:
+    """The pixels left of each row of tiles (tiles fill the bottom-right corner)."""
+    left, top = grid.width - columns * RESOLUTION, grid.height - rows * RESOLUTION
+    return [np.asarray(grid.crop((0, top + r * RESOLUTION, left, top + (r + 1) * RESOLUTION))) for r in range(rows)]
+
+
+def test_a_validation_grid_names_its_step_above_and_each_rows_prompt_beside_it():
+    rows = solid_rows(2, 3)
+    grid = infer.labelled_grid(rows, ["a red <concept>", "a <concept> on the beach"], "step 3")
+    assert grid.width > 3 * RESOLUTION and grid.height > 2 * RESOLUTION
+    title = np.asarray(grid.crop((0, 0, grid.width, grid.height - 2 * RESOLUTION)))
+    first, second = label_strips(grid, 2, 3)
+    assert (title < 100).any() and (first < 100).any() and (second < 100).any()  # dark text in all three
+    assert not np.array_equal(first, second)  # two prompts, two labels
+    corner = grid.crop((grid.width - 3 * RESOLUTION, grid.height - 2 * RESOLUTION, grid.width, grid.height))
+    assert np.array_equal(np.asarray(corner), np.asarray(infer.image_grid([i for row in rows for i in row], 3)))
+
+
+def test_a_long_prompt_is_cut_to_its_own_row():
+    grid = infer.labelled_grid(solid_rows(2, 1), ["a <concept> " * 200, ""], "step 1")
+    first, second = label_strips(grid, 2, 1)
+    assert (first < 100).any() and not (second < 100).any()  # nothing spills into the next row
+
+
+def test_a_validation_grid_carries_its_settings_as_a1111_parameters(tiny_sd, photos, tmp_path, run_trainer):
+    out = tmp_path / "out"
+    run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, validation_steps=2, **VALIDATION))
+    path = out / "validation" / "step-2.png"
+    settings = infer.read_png_settings(path)
+    assert settings["prompts"] == ["a photo of a <concept>"] and len(settings["seeds"]) == 2
+    with Image.open(path) as grid:
+        prompt, line = grid.text["parameters"].splitlines()
+    assert prompt == "a photo of a <concept>"
+    assert line == (
+        f"Steps: 2, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7.5, Seed: {settings['seeds'][0]}, "
+        f"Size: {RESOLUTION}x{RESOLUTION}, Model: {tiny_sd.name}, Embedding step: 2"
+    )
 
 
 def test_validation_images_use_fixed_seeds_so_grids_compare(tiny_sd, photos, tmp_path, run_trainer):
     """With a zero learning rate nothing changes between steps, so neither may the images."""
     out = tmp_path / "out"
     run_trainer(train_args(tiny_sd, photos, out, max_train_steps=2, validation_steps=1, learning_rate=0, **VALIDATION))
-    first, second = (np.asarray(Image.open(out / "validation" / f"step-{k}.png")) for k in (1, 2))
-    assert np.array_equal(first, second)
+    first, second = (infer.grid_tiles(out / "validation" / f"step-{k}.png") for k in (1, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(first[0], second[0]))
 
 
 def test_a_validation_prompt_gives_every_occurrence_of_the_word_all_its_vectors(tiny_sd, photos, tmp_path, run_trainer):
@@ -64,7 +109,7 @@ def test_a_validation_prompt_gives_every_occurrence_of_the_word_all_its_vectors(
     out, prompt = tmp_path / "out", "a <concept> next to a <concept>"
     flags = dict(validation_prompt=prompt, num_validation_images=1, validation_inference_steps=2, num_vectors=2)
     run_trainer(train_args(tiny_sd, photos, out, max_train_steps=1, learning_rate=0.5, **flags))
-    grid = np.asarray(Image.open(out / "validation" / "step-1.png")).astype(int)
+    grid = np.asarray(infer.grid_tiles(out / "validation" / "step-1.png")[0][0]).astype(int)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -86,6 +131,16 @@ def test_validation_images_come_from_the_models_in_memory(tiny_sd, photos, tmp_p
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_reload)
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", no_reload)
     run_trainer(train_args(tiny_sd, photos, tmp_path / "out", max_train_steps=1, **VALIDATION))
+
+
+def test_the_start_up_line_names_the_device_precision_threads_and_vectors(
+    tiny_sd, photos, tmp_path, run_trainer, caplog
+):
+    with caplog.at_level(logging.INFO, logger="textual_inversion"):
+        run_trainer(train_args(tiny_sd, photos, tmp_path / "out", max_train_steps=1, num_vectors=2))
+    (line,) = [r.getMessage() for r in caplog.records if " photos (" in r.getMessage()]
+    assert "2 vectors of width 32" in line
+    assert f"on cpu, precision float32 (learned vectors float32), {torch.get_num_threads()} CPU thread" in line
 
 
 def test_validation_loss_is_bit_identical_when_evaluated_twice(tiny_sd, photos, tmp_path):
@@ -178,6 +233,19 @@ def test_early_stopping_stops_and_keeps_the_best_step(tiny_sd, photos, tmp_path,
     assert "kept step 4 (stopped early: no better validation loss in 2 evaluations, 0.8000)" in summary
 
 
+def test_counts_are_printed_with_their_noun_in_the_right_number():
+    assert [infer.plural(n, "evaluation") for n in (0, 1, 2)] == ["0 evaluations", "1 evaluation", "2 evaluations"]
+    assert infer.plural(1, "process", "processes") == "1 process"
+    assert infer.plural(2, "process", "processes") == "2 processes"
+
+
+def test_early_stopping_after_one_evaluation_says_one_evaluation():
+    state = ti.RunState(step=2, seed=0)
+    for loss in (0.5, 0.9):
+        state.judge(loss, [torch.zeros(1, 4)], patience=1)
+    assert state.kept(1) == "step 2 (stopped early: no better validation loss in 1 evaluation, 0.5000)"
+
+
 def test_without_early_stopping_the_last_step_is_kept(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
     scripted_validation_loss(monkeypatch, [1.1, 1.0, 0.8, 0.9, 0.95])
     out = tmp_path / "out"
@@ -232,6 +300,35 @@ def test_loss_plot_is_drawn_at_each_validation(tiny_sd, photos, tmp_path, run_tr
     run_trainer(train_args(tiny_sd, photos, out, max_train_steps=3, logging_steps=1, validation_steps=2))
     with Image.open(out / "loss.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 300
+
+
+def drawn_figure(monkeypatch, plot):
+    """The matplotlib figure `plot()` saves."""
+    figures, save = [], infer.save_figure
+    monkeypatch.setattr(infer, "save_figure", lambda figure, path: figures.append(figure) or save(figure, path))
+    plot()
+    return figures[0]
+
+
+def legends_over_axes(figure) -> tuple[int, int]:
+    """(legends, legends overlapping any axes' data area) of a drawn figure."""
+    legends = [*figure.legends, *(axis.get_legend() for axis in figure.axes if axis.get_legend())]
+    covering = [
+        legend
+        for legend in legends
+        if any(legend.get_window_extent().overlaps(axis.get_window_extent()) for axis in figure.axes)
+    ]
+    return len(legends), len(covering)
+
+
+def test_loss_plot_legends_sit_beside_the_data(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    history = [
+        {"step": s, "loss": 1 / s, "val_loss": 1 / s, "embedding_norm": 0.4, "vocab_median_norm": 0.4}
+        for s in (1, 2, 3)
+    ]
+    figure = drawn_figure(monkeypatch, lambda: ti.plot_run(history, tmp_path / "loss.png"))
+    assert legends_over_axes(figure) == (2, 0)
 
 
 def test_without_matplotlib_the_plot_is_skipped_with_one_line(
@@ -389,12 +486,9 @@ def test_validation_scores_equal_the_scorers_on_the_saved_grid(
 ):
     """The grid's tiles are the validation images (PNG is lossless); CLIP-T reads the prompt with
     the class word (here the initializer, toy) in place of the new word."""
-    import infer
-
     out = tmp_path / "out"
     run_trainer(scored_args(tiny_sd, photos, out, tiny_clip, tiny_dino, max_train_steps=1))
-    with Image.open(out / "validation" / "step-1.png") as grid:
-        tiles = [grid.crop((k * RESOLUTION, 0, (k + 1) * RESOLUTION, RESOLUTION)).convert("RGB") for k in range(2)]
+    (tiles,) = infer.grid_tiles(out / "validation" / "step-1.png")
     scorers = infer.Scorers(str(tiny_clip), str(tiny_dino))
     expected = scorers.score(tiles, ["a photo of a toy"] * 2, infer.read_photos(photos, "photos"))
     (line,) = [line for line in metrics(out) if line["step"] == 1]
