@@ -2365,9 +2365,6 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     if not model:
         why = f"{run} has no {RUN_RECORD} (textual_inversion.py writes one) to say" if run else "say"
         raise EmbeddingError(f"--model is needed: {why} which base model to generate with")
-    check_source(model, "--model" if args.model else f"{run / RUN_RECORD}: model")
-    check_source(args.clip_model, "--clip_model")
-    check_source(args.dino_model, "--dino_model")
     photos_dir = args.train_data_dir or known.get("train_data_dir")
     if not photos_dir:
         raise EmbeddingError("--train_data_dir is needed: the training photos the images are compared with")
@@ -2384,6 +2381,9 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
         )
         raise EmbeddingError(f"--class_word is needed: {why} (e.g. toy, dog, watercolor)")
     out = Path(args.out).expanduser() if args.out else (run if run is not None else Path("outputs"))
+    check_source(model, "--model" if args.model else f"{run / RUN_RECORD}: model")
+    check_source(args.clip_model, "--clip_model")
+    check_source(args.dino_model, "--dino_model")
     return EvalInputs(run, record, known, from_run, entries, model, photos, prompts, templates, class_word, out)
 
 
