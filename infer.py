@@ -3011,10 +3011,10 @@ def run_tryout(args: argparse.Namespace) -> int:
     generate_args += ["--height", "128", "--width", "128", "--out", str(out / "images")]
     for path in run_generate(build_generate_parser().parse_args(generate_args)):
         print(path)
+    real = "stabilityai/stable-diffusion-xl-base-1.0" if args.sdxl else "stable-diffusion-v1-5/stable-diffusion-v1-5"
     print(
         f"trained {out}; with a real model: accelerate launch textual_inversion.py --pretrained_model_name_or_path "
-        f"stable-diffusion-v1-5/stable-diffusion-v1-5 --train_data_dir {photos} --placeholder_token "
-        f'"{TRYOUT_WORD}" --initializer_token toy',
+        f'{real} --train_data_dir {photos} --placeholder_token "{TRYOUT_WORD}" --initializer_token toy',
         file=sys.stderr,
     )
     return 0
