@@ -5,6 +5,7 @@
     python infer.py --model myFinetune.safetensors [--single_file_config DIR_OR_HUB_ID] ...
     python infer.py convert SRC OUT --to diffusers|a1111|kohya
     python infer.py eval OUTPUT_DIR [--embeddings FILE ...]    score every saved step (CLIP-I, CLIP-T, DINO)
+    python infer.py tryout [--photos my_photos] [--sdxl]     the whole loop offline, on a tiny pipeline
 
 SRC is any of: an output folder of textual_inversion.py (or of the diffusers scripts); a Hub
 repo id such as sd-concepts-library/cat-toy (or org/name/file.safetensors for one file of a
@@ -44,6 +45,7 @@ of it runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import itertools
@@ -574,6 +576,102 @@ def looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?", source) is not None and ".." not in source
 
 
+HUB_PROBE_SECONDS = 5  # a reachable Hub answers in well under a second
+
+
+def hub_repo(source: str) -> str | None:
+    """The Hub repo (org/name) that `source` names, or None when it is a local path: one that
+    exists, one that cannot be a Hub id (./name, /abs, ~/x), or one inside a local folder that
+    exists (runs/tiny-sd with runs/ here), which is a typo, not a repo."""
+    if Path(source).expanduser().exists() or not looks_like_hub_id(source):
+        return None
+    if Path(source.split("/", maxsplit=1)[0]).expanduser().is_dir():
+        return None
+    return "/".join(source.split("/")[:2])
+
+
+@functools.cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the Hub at `endpoint` does not answer (one try), or None when it does. The Hub
+    libraries retry a dead connection for about 20 s per file and a model has dozens."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)  # any answer, an error status too, is a Hub
+    except Exception as e:
+        return first_line(e)
+    return None
+
+
+def hub_cached(repo: str, repo_type: str = "model") -> bool:
+    """Whether the Hugging Face cache holds a snapshot of `repo` (the libraries' own layout)."""
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "snapshots").is_dir()
+
+
+def check_source(source: str | Path | None, flag: str, repo_type: str = "model") -> None:
+    """Fail at once, in one line, on a model, scorer, dataset or embedding that cannot be had: a
+    local path that does not exist, or a Hub id while the Hub does not answer (with the fixes:
+    the cache offline, `hf download`, a local folder), instead of the libraries' retries. Each
+    command calls it on its sources before it loads anything."""
+    if source is None:
+        return
+    name = str(source)
+    label = f"{flag} {name}" if flag else name
+    repo = hub_repo(name)
+    if repo is None:
+        path = Path(name).expanduser()
+        if path.exists():
+            return
+        kind = "file" if path.suffix.lower() in (*MODEL_FILE_SUFFIXES, *EMBEDDING_SUFFIXES) else "folder"
+        hint = "" if "/" in name or name.startswith((".", "~")) else " (a Hub id is written org/name)"
+        raise UserError(f"{label}: no such {kind}{hint}")
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():  # the cache answers at once, or the libraries say at once that it cannot
+        return
+    reason = hub_unreachable(constants.ENDPOINT)
+    if reason is None:
+        return
+    download = f"hf download {repo}" + (f" --repo-type {repo_type}" if repo_type != "model" else "")
+    offline = (
+        "it is in your Hugging Face cache, so run with HF_HUB_OFFLINE=1"
+        if hub_cached(repo, repo_type)
+        else "run with HF_HUB_OFFLINE=1 if it is in your Hugging Face cache"
+    )
+    raise UserError(
+        f"{label}: the Hugging Face Hub cannot be reached ({reason}); {offline}, download it once with "
+        f"`{download}` where there is a network, or give a local folder"
+    )
+
+
+def photos_folder(source: str | Path, flag: str = "--train_data_dir") -> Path:
+    """The folder of photos `source` names: a local folder as it is (its callers check it), or a
+    Hub dataset (org/name[/subfolder]) such as diffusers' cat-toy photos, diffusers/cat_toy_example,
+    whose images and caption files are downloaded once into the Hugging Face cache."""
+    name = str(source)
+    repo = hub_repo(name)
+    if repo is None:
+        return Path(name).expanduser()
+    check_source(name, flag, repo_type="dataset")
+    return hub_dataset(repo, flag) / name[len(repo) + 1 :]
+
+
+@functools.cache
+def hub_dataset(repo: str, flag: str) -> Path:
+    """A Hub dataset's images and caption files, in the Hugging Face cache (fetched once per process)."""
+    from huggingface_hub import snapshot_download
+
+    extensions = sorted(IMAGE_EXTENSIONS | {e.upper() for e in IMAGE_EXTENSIONS} | {".txt", ".caption"})
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[f"*{e}" for e in extensions]))
+    except Exception as e:
+        raise UserError(
+            f"{flag} {repo}: not a local folder, and the Hub could not provide it as a dataset ({first_line(e)})"
+        ) from None
+
+
 def files_from_hub(source: str) -> list[Path]:
     """Download (or find in the Hugging Face cache) the embedding file(s) of a Hub repo.
 
@@ -583,6 +681,7 @@ def files_from_hub(source: str) -> list[Path]:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
+    check_source(source, "")
     parts = source.split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
@@ -1224,6 +1323,7 @@ def model_file_config(entries: dict[str, object], source: str, config: str | Non
     if config is not None and Path(config).expanduser().is_dir():
         return str(Path(config).expanduser())
     repo = config or fetch_diffusers_config(entries)["pretrained_model_name_or_path"]
+    check_source(repo, "--single_file_config")
     try:
         return snapshot_download(repo, allow_patterns=["*.json", "*.txt"])
     except Exception as e:
@@ -1725,9 +1825,17 @@ def write_grid(path: str | Path, images: list, parameters: dict) -> Path:
 
 
 def next_image_number(folder: Path) -> int:
-    """Images are numbered on from the highest number already in `folder`, never overwritten."""
-    numbers = [int(m[1]) for p in folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
+    """Images are numbered on from the highest number already in `folder` (a numbered grid's
+    too, see grid_path), never overwritten."""
+    numbers = [int(m[1]) for p in folder.glob("*.png") if (m := re.match(r"(?:grid-)?(\d{5,})[-.]", p.name))]
     return max(numbers, default=-1) + 1
+
+
+def grid_path(folder: Path, first: int) -> Path:
+    """grid.png, or, when a run before wrote one there, grid-N.png with N the number of this
+    run's first image: grids are never overwritten either."""
+    path = folder / "grid.png"
+    return path.with_name(f"grid-{first:05d}.png") if path.exists() else path
 
 
 # ----------------------------------------------------------------------------------------
@@ -1930,9 +2038,10 @@ def mean_and_error(values: torch.Tensor) -> tuple[float, float | None]:
 
 
 def read_photos(folder: str | Path, flag: str) -> list:
-    """The training photos as the scorers see them: the images the trainer takes from `folder`,
-    decoded as it decodes them (EXIF-transposed, RGB, transparency on white)."""
-    folder = Path(folder).expanduser()
+    """The training photos as the scorers see them: the images the trainer takes from `folder` (a
+    folder or a Hub dataset, see photos_folder), decoded as it decodes them (EXIF-transposed, RGB,
+    transparency on white)."""
+    folder = photos_folder(folder, flag)
     if not folder.is_dir():
         raise UserError(f"{flag} {folder}: no such folder; give the folder of the training photos")
     return [open_rgb(path) for path in list_images(folder, flag=flag, warn=False)]
@@ -1959,10 +2068,12 @@ def read_eval_prompts(spec: str) -> list[str]:
     return templates
 
 
-def eval_seed(template: str, index: int) -> int:
+def eval_seed(template: str, index: int, draw: int | None = None) -> int:
     """The seed of image `index` of a prompt: fixed by the prompt's text and the index, so every
-    step is scored on the same starting noise and differences between steps are paired."""
-    return int.from_bytes(hashlib.sha256(f"{template}\n{index}".encode()).digest()[:4], "big") % 2**31
+    step is scored on the same starting noise and differences between steps are paired. `draw`
+    (eval's --seed) picks another fixed set; None is the set every eval uses by default."""
+    key = f"{template}\n{index}" + ("" if draw is None else f"\n{draw}")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 2**31
 
 
 def rows_digest(vectors: dict[str, torch.Tensor]) -> str:
@@ -2428,6 +2539,9 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
         )
         raise EmbeddingError(f"--class_word is needed: {why} (e.g. toy, dog, watercolor)")
     out = Path(args.out).expanduser() if args.out else (run if run is not None else Path("outputs"))
+    check_source(model, "--model" if args.model else f"{run / RUN_RECORD}: model")
+    check_source(args.clip_model, "--clip_model")
+    check_source(args.dino_model, "--dino_model")
     return EvalInputs(run, record, known, from_run, entries, model, photos, prompts, templates, class_word, out)
 
 
@@ -2514,7 +2628,7 @@ def plan_eval_images(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSe
                 image_settings = {
                     "prompt": template.replace("{}", word),
                     **setup.png_settings,
-                    "seed": eval_seed(template, k),
+                    "seed": eval_seed(template, k, args.seed),
                     "embeddings": [embedding_record(word, entry.embedding)],
                     "eval": {"template": template, "image": k, "rows": rows},
                 }
@@ -2556,6 +2670,7 @@ def eval_line_settings(args: argparse.Namespace, inputs: EvalInputs, setup: Eval
         "dino_model": args.dino_model,
         "dtype": setup.png_settings["dtype"],
         "photos": len(inputs.photos),
+        **({"seed": args.seed} if args.seed is not None else {}),  # another image set than the default one
     }
 
 
@@ -2754,8 +2869,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infer.py",
         description="Generate images with Textual Inversion embeddings from any tool. "
-        "(Also: 'infer.py convert SRC OUT --to diffusers|a1111|kohya', and 'infer.py eval OUTPUT_DIR' to score "
-        "every step a training run saved.)",
+        "(Also: 'infer.py convert SRC OUT --to diffusers|a1111|kohya', 'infer.py eval OUTPUT_DIR' to score "
+        "every step a training run saved, and 'infer.py tryout' to try it all offline.)",
     )
     p.add_argument(
         "--model",
@@ -2858,6 +2973,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num_images_per_prompt", type=int, default=4, help="Images per prompt and step (default 4).")
     p.add_argument("--num_inference_steps", type=int, default=30, help="Denoising steps (default 30).")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Draw another set of images (the same for every step). Default: the fixed set every eval uses, so "
+        "scores are comparable between runs.",
+    )
     p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
     p.add_argument(
         "--scheduler", default="dpm++", choices=list(SCHEDULERS), help="The same for every step (default dpm++)."
@@ -2919,6 +3041,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise EmbeddingError(f"--out {out}: is a file; give a folder")
+    check_source(args.model, "--model")
 
     # Read every embedding before loading the model: a bad file fails in a second, not a minute.
     renames = args.token + [""] * (len(args.embedding) - len(args.token))
@@ -2985,8 +3108,74 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         write_png(out / f"{first + k:05d}-{s}.png", image, {**parameters, "seed": s})
         for k, (s, image) in enumerate(zip(seeds, images))
     ]
-    written.append(write_grid(out / "grid.png", images, {**parameters, "seeds": seeds}))
+    written.append(write_grid(grid_path(out, first), images, {**parameters, "seeds": seeds}))
     return written
+
+
+TRYOUT_FOLDER = Path("runs")  # git-ignored: the tiny pipelines and the try-out runs
+TRYOUT_WORD = "<my-thing>"
+
+
+def build_tryout_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py tryout",
+        description="Try the whole loop offline: build a tiny random-weight pipeline (once, in runs/), train a "
+        "short run on your photos into runs/tryout (runs/tryout-2, ... when it is taken), and generate an image "
+        "with it. The weights are random, so the image is noise: this shows the commands and the files.",
+    )
+    p.add_argument("--photos", default="my_photos", help="Folder of 3-5 photos of your thing (default my_photos).")
+    p.add_argument("--sdxl", action="store_true", help="The tiny SDXL-shaped pipeline instead of the SD 1.x one.")
+    return p
+
+
+def unused_folder(base: Path) -> Path:
+    """`base`, or base-2, base-3, ...: the first that does not exist."""
+    candidates = (base if k == 1 else base.with_name(f"{base.name}-{k}") for k in itertools.count(1))
+    return next(p for p in candidates if not p.exists())
+
+
+def run_tryout(args: argparse.Namespace) -> int:
+    """`infer.py tryout`: the trainer's main, then run_generate, on a tiny pipeline built here."""
+    import textual_inversion
+    from bench.models import build_pipeline
+
+    photos = Path(args.photos).expanduser()
+    where = f"put 3-5 photos of your thing in {args.photos.rstrip('/')}/ or pass --photos FOLDER"
+    if not photos.is_dir():
+        raise UserError(f"{photos} does not exist: {where}")
+    try:
+        count = len(list_images(photos, warn=False))
+    except UserError:
+        raise UserError(f"{photos} holds no photos (png, jpg, webp, ...): {where}") from None
+    shape, name = ("tiny-xl", "tiny-sdxl") if args.sdxl else ("tiny", "tiny-sd")
+    model = TRYOUT_FOLDER / name
+    if not (model / "model_index.json").is_file():
+        print(f"building a tiny random-weight pipeline in {model} (once, offline)", file=sys.stderr)
+        atomic_folder(model, lambda folder: build_pipeline(shape, folder))
+    out = unused_folder(TRYOUT_FOLDER / "tryout")
+    print(f"training {TRYOUT_WORD} on the {count} photos in {photos} into {out}", file=sys.stderr)
+    status = textual_inversion.main(
+        [
+            *("--pretrained_model_name_or_path", str(model), "--train_data_dir", str(photos)),
+            *("--placeholder_token", TRYOUT_WORD, "--initializer_token", "toy", "--output_dir", str(out)),
+            *("--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "20", "--save_steps", "10"),
+            *("--learning_rate", "5e-3", "--seed", "0", "--report_to", "none"),
+        ]
+    )
+    if status:
+        return status  # the trainer has said why
+    prompt = f"a photo of {TRYOUT_WORD}"
+    generate_args = ["--model", str(model), "--embedding", str(out), "--prompt", prompt, "--seed", "0", "--steps", "15"]
+    generate_args += ["--height", "128", "--width", "128", "--out", str(out / "images")]
+    for path in run_generate(build_generate_parser().parse_args(generate_args)):
+        print(path)
+    real = "stabilityai/stable-diffusion-xl-base-1.0" if args.sdxl else "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    print(
+        f"trained {out}; with a real model: accelerate launch textual_inversion.py --pretrained_model_name_or_path "
+        f'{real} --train_data_dir {photos} --placeholder_token "{TRYOUT_WORD}" --initializer_token toy',
+        file=sys.stderr,
+    )
+    return 0
 
 
 def embedding_record(token: str, emb: Embedding) -> dict:
@@ -3019,10 +3208,11 @@ def main(argv: list[str] | None = None) -> int:
             for path in convert_embedding(args.src, args.out, args.to, args.token):
                 print(path)
             return 0
-        evaluating = argv[:1] == ["eval"]
-        if argv[:1] in (["generate"], ["eval"]):
+        evaluating, trying = argv[:1] == ["eval"], argv[:1] == ["tryout"]
+        if argv[:1] in (["generate"], ["eval"], ["tryout"]):
             argv = argv[1:]
-        args = (build_eval_parser() if evaluating else build_generate_parser()).parse_args(argv)
+        parser = build_eval_parser() if evaluating else build_tryout_parser() if trying else build_generate_parser()
+        args = parser.parse_args(argv)
         import diffusers
         import transformers
 
@@ -3033,6 +3223,8 @@ def main(argv: list[str] | None = None) -> int:
         if evaluating:
             run_eval(args)
             return 0
+        if trying:
+            return run_tryout(args)
         for path in run_generate(args):
             print(path)
         return 0

@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="A VAE to use instead of the model's (folder, Hub id or single file), e.g. SDXL's fp16-fix VAE.",
     )
-    g.add_argument("--train_data_dir", required=True, help="Folder with the concept's photos (3-5 are typical).")
+    g.add_argument(
+        "--train_data_dir",
+        required=True,
+        help="Folder with the concept's photos (3-5 are typical), or a Hub dataset of them, e.g. "
+        "diffusers/cat_toy_example (downloaded once into the Hugging Face cache).",
+    )
     g.add_argument("--placeholder_token", required=True, help='The new word, e.g. "<cat-toy>".')
     g.add_argument(
         "--initializer_token",
@@ -215,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--lr_warmup_steps", type=int, default=500)
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts for cosine_with_restarts.")
+    g.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="Accepted for diffusers' SDXL script; does nothing here: Adam's state covers only the new rows.",
+    )
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -397,6 +407,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(message)
     if args.validation_epochs is not None:
         logger.warning("--validation_epochs is deprecated; use --validation_steps")
+    if args.use_8bit_adam:
+        logger.warning(
+            "--use_8bit_adam does nothing here: Adam keeps state for the new word's rows only (kilobytes), "
+            "so 8 bits would save nothing"
+        )
     return args
 
 
@@ -2098,10 +2113,13 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     warn_if_one_cpu_thread(accelerator)
+    models_named = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name"]
+    for flag in models_named + (["clip_model", "dino_model"] if args.validation_scores else []):
+        infer.check_source(getattr(args, flag), f"--{flag}")  # a typo or an unreachable Hub: one line, at once
     checkpoint = find_checkpoint(args)
     initializer = read_initializer_embedding(args)
     source = read_model_source(args)
-    photos = list_photos(args.train_data_dir, args.caption_extension)
+    photos = list_photos(infer.photos_folder(args.train_data_dir), args.caption_extension)
     plan = make_plan(args, accelerator.num_processes, accelerator.mixed_precision, source, initializer, len(photos))
 
     dataset = dataset_from_args(args, plan, photos)

@@ -6,6 +6,8 @@ of the real shape gives honest timings without downloading anything. The tests u
 
     python bench/models.py sd15 /tmp/sd15          # writes a diffusers folder
     python bench/models.py tiny /tmp/tiny --prediction_type v_prediction
+    python bench/models.py scorers runs/scorers    # CLIP and DINO for `infer.py eval`, offline:
+        # infer.py eval RUN --clip_model runs/scorers/clip --dino_model runs/scorers/dino
 
 Tokenizers: `tiny` vocabularies are trained here with a few lines of BPE over a word list;
 `clip` is the real 49,408-token CLIP vocabulary, read from the `bpe_simple_vocab_16e6.txt.gz`
@@ -610,14 +612,28 @@ def write_single_file(folder: str | Path, path: str | Path) -> Path:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument(
+        "shape",
+        choices=[*sorted(SHAPES), "scorers"],
+        help="A pipeline's shape, or scorers: FOLDER/clip and FOLDER/dino.",
+    )
     parser.add_argument("folder")
+    parser.add_argument(
+        "--scorer_shape",
+        default="tiny",
+        choices=sorted(SCORER_SHAPES),
+        help="With scorers: tiny, or the real models' shapes.",
+    )
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="Precision to build and store.")
     parser.add_argument(
         "--single_file", default=None, help="Also write the weights as one original-layout .safetensors/.ckpt here."
     )
     args = parser.parse_args()
+    if args.shape == "scorers":  # random weights: eval runs end to end, its scores mean nothing
+        print(build_clip_scorer(args.scorer_shape, Path(args.folder) / "clip"))
+        print(build_dino_scorer(args.scorer_shape, Path(args.folder) / "dino"))
+        sys.exit(0)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     print(build_pipeline(args.shape, args.folder, args.prediction_type, dtype=dtype))
     if args.single_file:

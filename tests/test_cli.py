@@ -63,6 +63,32 @@ REFERENCE_FLAGS = {
 }
 
 
+# Every flag of diffusers' examples/textual_inversion/textual_inversion_sdxl.py (read at diffusers
+# 58eb52c): the SD script's, less --tokenizer_name, --validation_epochs and --no_safe_serialization,
+# plus --use_8bit_adam.
+SDXL_REFERENCE_FLAGS = (
+    "--save_steps", "--save_as_full_pipeline", "--num_vectors", "--pretrained_model_name_or_path", "--revision",
+    "--variant", "--train_data_dir", "--placeholder_token", "--initializer_token", "--learnable_property",
+    "--repeats", "--output_dir", "--seed", "--resolution", "--center_crop", "--train_batch_size",
+    "--num_train_epochs", "--max_train_steps", "--gradient_accumulation_steps", "--gradient_checkpointing",
+    "--learning_rate", "--scale_lr", "--lr_scheduler", "--lr_warmup_steps", "--lr_num_cycles",
+    "--dataloader_num_workers", "--use_8bit_adam", "--adam_beta1", "--adam_beta2", "--adam_weight_decay",
+    "--adam_epsilon", "--push_to_hub", "--hub_token", "--hub_model_id", "--logging_dir", "--mixed_precision",
+    "--allow_tf32", "--report_to", "--validation_prompt", "--num_validation_images", "--validation_steps",
+    "--local_rank", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint",
+    "--enable_xformers_memory_efficient_attention",
+)  # fmt: skip
+FLAG_VALUES = {**REFERENCE_FLAGS, "--use_8bit_adam": None}
+
+
+def reference_argv(flags) -> list[str]:
+    argv = []
+    for flag in flags:
+        value = FLAG_VALUES[flag]
+        argv += [flag] if value is None else [flag, value]
+    return argv
+
+
 def test_every_flag_of_the_diffusers_script_is_accepted_with_its_meaning():
     argv = []
     for flag, value in REFERENCE_FLAGS.items():
@@ -76,6 +102,29 @@ def test_every_flag_of_the_diffusers_script_is_accepted_with_its_meaning():
             assert got == [value]  # repeatable here; one prompt reads as before
         else:
             assert str(got) == value or got == type(got)(value), (flag, got)
+
+
+def test_every_flag_of_the_diffusers_sdxl_script_is_accepted():
+    assert (len(REFERENCE_FLAGS), len(SDXL_REFERENCE_FLAGS)) == (48, 46)  # the two scripts' counts
+    args = ti.parse_args(reference_argv(SDXL_REFERENCE_FLAGS))
+    for flag in SDXL_REFERENCE_FLAGS:
+        value, got = FLAG_VALUES[flag], getattr(args, flag.removeprefix("--"))
+        if value is None:
+            assert got is True, flag
+        elif flag != "--validation_prompt":
+            assert str(got) == value or got == type(got)(value), (flag, got)
+
+
+def test_8bit_adam_is_accepted_and_says_in_one_line_why_it_does_nothing(caplog):
+    required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--placeholder_token", "<x>"]
+    with caplog.at_level("WARNING", logger="textual_inversion"):
+        ti.parse_args([*required, "--initializer_token", "a", "--use_8bit_adam"])
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("--use_8bit_adam does nothing here: ") and "\n" not in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="textual_inversion"):
+        ti.parse_args([*required, "--initializer_token", "a"])
+    assert not caplog.records
 
 
 def test_the_cat_toy_command_of_the_diffusers_docs_parses_unchanged():
@@ -109,5 +158,5 @@ def test_help_lists_every_flag():
     command = [sys.executable, str(ROOT / "textual_inversion.py"), "--help"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0
-    for reference_flag in REFERENCE_FLAGS:
+    for reference_flag in {*REFERENCE_FLAGS, *SDXL_REFERENCE_FLAGS}:
         assert reference_flag in done.stdout, reference_flag

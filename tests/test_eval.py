@@ -188,6 +188,27 @@ def test_seeds_are_fixed_per_prompt_and_image_and_the_same_at_every_step(evaluat
     assert len(set(seeds[0].values())) == 4
 
 
+def test_the_default_seeds_are_the_ones_every_eval_has_used():
+    assert [infer.eval_seed("a {} on the beach", 0), infer.eval_seed("a red {}", 1)] == [1191092453, 76676481]
+
+
+def test_seed_draws_another_set_the_same_at_every_step(evaluated, run, tiny_clip, tiny_dino, prompts_file, tmp_path):
+    done = run_eval(run, *scorer_flags(tiny_clip, tiny_dino, prompts_file), "--seed", 7, "--out", tmp_path)
+    assert done.code == 0, done.err
+
+    default_seeds = {infer.read_png_settings(p)["seed"] for p in pngs(evaluated.folder / "eval" / "step-2")}
+    for step in (0, 2, 4):
+        found = {}
+        for path in pngs(tmp_path / "eval" / f"step-{step}"):
+            settings = infer.read_png_settings(path)
+            template, k = settings["eval"]["template"], settings["eval"]["image"]
+            assert settings["seed"] == infer.eval_seed(template, k, 7)
+            found[path.name] = settings["seed"]
+        assert len(set(found.values())) == 4 and not set(found.values()) & default_seeds
+    assert {line["settings"]["seed"] for line in infer.read_eval_log(tmp_path / "eval.jsonl")} == {7}
+    assert all("seed" not in line["settings"] for line in evaluated.lines)  # the default lines are as before
+
+
 def test_the_scheduler_and_settings_are_named_in_the_output_and_eval_jsonl(evaluated):
     assert "dpm++ (DPM++ 2M), 2 steps, guidance 7.5, 64x64 px" in evaluated.done.err
     settings = line_of(evaluated.lines, "step 2")["settings"]

@@ -401,6 +401,21 @@ def parse_a1111_infotext(text: str) -> dict[str, str]:
     return fields
 
 
+def test_a_second_run_into_the_same_folder_numbers_its_images_and_its_grid(trained_sd, tiny_sd, tmp_path, capsys):
+    argv = generate_argv(tiny_sd, tmp_path, "--embedding", trained_sd, "--prompt", "a <concept> backpack")
+    assert cli(*argv, "--num_images", 2, "--seed", 1) == 0
+    first_grid = (tmp_path / "grid.png").read_bytes()
+    assert cli(*argv, "--seed", 9) == 0
+
+    printed = capsys.readouterr().out.split()
+    names = ["00000-1.png", "00001-2.png", "grid.png", "00002-9.png", "grid-00002.png"]
+    assert printed == [str(tmp_path / name) for name in names]
+    assert (tmp_path / "grid.png").read_bytes() == first_grid
+    assert infer.read_png_settings(tmp_path / "grid-00002.png")["seeds"] == [9]
+    assert cli(*argv, "--seed", 4) == 0  # and on: numbered after the grid's number too
+    assert capsys.readouterr().out.split() == [str(tmp_path / "00003-4.png"), str(tmp_path / "grid-00003.png")]
+
+
 def test_pngs_record_their_parameters_and_a_grid_tiles_them(trained_sd, tiny_sd, tmp_path, capsys):
     argv = generate_argv(tiny_sd, tmp_path, "--embedding", trained_sd, "--prompt", "a <concept> backpack")
     argv += ["--negative_prompt", "blurry", "--num_images", 3, "--seed", 5, "--scheduler", "euler"]
