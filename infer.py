@@ -197,7 +197,7 @@ def atomic_folder(
 
 def append_text(path: str | Path, text: str) -> Path:
     """Append `text` durably (a log: rewriting it each time would grow quadratically). A crash
-    can leave a torn last line, which readers drop; a failed append is cut back off."""
+    can leave a torn last line, which read_jsonl drops; a failed append is cut back off."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -216,6 +216,21 @@ def append_text(path: str | Path, text: str) -> Path:
     except OSError as e:
         raise write_error(path, e) from None
     return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a .jsonl log (none if it does not exist). A line that does not parse, as the
+    torn last line of a write cut short, even mid-character, is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -386,6 +401,44 @@ def file_name_for_token(token: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# Output names: what a training run writes into its --output_dir, composed and read back here
+# only (by the trainer, eval, and every reader of a run's folder).
+
+EMBEDS = "learned_embeds"  # diffusers' name for an embedding file
+LAST = "-last"  # the last step's rows, when early stopping kept an earlier step's
+BEFORE_EVAL = "-before-eval"  # a final file as it was before `eval --keep_best` rewrote it
+TOKEN_FILE = "token_identifier.txt"  # the word to prompt with, beside the embedding
+
+
+def embeds_name(extension: str, tag: str = "", second: bool = False) -> str:
+    """learned_embeds[_2][TAG].EXT: _2 holds SDXL's second text encoder's rows; TAG is "" for the
+    run's result, steps_tag(N), LAST, or one of them + BEFORE_EVAL."""
+    return f"{EMBEDS}{'_2' if second else ''}{tag}{extension}"
+
+
+def steps_tag(step: int) -> str:
+    """The tag of the rows saved at step N (every --save_steps)."""
+    return f"-steps-{step}"
+
+
+def is_steps_file(name: str) -> bool:
+    """Rows saved every --save_steps: a run's history, not its result."""
+    return "-steps-" in name
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+# The same names read back: any learned_embeds[_2][TAG].EXT (second, tag, extension); a run's own
+# embedding files (N of -steps-N); its -steps-N files alone (N, extension); its checkpoints (N).
+EMBEDS_NAME = re.compile(r"learned_embeds(_2)?(-[\w-]+)?(\.\w+)")
+RUN_EMBEDS_NAME = re.compile(r"learned_embeds(?:-steps-(\d+)|-last)?(?:-before-eval)?\.(?:safetensors|bin)")
+STEPS_NAME = re.compile(r"learned_embeds-steps-(\d+)\.(safetensors|bin)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+# ----------------------------------------------------------------------------------------
 # Reading: any SRC -> one normalized Embedding.
 #
 # Slots name the text encoder a set of vectors belongs to, as the SDXL single-file layout does:
@@ -485,7 +538,7 @@ def read_embedding(src: str | Path, token: str | None = None) -> Embedding:
     # A single file also answers to its name, unless the user chose the word (--token) or the
     # name is diffusers' generic one.
     stem = files[0].stem
-    named = token is None and len(files) == 1 and not stem.startswith("learned_embeds") and stem != word
+    named = token is None and len(files) == 1 and not stem.startswith(EMBEDS) and stem != word
     return Embedding(
         token=word,
         vectors=vectors,
@@ -501,8 +554,8 @@ def embedding_files_in_folder(folder: Path, source: str) -> list[Path]:
     """The file(s) to read in a folder: learned_embeds(.safetensors|.bin) (with its _2 partner
     for SDXL) when present; else, in a run stopped before its end, the newest rows it saved
     (see newest_saved_rows), with a warning naming them; else the folder's only embedding-like file."""
-    for suffix in (".safetensors", ".bin"):
-        main = folder / f"learned_embeds{suffix}"
+    for extension in (".safetensors", ".bin"):
+        main = folder / embeds_name(extension)
         if main.is_file():
             return with_pair_partner(main)
     newest = newest_saved_rows(folder)
@@ -515,7 +568,7 @@ def embedding_files_in_folder(folder: Path, source: str) -> list[Path]:
     candidates = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix in EMBEDDING_SUFFIXES and not p.name.startswith(".") and "-steps-" not in p.name
+        if p.is_file() and p.suffix in EMBEDDING_SUFFIXES and not p.name.startswith(".") and not is_steps_file(p.name)
     )
     if len(candidates) == 1:
         return with_pair_partner(candidates[0])
@@ -528,44 +581,35 @@ def embedding_files_in_folder(folder: Path, source: str) -> list[Path]:
     raise EmbeddingError(f"{source}: this folder holds {len(candidates)} embedding files ({names}); give one of them")
 
 
-_STEPS_NAME = re.compile(r"^learned_embeds-steps-(\d+)\.(safetensors|bin)$")
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
 def newest_saved_rows(folder: Path) -> tuple[int, Path] | None:
     """(step, file) of the newest rows a training run's folder holds besides learned_embeds.*:
     the highest step among its learned_embeds-steps-N files and its checkpoint-N/ folders'
     learned_embeds files (a tie goes to the -steps-N file; .safetensors before .bin). None if
     it has neither."""
     found = []
-    for path in folder.glob("learned_embeds-steps-*"):
-        match = _STEPS_NAME.match(path.name)
-        if match and path.is_file():
+    for path in folder.iterdir():
+        if (match := STEPS_NAME.fullmatch(path.name)) and path.is_file():
             found.append((int(match[1]), 1, match[2] == "safetensors", path))
-    for checkpoint in folder.glob("checkpoint-*"):
-        match = _CHECKPOINT_NAME.match(checkpoint.name)
-        for suffix in (".safetensors", ".bin"):
-            path = checkpoint / f"learned_embeds{suffix}"
-            if match and path.is_file():
-                found.append((int(match[1]), 0, suffix == ".safetensors", path))
+        elif match := CHECKPOINT_NAME.fullmatch(path.name):
+            for extension in (".safetensors", ".bin"):
+                saved = path / embeds_name(extension)
+                if saved.is_file():
+                    found.append((int(match[1]), 0, extension == ".safetensors", saved))
     if not found:
         return None
     step, _, _, path = max(found, key=lambda entry: entry[:3])
     return step, path
 
 
-_PAIR_NAME = re.compile(r"^learned_embeds(_2)?(-[\w-]+)?(\.\w+)$")
-
-
 def with_pair_partner(path: Path) -> list[Path]:
     """[path], or [first, second] when it is half of a diffusers SDXL pair
     (learned_embeds[SUFFIX].ext + learned_embeds_2[SUFFIX].ext side by side, SUFFIX being
     -steps-N, -last, -before-eval, ...)."""
-    match = _PAIR_NAME.match(path.name)
+    match = EMBEDS_NAME.fullmatch(path.name)
     if not match:
         return [path]
-    first = path.with_name(f"learned_embeds{match[2] or ''}{match[3]}")
-    second = path.with_name(f"learned_embeds_2{match[2] or ''}{match[3]}")
+    first = path.with_name(embeds_name(match[3], match[2] or ""))
+    second = path.with_name(embeds_name(match[3], match[2] or "", second=True))
     if first.is_file() and second.is_file():
         return [first, second]
     return [path]
@@ -694,7 +738,7 @@ def files_from_hub(source: str) -> list[Path]:
             # error, if there is none, says why (offline mode, no connection, no such repo).
             folder = Path(snapshot_download(repo_id))
         else:
-            names = [e.path for e in entries if e.path.startswith("learned_embeds")]
+            names = [e.path for e in entries if e.path.startswith(EMBEDS)]
             if not names:
                 names = [
                     e.path for e in entries if e.path.endswith(EMBEDDING_SUFFIXES) and e.size <= MAX_EMBEDDING_BYTES
@@ -702,7 +746,7 @@ def files_from_hub(source: str) -> list[Path]:
             if not names:
                 listed = ", ".join(e.path for e in entries[:8])
                 raise EmbeddingError(f"{source}: no embedding file on the Hub repo (it holds: {listed or 'nothing'})")
-            allow = [*names, "token_identifier.txt"]
+            allow = [*names, TOKEN_FILE]
             folder = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=["*/*"]))
     except EmbeddingError:
         raise
@@ -836,10 +880,10 @@ def token_from_file_name(path: Path) -> str:
     """The token of a file that carries none: the one in token_identifier.txt beside it when
     that file was written with it (our SDXL <name>.safetensors, diffusers folders), else the
     file name, as A1111 and ComfyUI call embeddings."""
-    identifier = path.with_name("token_identifier.txt")
+    identifier = path.with_name(TOKEN_FILE)
     if identifier.is_file():
         written = identifier.read_text(encoding="utf-8").strip()
-        if written and (path.name.startswith("learned_embeds") or file_name_for_token(written) == path.stem):
+        if written and (path.name.startswith(EMBEDS) or file_name_for_token(written) == path.stem):
             return written
     return path.stem
 
@@ -1000,6 +1044,11 @@ def prompt_form(token: str, tokenizer) -> str:
     return normalizer.normalize_str(token) if normalizer is not None else token
 
 
+def vector_tokens(word: str, num_vectors: int) -> list[str]:
+    """A word's tokens, one per vector: "<cat-toy>", "<cat-toy>_1", ... (diffusers' multi-vector naming)."""
+    return [word] + [f"{word}_{i}" for i in range(1, num_vectors)]
+
+
 def install_embedding(pipe, emb: Embedding) -> list[str]:
     """Add the embedding's tokens to every tokenizer and its vectors to every text encoder of
     `pipe`, as diffusers' load_textual_inversion does (it does the writing); return the tokens
@@ -1009,7 +1058,7 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
         raise EmbeddingError(f"{emb.source}: {type(pipe).__name__} has no CLIP text encoder to load an embedding into")
     vectors = fit_to_base(emb, {slot: enc.get_input_embeddings().weight.shape[1] for slot, _, enc in slots})
     token = prompt_form(emb.token.strip(), slots[0][1])
-    tokens = [token] + [f"{token}_{i}" for i in range(1, emb.num_vectors)]
+    tokens = vector_tokens(token, emb.num_vectors)
 
     for _, tokenizer, _ in slots:
         vocab = tokenizer.get_vocab()
@@ -1141,6 +1190,19 @@ def unused_tokens(pipe, tokens: Iterable[str], *prompts: str | None) -> list[str
 
 # ----------------------------------------------------------------------------------------
 # Pipelines and generation.
+
+
+def check_pixels(flag: str, value: int | None) -> None:
+    """An image size in pixels (None: the model's): the VAE works on multiples of 8."""
+    if value is not None and (value < 8 or value % 8):
+        raise UserError(f"{flag} must be a positive multiple of 8 (got {value})")
+
+
+def check_clip_skip(clip_skip: int, layers: int) -> None:
+    """--clip_skip against the text encoder's `layers`: at least one layer must remain."""
+    if clip_skip >= layers:
+        raise UserError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}")
+
 
 SCHEDULERS = {
     # name: (diffusers class, extra config), built from the pipeline's own scheduler config so
@@ -1883,14 +1945,16 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
         if folder is None:
             raise EmbeddingError(f"{out}: the diffusers SDXL layout is two files; give a folder")
         return [
-            write_diffusers_embedding(folder / "learned_embeds.safetensors", emb.token, clip_l),
-            write_diffusers_embedding(folder / "learned_embeds_2.safetensors", emb.token, emb.vectors["clip_g"]),
-            write_text(folder / "token_identifier.txt", emb.token),
+            write_diffusers_embedding(folder / embeds_name(".safetensors"), emb.token, clip_l),
+            write_diffusers_embedding(
+                folder / embeds_name(".safetensors", second=True), emb.token, emb.vectors["clip_g"]
+            ),
+            write_text(folder / TOKEN_FILE, emb.token),
         ]
     if to == "diffusers":
-        written = [write_diffusers_embedding(target((".safetensors", ".bin"), "learned_embeds"), emb.token, clip_l)]
+        written = [write_diffusers_embedding(target((".safetensors", ".bin"), EMBEDS), emb.token, clip_l)]
         if folder is not None:
-            written.append(write_text(folder / "token_identifier.txt", emb.token))
+            written.append(write_text(folder / TOKEN_FILE, emb.token))
         return written
     name = file_name_for_token(emb.token)
     if sdxl:
@@ -2115,9 +2179,6 @@ class EvalEntry:
     baseline: str | None = None  # "initializer" for step 0
 
 
-_RUN_FILE = re.compile(r"^learned_embeds(?:-steps-(\d+)|(-last))?(?:-before-eval)?\.(?:safetensors|bin)$")
-
-
 def run_entries(folder: Path, record: dict | None) -> list[EvalEntry]:
     """The embeddings a run saved (learned_embeds-steps-N, the final learned_embeds and -last, and
     the finals an earlier --keep_best replaced), one entry per distinct set of rows, in step
@@ -2126,7 +2187,7 @@ def run_entries(folder: Path, record: dict | None) -> list[EvalEntry]:
     saved = (record or {}).get("saved", {})
     by_rows: dict[str, EvalEntry] = {}
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        match = _RUN_FILE.match(path.name)
+        match = RUN_EMBEDS_NAME.fullmatch(path.name)
         if not match or not path.is_file():
             continue
         emb = read_embedding(path)
@@ -2140,7 +2201,7 @@ def run_entries(folder: Path, record: dict | None) -> list[EvalEntry]:
         if entry.step is not None:
             entry.label, entry.folder = f"step {entry.step}", f"step-{entry.step}"
         else:
-            entry.label = entry.folder = "last" if any("-last" in f for f in entry.files) else "final"
+            entry.label = entry.folder = "last" if any(LAST in f for f in entry.files) else "final"
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.label))
 
 
@@ -2183,7 +2244,7 @@ def put_rows(pipe, emb: Embedding, word: str, installed: dict[str, int]) -> None
         installed[word] = emb.num_vectors
         return
     vectors = fit_to_base(emb, base_widths(pipe))
-    tokens = [word] + [f"{word}_{i}" for i in range(1, emb.num_vectors)]
+    tokens = vector_tokens(word, emb.num_vectors)
     for slot, tokenizer, encoder in text_encoder_slots(pipe):
         weight = encoder.get_input_embeddings().weight
         with torch.no_grad():
@@ -2307,21 +2368,10 @@ def pick_text(pick: dict, runner_up: dict | None, rule: str) -> str:
     )
 
 
-def read_eval_log(path: str | Path) -> list[dict]:
-    """The lines of an eval.jsonl (a torn last line, from an interrupted write, is dropped)."""
-    lines = []
-    for text in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(text))
-        except ValueError:
-            break
-    return lines
-
-
 def final_files(folder: Path, token: str) -> list[Path]:
     """The run's final embedding files, as the trainer writes them: learned_embeds(_2).safetensors
     and .bin, and the SDXL single file named after the token."""
-    names = [f"learned_embeds{part}{ext}" for part in ("", "_2") for ext in (".safetensors", ".bin")]
+    names = [embeds_name(ext, second=second) for second in (False, True) for ext in (".safetensors", ".bin")]
     names.append(file_name_for_token(token) + ".safetensors")
     return [folder / name for name in names if (folder / name).is_file()]
 
@@ -2335,21 +2385,19 @@ def keep_best(folder: Path, entry: EvalEntry, token: str, record: dict | None) -
     if not targets:
         raise EmbeddingError(f"--keep_best: {folder} has no final learned_embeds file to rewrite")
     for path in targets:
-        before = path.with_name(f"{path.stem}-before-eval{path.suffix}")
+        before = path.with_name(f"{path.stem}{BEFORE_EVAL}{path.suffix}")
         if not before.exists():
             write_bytes(before, path.read_bytes())
     vectors = entry.embedding.vectors
     for path in targets:
-        if path.name.startswith("learned_embeds_2"):
-            write_diffusers_embedding(path, token, vectors["clip_g"])
-        elif path.name.startswith("learned_embeds"):
-            write_diffusers_embedding(path, token, vectors["clip_l"])
+        if match := EMBEDS_NAME.fullmatch(path.name):
+            write_diffusers_embedding(path, token, vectors["clip_g" if match[1] else "clip_l"])
         else:
             write_sdxl_embedding(path, vectors["clip_l"], vectors["clip_g"])
     if record is not None:
         saved = dict(record.get("saved", {}))
         for path in targets:
-            before = f"{path.stem}-before-eval{path.suffix}"
+            before = f"{path.stem}{BEFORE_EVAL}{path.suffix}"
             saved.setdefault(before, saved.get(path.name))
             saved[path.name] = entry.step
         write_text(folder / RUN_RECORD, json.dumps({**record, "saved": saved}, indent=1) + "\n")
@@ -2489,8 +2537,7 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     ):
         if value < 1:
             raise EmbeddingError(f"{flag} must be at least 1 (got {value})")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise EmbeddingError(f"--resolution must be a positive multiple of 8 (got {args.resolution})")
+    check_pixels("--resolution", args.resolution)
     if args.output_dir is None and not args.embeddings:
         raise EmbeddingError("give a training run's OUTPUT_DIR, or embedding files with --embeddings")
     run = Path(args.output_dir).expanduser() if args.output_dir else None
@@ -2593,8 +2640,7 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs) -> EvalSetup:
         fit_to_base(entry.embedding, base_widths(pipe))  # a width that does not fit fails before any image
     clip_skip = args.clip_skip if args.clip_skip is not None else known.get("clip_skip") or 0
     layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
-    if clip_skip >= layers:
-        raise EmbeddingError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}")
+    check_clip_skip(clip_skip, layers)
     size = args.resolution or known.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
     guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
     words = eval_words(entries, text_encoder_slots(pipe)[0][1])
@@ -2773,7 +2819,7 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
     if not any(chosen is entry for entry in inputs.from_run):
         raise EmbeddingError(f"--keep_best: the pick, {label}, is not one of the run's saved steps")
     token = inputs.known.get("placeholder_token") or chosen.embedding.token
-    current = [read_embedding(f) for f in final_files(inputs.run, token) if re.match(r"learned_embeds\.", f.name)]
+    current = [read_embedding(f) for f in final_files(inputs.run, token) if f.stem == EMBEDS]
     wanted = rows_digest(chosen.embedding.vectors)
     if current and all(rows_digest(emb.vectors) == wanted for emb in current):
         print(f"--keep_best: learned_embeds already holds {label}; nothing rewritten", file=sys.stderr)
@@ -3028,9 +3074,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     ):
         if value < low:
             raise EmbeddingError(f"{flag} must be at least {low} (got {value})")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and (value < 8 or value % 8):
-            raise EmbeddingError(f"{flag} must be a positive multiple of 8 (got {value})")
+    check_pixels("--height", args.height)
+    check_pixels("--width", args.width)
     if len(args.token) > len(args.embedding):
         raise EmbeddingError(
             f"{len(args.token)} --token given for {len(args.embedding)} --embedding; "
@@ -3050,10 +3095,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     pipe = load_pipeline(args.model, dtype, device, args.single_file_config, args.prediction_type)
     set_scheduler(pipe, args.scheduler)
     layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
-    if args.clip_skip >= layers:
-        raise EmbeddingError(
-            f"--clip_skip {args.clip_skip}: the text encoder has {layers} layers; use at most {layers - 1}"
-        )
+    check_clip_skip(args.clip_skip, layers)
     triggers = []
     for emb in embeddings:
         tokens = load_embedding(pipe, emb)

@@ -350,10 +350,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--num_vectors must be at least 1 (got {args.num_vectors})",
         ),
         (args.clip_skip >= 0, f"--clip_skip must be at least 0 (got {args.clip_skip})"),
-        (
-            args.resolution >= 8 and args.resolution % 8 == 0,
-            f"--resolution must be a multiple of 8 (got {args.resolution})",
-        ),
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
@@ -405,6 +401,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    infer.check_pixels("--resolution", args.resolution)
     if args.validation_epochs is not None:
         logger.warning("--validation_epochs is deprecated; use --validation_steps")
     if args.use_8bit_adam:
@@ -420,11 +417,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # and the photo count, before any weight is loaded.
 
 DEFAULT_STEPS = 5000
-
-
-def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
-    """The new word's tokens: "<cat-toy>", "<cat-toy>_1", ... (diffusers' multi-vector naming)."""
-    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
 @dataclass(frozen=True)
@@ -486,11 +478,7 @@ def make_plan(
             f"--num_vectors {args.num_vectors}: the --initializer_embedding {args.initializer_embedding} has "
             f"{initializer.num_vectors}; leave --num_vectors out, or give {initializer.num_vectors}"
         )
-    if args.clip_skip >= source.text_layers:
-        raise UserError(
-            f"--clip_skip {args.clip_skip}: the text encoder has {source.text_layers} layers; use at most "
-            f"{source.text_layers - 1}"
-        )
+    infer.check_clip_skip(args.clip_skip, source.text_layers)
     buckets = None
     if args.aspect_buckets:
         if args.bucket_step % source.vae_scale:
@@ -511,7 +499,7 @@ def make_plan(
         max_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else DEFAULT_STEPS
     return Plan(
         family=source.family,
-        tokens=vector_tokens(args.placeholder_token, num_vectors),
+        tokens=infer.vector_tokens(args.placeholder_token, num_vectors),
         max_steps=max_steps,
         world=world,
         per_process=per_process,
@@ -886,14 +874,14 @@ class StableDiffusion:
     @staticmethod
     def embedding_files(rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
         """{file name: tensors}: the diffusers layout of learned_embeds{suffix}."""
-        return {f"learned_embeds{suffix}{extension}": {token: rows[0]}}
+        return {infer.embeds_name(extension, suffix): {token: rows[0]}}
 
     @staticmethod
     def tool_files(out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
         """Beside the final embedding: learned_embeds.bin too, which older loaders look for."""
-        return (
-            [] if extension == ".bin" else [infer.write_diffusers_embedding(out / "learned_embeds.bin", token, rows[0])]
-        )
+        if extension == ".bin":
+            return []
+        return [infer.write_diffusers_embedding(out / infer.embeds_name(".bin"), token, rows[0])]
 
     @staticmethod
     def card_use(repo_id: str, token: str) -> tuple[str, str]:
@@ -949,8 +937,8 @@ class StableDiffusionXL:
     def embedding_files(rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
         """diffusers' SDXL pair: one file per text encoder."""
         return {
-            f"learned_embeds{suffix}{extension}": {token: rows[0]},
-            f"learned_embeds_2{suffix}{extension}": {token: rows[1]},
+            infer.embeds_name(extension, suffix): {token: rows[0]},
+            infer.embeds_name(extension, suffix, second=True): {token: rows[1]},
         }
 
     @staticmethod
@@ -1246,7 +1234,7 @@ def describe_initializer(phrase: str, pieces: list[str], num_vectors: int) -> st
 
 
 def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str | infer.Embedding) -> Placeholders:
-    """Add the new word's tokens (vector_tokens) to every tokenizer, and their trainable rows to
+    """Add the new word's tokens (infer.vector_tokens) to every tokenizer, and their trainable rows to
     every text encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an
     embedding's own vectors (fitted to the encoders as infer.py loads it)."""
     placeholder, num_vectors = tokens[0], len(tokens)
@@ -1529,18 +1517,26 @@ class Batch:
 
 
 def draw_batch(
-    generator: torch.Generator, image: torch.Tensor, concept: Concept, num_timesteps: int, bucket: int = 0
+    generator: torch.Generator,
+    image: torch.Tensor,
+    concept: Concept,
+    num_timesteps: int,
+    bucket: int | None = 0,
+    timesteps: torch.Tensor | None = None,
 ) -> Batch:
+    """The samples of photos `image`, drawn from `generator` in this order: flips, prompts,
+    timesteps (uniform, unless given) and noises of `bucket`'s size (None: the largest, which
+    every bucket crops)."""
     device, b = image.device, image.shape[0]
-    shape = (b, concept.latent_mean.shape[2], *concept.bucket_sizes[bucket])
-    return Batch(
-        image=image,
-        flip=torch.randint(0, 2, (b,), generator=generator, device=device),
-        template=torch.randint(0, concept.prompt_table.shape[1], (b,), generator=generator, device=device),
-        timesteps=torch.randint(0, num_timesteps, (b,), generator=generator, device=device),
-        posterior_noise=torch.randn(shape, generator=generator, device=device),
-        noise=torch.randn(shape, generator=generator, device=device),
-    )
+    size = concept.latent_mean.shape[3:] if bucket is None else concept.bucket_sizes[bucket]
+    shape = (b, concept.latent_mean.shape[2], *size)
+    flip = torch.randint(0, 2, (b,), generator=generator, device=device)
+    template = torch.randint(0, concept.prompt_table.shape[1], (b,), generator=generator, device=device)
+    if timesteps is None:
+        timesteps = torch.randint(0, num_timesteps, (b,), generator=generator, device=device)
+    posterior_noise = torch.randn(shape, generator=generator, device=device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    return Batch(image, flip, template, timesteps, posterior_noise, noise)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1639,15 +1635,9 @@ def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo:
     count = concept.num_images * per_photo
     strata = torch.arange(per_photo, device=device).repeat(concept.num_images)
     jitter = torch.rand(count, generator=generator, device=device)
-    shape = (count, *concept.latent_mean.shape[2:])  # with buckets, each photo reads its bucket's top left
-    return Batch(
-        image=torch.arange(concept.num_images, device=device).repeat_interleave(per_photo),
-        flip=torch.randint(0, 2, (count,), generator=generator, device=device),
-        template=torch.randint(0, concept.prompt_table.shape[1], (count,), generator=generator, device=device),
-        timesteps=((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1),
-        posterior_noise=torch.randn(shape, generator=generator, device=device),
-        noise=torch.randn(shape, generator=generator, device=device),
-    )
+    timesteps = ((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1)
+    image = torch.arange(concept.num_images, device=device).repeat_interleave(per_photo)
+    return draw_batch(generator, image, concept, num_timesteps, bucket=None, timesteps=timesteps)
 
 
 @torch.no_grad()
@@ -1838,16 +1828,7 @@ class Watch:
         self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
 
     def read_history(self, step: int) -> list[dict]:
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # the torn last line of a run killed mid-append
-        return [r for r in records if r.get("step", 0) <= step]
+        return [r for r in infer.read_jsonl(self.out / "metrics.jsonl") if r.get("step", 0) <= step]
 
     def start(self, step: int) -> None:
         from tqdm.auto import tqdm
@@ -2278,7 +2259,7 @@ def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
     """learned_embeds-steps-N every --save_steps, a checkpoint when one is due (main process)."""
     step = run.state.step
     if step % run.args.save_steps == 0:
-        save_embeddings(run, run.placeholders.rows, f"-steps-{step}", step)
+        save_embeddings(run, run.placeholders.rows, infer.steps_tag(step), step)
     if cadence.due(step, last):
         save_checkpoint(run)
         cadence.saved(step)
@@ -2291,7 +2272,7 @@ def checkpoint_and_stop(run: Run, cadence: CheckpointCadence) -> None:
         save_checkpoint(run)
     run.accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
     raise Stopped(
-        f"stopped by {run.stop.cause} at step {step}; saved {run.out / f'checkpoint-{step}'}; to continue, "
+        f"stopped by {run.stop.cause} at step {step}; saved {run.out / infer.checkpoint_name(step)}; to continue, "
         "run the same command with --resume_from_checkpoint latest",
         run.stop.requested,
     )
@@ -2368,10 +2349,10 @@ def save_outputs(run: Run) -> list[Path]:
     kept = state.kept_rows(rows)
     written = save_embeddings(run, kept, "", state.kept_step)
     if kept is not rows:
-        written += save_embeddings(run, rows, "-last", state.step)
+        written += save_embeddings(run, rows, infer.LAST, state.step)
     tools = run.plan.family.tool_files(run.out, token, kept, run.plan.extension)
     written += record_saved(run, tools, state.kept_step)
-    written.append(infer.write_text(run.out / "token_identifier.txt", token))
+    written.append(infer.write_text(run.out / infer.TOKEN_FILE, token))
     written.append(infer.write_text(run.out / "type_of_concept.txt", run.args.learnable_property))
     return written
 
@@ -2443,10 +2424,10 @@ def save_checkpoint(run: Run) -> Path:
         infer.write_torch(folder / CHECKPOINT_STATE, payload)
         for name, tensors in plan.family.embedding_files(placeholders.rows, plan.tokens[0], plan.extension).items():
             infer.write_tensors(folder / name, tensors)
-        infer.write_text(folder / "token_identifier.txt", plan.tokens[0])
+        infer.write_text(folder / infer.TOKEN_FILE, plan.tokens[0])
 
     # Complete or absent: `latest` never sees a half-written checkpoint.
-    final = infer.atomic_folder(run.out / f"checkpoint-{state.step}", fill)
+    final = infer.atomic_folder(run.out / infer.checkpoint_name(state.step), fill)
     logger.info("Saved checkpoint %s", final)
     if run.args.checkpoints_total_limit is not None:
         for old in list_checkpoints(run.out)[: -run.args.checkpoints_total_limit]:
@@ -2456,10 +2437,9 @@ def save_checkpoint(run: Run) -> Path:
 
 def list_checkpoints(folder: Path) -> list[Path]:
     found = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.split("-", 1)[1]
-        if step.isdigit() and (path / CHECKPOINT_STATE).exists():
-            found.append((int(step), path))
+    for path in folder.iterdir():
+        if (match := infer.CHECKPOINT_NAME.fullmatch(path.name)) and (path / CHECKPOINT_STATE).exists():
+            found.append((int(match[1]), path))
     return [p for _, p in sorted(found)]
 
 
@@ -2700,9 +2680,9 @@ def prepare_hub_folder(run: Run) -> Path:
     names = [
         p.name
         for p in sorted(out.iterdir())
-        if p.is_file() and p.suffix in (".safetensors", ".bin") and "-steps-" not in p.name
+        if p.is_file() and p.suffix in (".safetensors", ".bin") and not infer.is_steps_file(p.name)
     ]
-    names += ["token_identifier.txt", "type_of_concept.txt"]
+    names += [infer.TOKEN_FILE, "type_of_concept.txt"]
     if watch.plotted:
         names.append("loss.png")
     copies = {name: out / name for name in names}

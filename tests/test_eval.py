@@ -92,7 +92,7 @@ def evaluated(run, tiny_clip, tiny_dino, prompts_file, tmp_path_factory) -> Simp
     folder = Path(shutil.copytree(run, tmp_path_factory.mktemp("evaluated") / "out"))
     done = run_eval(folder, *scorer_flags(tiny_clip, tiny_dino, prompts_file))
     assert done.code == 0, done.err
-    return SimpleNamespace(folder=folder, done=done, lines=infer.read_eval_log(folder / "eval.jsonl"))
+    return SimpleNamespace(folder=folder, done=done, lines=infer.read_jsonl(folder / "eval.jsonl"))
 
 
 def line_of(lines: list[dict], label: str) -> dict:
@@ -254,7 +254,7 @@ def test_a_rerun_reuses_every_image_and_generates_nothing(evaluated, tiny_clip, 
     assert done.code == 0, done.err
     assert "reusing 12 of 12 images already made" in done.err
     assert {p: p.stat().st_mtime_ns for p in (evaluated.folder / "eval").rglob("*.png")} == before
-    again = infer.read_eval_log(evaluated.folder / "eval.jsonl")
+    again = infer.read_jsonl(evaluated.folder / "eval.jsonl")
     assert [line["clip_i"] for line in again] == [line["clip_i"] for line in evaluated.lines]
 
 
@@ -280,7 +280,7 @@ def test_an_interrupted_eval_resumes_from_the_images_it_made(run, evaluated, tin
 
     assert done.code == 0, done.err
     assert "reusing 5 of 12 images already made" in done.err
-    lines = infer.read_eval_log(folder / "eval.jsonl")
+    lines = infer.read_jsonl(folder / "eval.jsonl")
     for line, reference in zip(lines, evaluated.lines):
         assert line["clip_i"] == pytest.approx(reference["clip_i"], abs=1e-6)
 
@@ -303,7 +303,7 @@ HAND_MADE = [
 def hand_made_log(tmp_path) -> list[dict]:
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in HAND_MADE) + '{"label": "torn')
-    return infer.read_eval_log(path)
+    return infer.read_jsonl(path)
 
 
 def test_the_pareto_front_leaves_out_the_steps_another_beats_on_both_scores(hand_made_log):
@@ -393,7 +393,7 @@ def test_keep_best_rewrites_the_final_files_from_the_pick_and_keeps_the_previous
     # The replaced final step is still scored, from its -before-eval copy, with the images it had.
     again = run_eval(folder, *scorer_flags(tiny_clip, tiny_dino, prompts_file))
     assert "reusing 12 of 12 images" in again.err, again.err
-    assert [line["label"] for line in infer.read_eval_log(folder / "eval.jsonl")][-1] == "step 4"
+    assert [line["label"] for line in infer.read_jsonl(folder / "eval.jsonl")][-1] == "step 4"
 
 
 def test_keep_best_leaves_a_folder_alone_while_a_run_trains_into_it(
@@ -420,7 +420,7 @@ def test_the_class_word_a_run_trained_with_is_the_one_eval_reads(tiny_sd, eval_p
     (tmp_path / "one.txt").write_text("a {} on the beach\n")
     done = run_eval(out, *scorer_flags(tiny_clip, tiny_dino, tmp_path / "one.txt", per_prompt=1))
     assert done.code == 0, done.err
-    assert {line["settings"]["class_word"] for line in infer.read_eval_log(out / "eval.jsonl")} == {"plush toy"}
+    assert {line["settings"]["class_word"] for line in infer.read_jsonl(out / "eval.jsonl")} == {"plush toy"}
 
 
 def test_keep_best_cut_short_leaves_every_file_whole_and_running_it_again_finishes(run, tmp_path, monkeypatch):
@@ -476,7 +476,7 @@ def test_embedding_files_are_scored_against_a_model_each_under_its_own_word(
                     *scorer_flags(tiny_clip, tiny_dino, tmp_path / "one.txt", per_prompt=1))  # fmt: skip
 
     assert done.code == 0, done.err
-    lines = infer.read_eval_log(tmp_path / "scores" / "eval.jsonl")
+    lines = infer.read_jsonl(tmp_path / "scores" / "eval.jsonl")
     assert [line["label"] for line in lines] == ["real images", "charturner.pt", "charturnerv2.pt"]
     first_images = [pngs(tmp_path / "scores" / "eval" / name)[0] for name in ("charturner.pt", "charturnerv2.pt")]
     prompts = [infer.read_png_settings(path)["prompt"] for path in first_images]
@@ -517,7 +517,7 @@ def test_a_run_from_an_embedding_needs_a_class_word_and_starts_from_that_embeddi
 
     done = run_eval(run_from_embedding.out, *flags, "--class_word", "toy")
     assert done.code == 0, done.err
-    zero = line_of(infer.read_eval_log(tmp_path / "scores" / "eval.jsonl"), "step 0")
+    zero = line_of(infer.read_jsonl(tmp_path / "scores" / "eval.jsonl"), "step 0")
     start = infer.read_embedding(run_from_embedding.start).vectors["clip_l"]
     assert zero["norm"]["clip_l"] == pytest.approx(start.norm(dim=1).mean().item(), abs=1e-6)
 
@@ -533,7 +533,7 @@ def test_an_sdxl_run_is_scored_on_both_encoders_and_keep_best_rewrites_all_its_f
     done = run_eval(out, *scorer_flags(tiny_clip, tiny_dino, tmp_path / "one.txt", per_prompt=1), "--keep_best")
 
     assert done.code == 0, done.err
-    lines = infer.read_eval_log(out / "eval.jsonl")
+    lines = infer.read_jsonl(out / "eval.jsonl")
     assert [line["label"] for line in lines] == ["real images", "step 0", "step 1", "step 2", "step 3"]
     assert set(line_of(lines, "step 2")["norm"]) == {"clip_l", "clip_g"}
     first = load_file(out / "learned_embeds-steps-1.safetensors")["<cat-toy>"]
@@ -549,7 +549,7 @@ def test_an_sdxl_run_is_scored_on_both_encoders_and_keep_best_rewrites_all_its_f
     )
     again = run_eval(out, *scorer_flags(tiny_clip, tiny_dino, tmp_path / "one.txt", per_prompt=1))
     assert again.code == 0 and "reusing 4 of 4 images" in again.err, again.err  # step 3 from its -before-eval pair
-    assert [line["label"] for line in infer.read_eval_log(out / "eval.jsonl")][-1] == "step 3"
+    assert [line["label"] for line in infer.read_jsonl(out / "eval.jsonl")][-1] == "step 3"
 
 
 # ----------------------------------------------------------------------------------------

@@ -789,6 +789,13 @@ def test_more_token_flags_than_embeddings_is_an_error(trained_sd, tiny_sd, tmp_p
     )
 
 
+@pytest.mark.parametrize("height", [-8, 0, 4, 100])
+def test_a_size_that_is_not_a_positive_multiple_of_8_is_refused_before_the_model_loads(height, tmp_path, capsys):
+    argv = generate_argv(tmp_path / "no-model-here", tmp_path, "--prompt", "x")
+    assert cli(*argv, "--height", height) == 2
+    assert capsys.readouterr().err == f"error: --height must be a positive multiple of 8 (got {height})\n"
+
+
 # ----------------------------------------------------------------------------------------
 # Conversion: the layouts other tools read, round-tripping to identical tensors.
 

@@ -7,6 +7,8 @@ import torch
 from conftest import RESOLUTION, train_args, train_once
 from safetensors.torch import load_file
 
+import infer
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd, photos, tmp_path_factory):
@@ -70,3 +72,54 @@ def test_style_concepts_say_so(tiny_sd, photos, tmp_path, run_trainer):
     out = tmp_path / "out"
     run_trainer(train_args(tiny_sd, photos, out, learnable_property="style", max_train_steps=1))
     assert (out / "type_of_concept.txt").read_text() == "style"
+
+
+# ----------------------------------------------------------------------------------------
+# The names, composed and read back by infer.py alone (the trainer, eval and every reader of a
+# run's folder agree through it).
+
+
+def test_the_names_are_diffusers_learned_embeds_with_their_step_and_checkpoint_n():
+    assert infer.embeds_name(".safetensors") == "learned_embeds.safetensors"
+    assert infer.embeds_name(".bin", infer.steps_tag(12), second=True) == "learned_embeds_2-steps-12.bin"
+    assert infer.embeds_name(".safetensors", infer.LAST) == "learned_embeds-last.safetensors"
+    assert infer.checkpoint_name(7) == "checkpoint-7"
+
+
+@pytest.mark.parametrize("step", [0, 5, 12000])
+def test_a_steps_file_and_a_checkpoint_read_back_their_step(step):
+    for extension in (".safetensors", ".bin"):
+        name = infer.embeds_name(extension, infer.steps_tag(step))
+        assert int(infer.STEPS_NAME.fullmatch(name)[1]) == int(infer.RUN_EMBEDS_NAME.fullmatch(name)[1]) == step
+    assert int(infer.CHECKPOINT_NAME.fullmatch(infer.checkpoint_name(step))[1]) == step
+
+
+def test_only_the_files_saved_every_save_steps_are_steps_files():
+    periodic = [infer.embeds_name(".safetensors", infer.steps_tag(4), second=second) for second in (False, True)]
+    results = [infer.embeds_name(".safetensors", tag) for tag in ("", infer.LAST, infer.BEFORE_EVAL)]
+    assert [infer.is_steps_file(name) for name in periodic + results] == [True, True, False, False, False]
+
+
+def test_a_run_reads_back_its_own_embedding_files_and_no_others():
+    own = [
+        infer.embeds_name(extension, tag)
+        for extension in (".safetensors", ".bin")
+        for tag in ("", infer.steps_tag(3), infer.LAST, infer.BEFORE_EVAL, infer.LAST + infer.BEFORE_EVAL)
+    ]
+    others = [
+        infer.embeds_name(".safetensors", second=True),  # read with its first half
+        infer.embeds_name(".pt"),
+        infer.embeds_name(".safetensors", "-mine"),
+        "concept.safetensors",
+    ]
+    assert all(infer.RUN_EMBEDS_NAME.fullmatch(name) for name in own)
+    assert not any(infer.RUN_EMBEDS_NAME.fullmatch(name) for name in others)
+
+
+@pytest.mark.parametrize("tag", ["", "-steps-8", "-last", "-before-eval", "-mine"])
+def test_each_half_of_an_sdxl_pair_finds_the_other_whatever_its_tag(tmp_path, tag):
+    first, second = (tmp_path / infer.embeds_name(".safetensors", tag, second=s) for s in (False, True))
+    first.write_bytes(b"")
+    assert infer.with_pair_partner(first) == [first]  # alone, it is a plain SD file
+    second.write_bytes(b"")
+    assert infer.with_pair_partner(first) == infer.with_pair_partner(second) == [first, second]

@@ -100,6 +100,18 @@ def test_a_failed_append_is_cut_back_off(tmp_path, monkeypatch):
     assert log.read_text() == '{"step": 1}\n'
 
 
+def test_a_jsonl_log_is_read_without_its_torn_last_line_even_one_cut_mid_character(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    whole = '{"step": 1}\n{"step": 2, "prompt": "caf\u00e9"}\n'
+    torn = '{"step": 3, "prompt": "caf\u00e9"}'.encode()[:-3]  # cut inside the two bytes of é
+    log.write_bytes(whole.encode() + torn)
+    assert infer.read_jsonl(log) == [{"step": 1}, {"step": 2, "prompt": "caf\u00e9"}]
+
+
+def test_a_jsonl_log_that_does_not_exist_has_no_records(tmp_path):
+    assert infer.read_jsonl(tmp_path / "metrics.jsonl") == []
+
+
 @pytest.fixture
 def disk_full_at(monkeypatch):
     """disk_full_at(part): an atomic write whose path contains `part` fails with ENOSPC after

@@ -9,6 +9,7 @@ import torch
 from conftest import RESOLUTION, plan_for, train_args
 from safetensors.torch import load_file
 
+import infer
 import textual_inversion as ti
 
 
@@ -17,7 +18,7 @@ def build_stages(model, photos, tmp_path, num_vectors=1, dtype=torch.float32, **
     args = ti.parse_args(train_args(model, photos, tmp_path / "out", num_vectors=num_vectors, **flags))
     dataset = ti.TextualInversionDataset(photos, RESOLUTION, args.center_crop, placeholder_token="<concept>")
     models = ti.load_models(args, torch.device("cpu"), dtype)
-    placeholders = ti.add_placeholder_tokens(models, ti.vector_tokens("<concept>", num_vectors), "toy")
+    placeholders = ti.add_placeholder_tokens(models, infer.vector_tokens("<concept>", num_vectors), "toy")
     prompts = [t.replace("{}", " ".join(placeholders.tokens)) for t in dataset.templates]
     concept = ti.encode_concept(ti.decode_images(dataset, 0), prompts, models, placeholders)
     return SimpleNamespace(args=args, models=models, placeholders=placeholders, concept=concept)
