@@ -322,9 +322,9 @@ def test_a_stop_while_caching_latents_ends_the_run_and_keeps_the_last_checkpoint
 
 # ----------------------------------------------------------------------------------------
 # Signals as users send them: to the whole process group. Ctrl-C in a terminal and a
-# scheduler's SIGTERM reach the launcher too, which dies of it (at once, or 0.25 s after
-# Ctrl-C), and the kernel then tells the trainer that its launcher is gone. Steps of about a
-# second (256 px, 1 x 4 samples on this CPU) put that echo in the middle of a step.
+# scheduler's SIGTERM reach the launcher too, which passes a SIGTERM (accelerate) or the same
+# signal (torchrun) on to its trainer. Steps of about a second (256 px, 1 x 4 samples on this
+# CPU) put that echo in the middle of a step.
 
 LONG_STEPS = dict(resolution=256, gradient_accumulation_steps=4, max_train_steps=6)
 
