@@ -79,16 +79,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class UserError(ValueError):
-    """A problem with the user's input (an embedding, a model, a photo, a flag), said in one line
-    that names the flag or file and what to do. Both command lines (this one and
+class UserError(Exception):
+    """A problem with the user's input (an embedding, a model, a photo, a flag, a full disk), said
+    in one line that names the flag or file and what to do. Both command lines (this one and
     textual_inversion.py) print it without a traceback and exit with `status`; API callers can
     catch it."""
 
     status = 2
-
-
-EmbeddingError = UserError  # the name callers of this module's functions have caught since the first release
 
 
 def first_line(error: BaseException) -> str:
@@ -100,26 +97,23 @@ def first_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------
 # Writers. Every format is written here and nowhere else; every write is atomic.
 
-
-class WriteError(UserError):
-    """A file could not be written (a full disk, a read-only folder): one line naming the file
-    and the cause. The file's previous version is intact and no temp file is left."""
-
-    def __init__(self, path: str | Path, cause: str):
-        super().__init__(f"cannot write {path}: {cause}")
-        self.cause = cause
+# What a failed write's message ends with: what to do once its cause is fixed. The trainer sets
+# its own (a run goes on from its last checkpoint).
+WRITE_FAILURE_ADVICE = ""
 
 
-def write_error(path: str | Path, error: OSError) -> WriteError:
+def write_error(path: str | Path, error: OSError) -> UserError:
+    """A file that could not be written (a full disk, a read-only folder), in one line naming the
+    file and the cause. Its previous version is intact and no temp file is left."""
     cause = error.strerror or str(error) or type(error).__name__
-    return WriteError(path, cause[0].lower() + cause[1:])
+    return UserError(f"cannot write {path}: {cause[0].lower() + cause[1:]}{WRITE_FAILURE_ADVICE}")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` for a temp file beside `path`, then rename it over `path`.
 
     A crash at any moment leaves either the old file or the new one, never half a file; an
-    OSError (ENOSPC, EACCES, ...) removes the temp file and becomes a WriteError.
+    OSError (ENOSPC, EACCES, ...) removes the temp file and becomes a UserError (write_error).
     """
     path = Path(path)
     tmp = None
@@ -134,7 +128,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         tmp = None
         fsync_folder(path.parent)
     except OSError as e:
-        raise write_error(path, e) from None
+        raise write_error(path, e) from e  # the cause stays: a folder being filled names itself instead
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -160,8 +154,8 @@ def atomic_folder(
     (a full pipeline's folders beside the embeddings, checkpoints and lock): each entry of the
     temp folder replaces its namesake there whole, those named in `last` at the end (a
     pipeline's model_index.json, so a loader never takes a half-moved folder for a pipeline).
-    Write the files with the writers here, or with any code that raises OSError; a WriteError
-    names `path`, and the temp folder is removed.
+    Write the files with the writers here, or with any code that raises OSError; a failed write
+    names `path` (write_error), and the temp folder is removed.
     """
     path = Path(path)
     # Merged, the temp folder sits inside `path`, where a killed run's leftovers are looked for.
@@ -183,10 +177,9 @@ def atomic_folder(
                 os.replace(path, old)
             os.replace(tmp, path)
         fsync_folder(path.parent)
-    except WriteError as e:
-        raise WriteError(path, e.cause) from None
-    except OSError as e:
-        raise write_error(path, e) from None
+    except (OSError, UserError) as e:  # a file inside could not be written: the folder could not
+        cause = e.__cause__ if isinstance(e, UserError) else e
+        raise write_error(path, cause) from cause
     finally:
         if old.exists() and not path.exists():
             os.replace(old, path)
@@ -499,29 +492,31 @@ class Embedding:
         return self.aliases[0] if self.aliases else self.token
 
 
-def read_embedding(src: str | Path, token: str | None = None) -> Embedding:
-    """Read any SRC (folder, file, Hub id) into an Embedding; `token` renames it.
+def read_embedding(src: str | Path, token: str | None = None, flag: str | None = None) -> Embedding:
+    """Read any SRC (folder, file, Hub id) into an Embedding; `token` renames it. Messages, and
+    the Embedding's source, name it with the `flag` that gave it, if any.
 
     Nothing is installed anywhere; the result is plain float32 tensors on the CPU.
     """
-    source = str(src)
-    path = Path(source).expanduser()
+    name = str(src)
+    source = f"{flag} {name}" if flag else name
+    path = Path(name).expanduser()
     if path.is_dir():
         files = embedding_files_in_folder(path, source)
     elif path.is_file():
         files = with_pair_partner(path)
-    elif looks_like_hub_id(source):
-        files = files_from_hub(source)
+    elif looks_like_hub_id(name):
+        files = files_from_hub(name, source)
     else:
-        raise EmbeddingError(f"{source}: no such file or folder (and not a Hub repo id like org/name)")
+        raise UserError(f"{source}: no such file or folder (and not a Hub repo id like org/name)")
     if token is not None and not token.strip():
-        raise EmbeddingError(f"{source}: the token to rename it to is empty")
+        raise UserError(f"{source}: the token to rename it to is empty")
 
     parsed = [parse_embedding_data(load_tensor_file(f, source), f, source) for f in files]
     if len(parsed) == 2:  # the diffusers SDXL pair: one file per text encoder
         (token_l, vec_l, _), (token_g, vec_g, _) = parsed
         if list(vec_l) != ["clip_l"] or list(vec_g) != ["clip_l"] or token_l != token_g:
-            raise EmbeddingError(
+            raise UserError(
                 f"{source}: {files[0].name} and {files[1].name} do not form a diffusers SDXL pair "
                 f"(expected one vector set each, under the same token; got {token_l!r} and {token_g!r})"
             )
@@ -533,7 +528,7 @@ def read_embedding(src: str | Path, token: str | None = None) -> Embedding:
     counts = {v.shape[0] for v in vectors.values()}
     if len(counts) != 1:
         shapes = ", ".join(f"{s} {list(v.shape)}" for s, v in vectors.items())
-        raise EmbeddingError(f"{source}: its text encoders have different numbers of vectors ({shapes})")
+        raise UserError(f"{source}: its text encoders have different numbers of vectors ({shapes})")
     word = token or file_token or token_from_file_name(files[0])
     # A single file also answers to its name, unless the user chose the word (--token) or the
     # name is diffusers' generic one.
@@ -573,12 +568,12 @@ def embedding_files_in_folder(folder: Path, source: str) -> list[Path]:
     if len(candidates) == 1:
         return with_pair_partner(candidates[0])
     if not candidates:
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: no embedding file in this folder (looked for learned_embeds.safetensors/.bin, "
             f"or any one {'/'.join(EMBEDDING_SUFFIXES)} file)"
         )
     names = ", ".join(p.name for p in candidates[:6]) + (", ..." if len(candidates) > 6 else "")
-    raise EmbeddingError(f"{source}: this folder holds {len(candidates)} embedding files ({names}); give one of them")
+    raise UserError(f"{source}: this folder holds {len(candidates)} embedding files ({names}); give one of them")
 
 
 def newest_saved_rows(folder: Path) -> tuple[int, Path] | None:
@@ -716,8 +711,9 @@ def hub_dataset(repo: str, flag: str) -> Path:
         ) from None
 
 
-def files_from_hub(source: str) -> list[Path]:
-    """Download (or find in the Hugging Face cache) the embedding file(s) of a Hub repo.
+def files_from_hub(source: str, label: str) -> list[Path]:
+    """Download (or find in the Hugging Face cache) the embedding file(s) of a Hub repo (messages
+    name it as `label`).
 
     Only small top-level embedding files are fetched, never a model's weights: a repo id given
     by mistake for a whole model must not start a multi-gigabyte download.
@@ -728,6 +724,7 @@ def files_from_hub(source: str) -> list[Path]:
     check_source(source, "")
     parts = source.split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    entries = names = None
     try:
         if filename:
             return with_pair_partner(Path(hf_hub_download(repo_id, filename)))
@@ -738,31 +735,28 @@ def files_from_hub(source: str) -> list[Path]:
             # error, if there is none, says why (offline mode, no connection, no such repo).
             folder = Path(snapshot_download(repo_id))
         else:
-            names = [e.path for e in entries if e.path.startswith(EMBEDS)]
-            if not names:
-                names = [
-                    e.path for e in entries if e.path.endswith(EMBEDDING_SUFFIXES) and e.size <= MAX_EMBEDDING_BYTES
-                ]
-            if not names:
-                listed = ", ".join(e.path for e in entries[:8])
-                raise EmbeddingError(f"{source}: no embedding file on the Hub repo (it holds: {listed or 'nothing'})")
-            allow = [*names, TOKEN_FILE]
-            folder = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=["*/*"]))
-    except EmbeddingError:
-        raise
+            names = [e.path for e in entries if e.path.startswith(EMBEDS)] or [
+                e.path for e in entries if e.path.endswith(EMBEDDING_SUFFIXES) and e.size <= MAX_EMBEDDING_BYTES
+            ]
+            if names:
+                allow = [*names, TOKEN_FILE]
+                folder = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=["*/*"]))
     except Exception as e:
         reason = first_line(e)
-        raise EmbeddingError(
-            f"{source}: not a local file or folder, and the Hugging Face Hub could not provide it ({reason})"
+        raise UserError(
+            f"{label}: not a local file or folder, and the Hugging Face Hub could not provide it ({reason})"
         ) from None
-    return embedding_files_in_folder(folder, source)
+    if entries is not None and not names:
+        listed = ", ".join(e.path for e in entries[:8])
+        raise UserError(f"{label}: no embedding file on the Hub repo (it holds: {listed or 'nothing'})")
+    return embedding_files_in_folder(folder, label)
 
 
 def load_tensor_file(path: Path, source: str) -> object:
     """The contents of a safetensors file or, safely, of a torch pickle (.pt/.bin/.ckpt)."""
     size = path.stat().st_size
     if size > MAX_EMBEDDING_BYTES:
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: {path.name} is {size / 2**20:.0f} MB, far bigger than an embedding "
             "(kilobytes); is it a model checkpoint or a LoRA?"
         )
@@ -777,7 +771,7 @@ def load_tensor_file(path: Path, source: str) -> object:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e:
-            raise EmbeddingError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
+            raise UserError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
     return load_pickle(path, source)
 
 
@@ -796,15 +790,15 @@ def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
         advice = "nothing in it was run. Ask its author for a .safetensors version"
         needed = re.search(r"Unsupported global: GLOBAL (\S+)", message)
         if needed:
-            raise EmbeddingError(
+            raise UserError(
                 f"{refused} needs the Python object {needed[1]} to load, not just tensors, so it could run "
                 f"code; {advice}"
             ) from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
         if unpickler:
-            raise EmbeddingError(f"{refused} the tensors-only loader cannot read ({unpickler[1]}); {advice}") from None
+            raise UserError(f"{refused} the tensors-only loader cannot read ({unpickler[1]}); {advice}") from None
         reason = first_line(e)
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: {path.name} is neither safetensors nor a readable PyTorch file; is it truncated or "
             f"corrupt? ({reason})"
         ) from None
@@ -829,16 +823,16 @@ def parse_embedding_data(data: object, path: Path, source: str) -> tuple[str | N
     if isinstance(data, torch.Tensor):  # a bare tensor saved with torch.save
         return None, {"clip_l": as_rows(data, path, source)}, "bare tensor"
     if not isinstance(data, dict):
-        raise EmbeddingError(f"{source}: {path.name} holds a {type(data).__name__}, not an embedding")
+        raise UserError(f"{source}: {path.name} holds a {type(data).__name__}, not an embedding")
 
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         try:
             params = {"*": params} if isinstance(params, torch.Tensor) else dict(params)
         except (TypeError, ValueError):
-            raise EmbeddingError(f"{source}: {path.name} has a string_to_param that is not a set of vectors") from None
+            raise UserError(f"{source}: {path.name} has a string_to_param that is not a set of vectors") from None
         if len(params) != 1:
-            raise EmbeddingError(f"{source}: A1111 file {path.name} has {len(params)} vector sets; expected one")
+            raise UserError(f"{source}: A1111 file {path.name} has {len(params)} vector sets; expected one")
         name = data.get("name")
         token = name if isinstance(name, str) and name.strip() else None
         return token, {"clip_l": as_rows(next(iter(params.values())), path, source)}, "A1111"
@@ -857,22 +851,22 @@ def parse_embedding_data(data: object, path: Path, source: str) -> tuple[str | N
     keys = list(data)
     shown = ", ".join(map(str, keys[:5])) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
     hint = "; it looks like a LoRA or a model, not an embedding" if len(keys) > 5 else ""
-    raise EmbeddingError(f"{source}: {path.name} is not an embedding layout this reads (keys: {shown}){hint}")
+    raise UserError(f"{source}: {path.name} is not an embedding layout this reads (keys: {shown}){hint}")
 
 
 def as_rows(value: object, path: Path, source: str) -> torch.Tensor:
     """float32 [N, D] from the shapes tools write: [D] (one vector), [N, D], or [1, N, D]."""
     if not isinstance(value, torch.Tensor):
-        raise EmbeddingError(f"{source}: {path.name} holds a {type(value).__name__} where a tensor should be")
+        raise UserError(f"{source}: {path.name} holds a {type(value).__name__} where a tensor should be")
     rows = value.detach().to("cpu", torch.float32)
     if rows.ndim == 1:
         rows = rows.unsqueeze(0)
     elif rows.ndim == 3 and rows.shape[0] == 1:
         rows = rows[0]
     if rows.ndim != 2 or rows.shape[0] == 0:
-        raise EmbeddingError(f"{source}: {path.name} holds a tensor of shape {list(value.shape)}, not [vectors, width]")
+        raise UserError(f"{source}: {path.name} holds a tensor of shape {list(value.shape)}, not [vectors, width]")
     if not torch.isfinite(rows).all():
-        raise EmbeddingError(f"{source}: {path.name} contains NaN or infinite values (did its training diverge?)")
+        raise UserError(f"{source}: {path.name} contains NaN or infinite values (did its training diverge?)")
     return rows.clone()
 
 
@@ -1025,7 +1019,7 @@ def fit_to_base(emb: Embedding, base: dict[str, int]) -> dict[str, torch.Tensor]
     encoders = "text encoders take" if len(want) > 1 else "text encoder takes"
     options = [f"load it on an {family(have)} model"] if family(have) else []
     options.append(f"use an embedding made for {family(want) or 'this base model'}")
-    raise EmbeddingError(
+    raise UserError(
         f"{emb.source}: its vectors are {_width_text(have)}, but the base model's {encoders} "
         f"{'+'.join(map(str, want))}{f' ({family(want)})' if family(want) else ''}{problem}; {', or '.join(options)}"
     )
@@ -1055,7 +1049,7 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
     added: [token, token_1, ..., token_{N-1}], the first being the one to write in prompts."""
     slots = text_encoder_slots(pipe)
     if not slots or not hasattr(pipe, "load_textual_inversion"):
-        raise EmbeddingError(f"{emb.source}: {type(pipe).__name__} has no CLIP text encoder to load an embedding into")
+        raise UserError(f"{emb.source}: {type(pipe).__name__} has no CLIP text encoder to load an embedding into")
     vectors = fit_to_base(emb, {slot: enc.get_input_embeddings().weight.shape[1] for slot, _, enc in slots})
     token = prompt_form(emb.token.strip(), slots[0][1])
     tokens = vector_tokens(token, emb.num_vectors)
@@ -1065,7 +1059,7 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
         taken = [t for t in tokens if t in vocab]
         if taken:
             earlier = " (an embedding loaded earlier has it)" if taken[0] in tokenizer.added_tokens_encoder else ""
-            raise EmbeddingError(
+            raise UserError(
                 f"{emb.source}: token {taken[0]!r} already exists in the base model's vocabulary{earlier}; "
                 f"load this embedding under another name with --token (token= in Python), "
                 f"e.g. --token '<{file_name_for_token(token)}-2>'"
@@ -1126,7 +1120,7 @@ def load_embedding(pipe, src: str | Path | Embedding, token: str | None = None) 
 
     Returns the tokens it added, [token, token_1, ..., token_{N-1}]; write the first one in
     prompts and the pipeline expands it to all N. `token` renames the embedding. Raises
-    EmbeddingError, with a one-line message, for anything the user has to fix.
+    UserError, with a one-line message, for anything the user has to fix.
     """
     if isinstance(src, Embedding):
         emb = replace(src, token=token) if token else src
@@ -1228,11 +1222,11 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise EmbeddingError(f"--device {name}: not a device name (auto, cuda, cuda:1, mps, cpu)") from None
+        raise UserError(f"--device {name}: not a device name (auto, cuda, cuda:1, mps, cpu)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EmbeddingError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+        raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EmbeddingError(f"--device {name}: MPS is not available here; use --device auto or cpu")
+        raise UserError(f"--device {name}: MPS is not available here; use --device auto or cpu")
     return device
 
 
@@ -1300,13 +1294,11 @@ def tensor_headers(path: Path, source: str) -> dict[str, object]:
             except ValueError:
                 header = None
             if not isinstance(header, dict):
-                raise EmbeddingError(
-                    f"{source}: its safetensors header is unreadable; the file is truncated or corrupt"
-                )
+                raise UserError(f"{source}: its safetensors header is unreadable; the file is truncated or corrupt")
             header.pop("__metadata__", None)
             end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
             if end > size:
-                raise EmbeddingError(
+                raise UserError(
                     f"{source}: the file is truncated ({size:,} bytes of the {end:,} its header lists); "
                     "download it again"
                 )
@@ -1323,7 +1315,7 @@ def state_dict_of(data: object, source: str) -> dict:
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
-        raise EmbeddingError(f"{source}: it holds a {type(data).__name__}, not a model's weights")
+        raise UserError(f"{source}: it holds a {type(data).__name__}, not a model's weights")
     return data
 
 
@@ -1334,17 +1326,17 @@ def model_kind(entries: dict[str, object], source: str) -> str:
 
     keys = list(entries)
     if any(m in k for k in keys for m in ("hada_w1", "lokr_w1", "lokr_w2", ".oft_", "oft_blocks")):
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: is a LyCORIS (LoHa/LoKr/OFT) file, not a base model; give the checkpoint it was made for"
         )
     if any(m in k for k in keys for m in ("lora_up.", "lora_down.", "lora_A.", "lora_B.", ".lora.")):
-        raise EmbeddingError(f"{source}: is a LoRA, not a base model; give the checkpoint it was made for")
+        raise UserError(f"{source}: is a LoRA, not a base model; give the checkpoint it was made for")
     tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
     # Embeddings are a few [N, D] tensors under a token or layout name; models' keys are dotted paths.
     few_vectors = 0 < len(keys) <= 4 and len(tensors) == len(keys) and all(t.ndim <= 2 for t in tensors)
     named_like_embedding = "string_to_param" in entries or set(keys) & {"clip_l", "clip_g", *GENERIC_KEYS}
     if named_like_embedding or (few_vectors and not any("." in k for k in keys)):
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: is a Textual Inversion embedding, not a base model; give the checkpoint it was trained "
             "for (generate with an embedding through infer.py --embedding)"
         )
@@ -1353,26 +1345,24 @@ def model_kind(entries: dict[str, object], source: str) -> str:
     except Exception:  # its rules read tensors' values for a few exotic models: not ours either way
         kind = "unknown"
     if "inpaint" in kind:
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: is an inpainting model (its UNet takes 9 input channels, not 4); give the text-to-image "
             "model it was made from"
         )
     if kind not in MODEL_KINDS:
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: is a {kind} checkpoint (as diffusers names it), an architecture this does not handle; "
             "give a Stable Diffusion 1.x, 2.x or SDXL text-to-image model"
         )
     if UNET_PREFIX + "input_blocks.0.0.weight" not in entries:
         if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.")) for k in keys):
-            raise EmbeddingError(
+            raise UserError(
                 f"{source}: is a VAE alone, not a base model; give it as --pretrained_vae_model_name_or_path"
             )
-        raise EmbeddingError(
-            f"{source}: is not a Stable Diffusion checkpoint (no {UNET_PREFIX}input_blocks UNet weights)"
-        )
+        raise UserError(f"{source}: is not a Stable Diffusion checkpoint (no {UNET_PREFIX}input_blocks UNet weights)")
     for part, prefixes in (("VAE", COMPONENT_PREFIXES["vae"]), ("text encoder", COMPONENT_PREFIXES["text_encoder"])):
         if not any(k.startswith(prefixes) for k in keys):
-            raise EmbeddingError(f"{source}: holds no {part} weights, only part of a model; give a full checkpoint")
+            raise UserError(f"{source}: holds no {part} weights, only part of a model; give a full checkpoint")
     return kind
 
 
@@ -1391,7 +1381,7 @@ def model_file_config(entries: dict[str, object], source: str, config: str | Non
     except Exception as e:
         reason = first_line(e)
         given = f"--single_file_config {config}" if config else f"its configs come from {repo}, which"
-        raise EmbeddingError(
+        raise UserError(
             f"{source}: {given} is not a local folder and the Hub could not provide it ({reason}); pass "
             "--single_file_config with a local diffusers folder of the same architecture"
         ) from None
@@ -1403,12 +1393,12 @@ def check_config_matches(entries: dict[str, object], kind: str, config: str, sou
     def read(sub: str) -> dict:
         path = Path(config) / sub / "config.json"
         if not path.is_file():
-            raise EmbeddingError(f"--single_file_config {config_name}: no {sub}/config.json; give a diffusers folder")
+            raise UserError(f"--single_file_config {config_name}: no {sub}/config.json; give a diffusers folder")
         return json.loads(path.read_text())
 
     is_xl = (Path(config) / "text_encoder_2").is_dir()
     if is_xl != (kind == "xl_base"):
-        raise EmbeddingError(
+        raise UserError(
             f"--single_file_config {config_name} describes {'an SDXL' if is_xl else 'a SD 1.x/2.x'} pipeline but "
             f"{source} is {MODEL_KINDS[kind]}; give the config of the model the file was made from"
         )
@@ -1437,7 +1427,7 @@ def check_config_matches(entries: dict[str, object], kind: str, config: str, sou
             compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
     for what, in_file, in_config in compared:
         if in_file != in_config:
-            raise EmbeddingError(
+            raise UserError(
                 f"--single_file_config {config_name} does not match {source}: {what} is {in_file} in the file "
                 f"but {in_config} in the config; give the config of the model the file was made from"
             )
@@ -1445,11 +1435,11 @@ def check_config_matches(entries: dict[str, object], kind: str, config: str, sou
 
 def inspect_model_file(name: str | Path, config: str | None, flag: str) -> ModelFile:
     """Check an original-layout model file cheaply (key names and shapes, no weights read) and
-    find the configs describing it; every problem is a one-line EmbeddingError naming the file."""
+    find the configs describing it; every problem is a one-line UserError naming the file."""
     path = Path(name).expanduser()
     source = f"{flag} {name}"
     if not path.is_file():
-        raise EmbeddingError(f"{source}: no such file")
+        raise UserError(f"{source}: no such file")
     entries = tensor_headers(path, source)
     kind = model_kind(entries, source)
     folder = model_file_config(entries, source, config)
@@ -1495,7 +1485,7 @@ def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[st
                 )
         except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
             reason = first_line(e)
-            raise EmbeddingError(f"{model.source}: cannot load its {name} ({reason})") from None
+            raise UserError(f"{model.source}: cannot load its {name} ({reason})") from None
         for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[name])]:
             del state[key]
     return modules
@@ -1511,21 +1501,19 @@ def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
         if is_model_file(source):
             path = Path(source).expanduser()
             if not path.is_file():
-                raise EmbeddingError(f"{label}: no such file")
+                raise UserError(f"{label}: no such file")
             keys = list(tensor_headers(path, label))
             if not any(k.endswith("encoder.conv_in.weight") for k in keys):
-                raise EmbeddingError(f"{label}: not a VAE (no encoder.conv_in weights)")
+                raise UserError(f"{label}: not a VAE (no encoder.conv_in weights)")
             state = read_tensors(path, label)
             return AutoencoderKL.from_single_file(
                 state, config=config, subfolder="vae", torch_dtype=dtype, local_files_only=True
             )
         subfolder = "vae" if (Path(source).expanduser() / "vae").is_dir() else None
         return AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
-    except EmbeddingError:
-        raise
     except (OSError, ValueError, RuntimeError) as e:  # missing files, shapes that do not fit the config
         reason = first_line(e)
-        raise EmbeddingError(f"{label}: cannot load it as this model's VAE ({reason})") from None
+        raise UserError(f"{label}: cannot load it as this model's VAE ({reason})") from None
 
 
 def load_pipeline(
@@ -1560,9 +1548,7 @@ def load_pipeline(
         pipe = AutoPipelineForText2Image.from_pretrained(root, dtype=dtype, **modules, **extra, **options)
     except (OSError, ValueError, KeyError) as e:
         reason = first_line(e)
-        raise EmbeddingError(
-            f"--model {model}: cannot load it as a diffusers text-to-image pipeline ({reason})"
-        ) from None
+        raise UserError(f"--model {model}: cannot load it as a diffusers text-to-image pipeline ({reason})") from None
     if prediction_type is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
@@ -1919,31 +1905,31 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
     after the token ('<cat-toy>' -> cat-toy.pt).
     """
     if to not in CONVERT_FORMATS:
-        raise EmbeddingError(f"--to {to}: choose one of {', '.join(CONVERT_FORMATS)}")
+        raise UserError(f"--to {to}: choose one of {', '.join(CONVERT_FORMATS)}")
     emb = src if isinstance(src, Embedding) else read_embedding(src, token)
     if token and emb.token != token:
         emb = replace(emb, token=token)
     if list(emb.vectors) == ["clip_g"]:
-        raise EmbeddingError(f"{emb.source}: it has clip_g vectors only; no tool reads that alone")
+        raise UserError(f"{emb.source}: it has clip_g vectors only; no tool reads that alone")
     sdxl = "clip_g" in emb.vectors
     out = Path(out).expanduser()
     folder = out if out.is_dir() or not out.suffix else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     elif not out.parent.is_dir():
-        raise EmbeddingError(f"{out}: its folder {out.parent} does not exist")
+        raise UserError(f"{out}: its folder {out.parent} does not exist")
     clip_l = emb.vectors["clip_l"]
 
     def target(suffixes: tuple[str, ...], name: str) -> Path:
         if folder is not None:
             return folder / f"{name}{suffixes[0]}"
         if out.suffix not in suffixes:
-            raise EmbeddingError(f"{out}: --to {to} writes {' or '.join(suffixes)} files here; name it so")
+            raise UserError(f"{out}: --to {to} writes {' or '.join(suffixes)} files here; name it so")
         return out
 
     if to == "diffusers" and sdxl:
         if folder is None:
-            raise EmbeddingError(f"{out}: the diffusers SDXL layout is two files; give a folder")
+            raise UserError(f"{out}: the diffusers SDXL layout is two files; give a folder")
         return [
             write_diffusers_embedding(folder / embeds_name(".safetensors"), emb.token, clip_l),
             write_diffusers_embedding(
@@ -1981,7 +1967,7 @@ def _scorer_part(load: Callable, name: str, flag: str, **kwargs):
     try:
         return load(name, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise EmbeddingError(
+        raise UserError(
             f"{flag} {name}: cannot load it ({first_line(e)}); download it once with `hf download {name}` "
             "(it then loads offline), or give a local folder"
         ) from None
@@ -2011,7 +1997,7 @@ class Scorers:
     goes through the scorer's own image processor as loaded. `images` and `photos` are RGB PIL
     images; `photos` may be their References instead (references(photos), computed once when
     scoring many sets, as a trainer's validation does). The models run on `device`, in half
-    precision on a GPU. Errors loading a model are one-line EmbeddingErrors naming its flag.
+    precision on a GPU. Errors loading a model are one-line UserErrors naming its flag.
     """
 
     def __init__(
@@ -2116,7 +2102,7 @@ def read_eval_prompts(spec: str) -> list[str]:
     file of one prompt per line (blank lines and # comments skipped)."""
     path = TEMPLATES / EVAL_PROMPTS[spec] if spec in EVAL_PROMPTS else Path(spec).expanduser()
     if not path.is_file():
-        raise EmbeddingError(
+        raise UserError(
             f"--prompts {spec}: no such file; give object, live, style or a file of prompts with {{}} for the word"
         )
     templates = []
@@ -2125,10 +2111,10 @@ def read_eval_prompts(spec: str) -> list[str]:
         if not text or text.startswith("#"):
             continue
         if "{}" not in text:
-            raise EmbeddingError(f"--prompts {path}: line {number} has no {{}} where the learned word goes: {text!r}")
+            raise UserError(f"--prompts {path}: line {number} has no {{}} where the learned word goes: {text!r}")
         templates.append(text)
     if not templates:
-        raise EmbeddingError(f"--prompts {path}: no prompts in it")
+        raise UserError(f"--prompts {path}: no prompts in it")
     return templates
 
 
@@ -2158,11 +2144,9 @@ def read_run_record(folder: Path) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise EmbeddingError(
-            f"{path}: unreadable ({first_line(e)}); delete it and pass --model, --train_data_dir"
-        ) from None
+        raise UserError(f"{path}: unreadable ({first_line(e)}); delete it and pass --model, --train_data_dir") from None
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
-        raise EmbeddingError(f"{path}: not a run record this infer.py reads (format {RUN_FORMAT} expected)")
+        raise UserError(f"{path}: not a run record this infer.py reads (format {RUN_FORMAT} expected)")
     return record
 
 
@@ -2211,10 +2195,7 @@ def initializer_entry(pipe, record: dict) -> EvalEntry | None:
     token = record["placeholder_token"]
     if record.get("initializer_embedding"):
         source = record["initializer_embedding"]
-        try:
-            emb = read_embedding(source)
-        except EmbeddingError as e:
-            raise EmbeddingError(f"step 0 (the run's --initializer_embedding): {e}") from None
+        emb = read_embedding(source, flag="step 0, the run's --initializer_embedding")
         vectors = fit_to_base(emb, base_widths(pipe))
     elif record.get("initializer_token"):
         source = record["initializer_token"]
@@ -2301,7 +2282,7 @@ def pick_step(lines: list[dict], rule: str = "balanced") -> dict | None:
     - fidelity: the highest CLIP-I; editability: the highest CLIP-T.
     Ties go to the earlier line (the earlier step: less drift from the initializer)."""
     if rule not in PICK_RULES:
-        raise EmbeddingError(f"--pick {rule}: choose one of {', '.join(PICK_RULES)}")
+        raise UserError(f"--pick {rule}: choose one of {', '.join(PICK_RULES)}")
     scored = _pickable(lines)
     if not scored:
         return None
@@ -2383,7 +2364,7 @@ def keep_best(folder: Path, entry: EvalEntry, token: str, record: dict | None) -
     --keep_best leaves each file whole, old or new, and running it again finishes it."""
     targets = final_files(folder, token)
     if not targets:
-        raise EmbeddingError(f"--keep_best: {folder} has no final learned_embeds file to rewrite")
+        raise UserError(f"--keep_best: {folder} has no final learned_embeds file to rewrite")
     for path in targets:
         before = path.with_name(f"{path.stem}{BEFORE_EVAL}{path.suffix}")
         if not before.exists():
@@ -2536,22 +2517,22 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
         ("--num_inference_steps", args.num_inference_steps),
     ):
         if value < 1:
-            raise EmbeddingError(f"{flag} must be at least 1 (got {value})")
+            raise UserError(f"{flag} must be at least 1 (got {value})")
     check_pixels("--resolution", args.resolution)
     if args.output_dir is None and not args.embeddings:
-        raise EmbeddingError("give a training run's OUTPUT_DIR, or embedding files with --embeddings")
+        raise UserError("give a training run's OUTPUT_DIR, or embedding files with --embeddings")
     run = Path(args.output_dir).expanduser() if args.output_dir else None
     if run is not None and not run.is_dir():
-        raise EmbeddingError(f"{run}: no such folder; give the --output_dir of a training run")
+        raise UserError(f"{run}: no such folder; give the --output_dir of a training run")
     record = read_run_record(run) if run is not None else None
     known = record or {}
     if args.keep_best and run is None:
-        raise EmbeddingError("--keep_best rewrites a training run's files; give its OUTPUT_DIR")
+        raise UserError("--keep_best rewrites a training run's files; give its OUTPUT_DIR")
 
     from_run = run_entries(run, record) if run is not None else []
     entries = list(from_run)
     if run is not None and not entries:
-        raise EmbeddingError(
+        raise UserError(
             f"{run}: no saved embeddings to score (learned_embeds-steps-N.* or learned_embeds.*); save them while "
             "training with --save_steps N, or give files with --embeddings"
         )
@@ -2569,10 +2550,10 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     model = args.model or known.get("model")
     if not model:
         why = f"{run} has no {RUN_RECORD} (textual_inversion.py writes one) to say" if run else "say"
-        raise EmbeddingError(f"--model is needed: {why} which base model to generate with")
+        raise UserError(f"--model is needed: {why} which base model to generate with")
     photos_dir = args.train_data_dir or known.get("train_data_dir")
     if not photos_dir:
-        raise EmbeddingError("--train_data_dir is needed: the training photos the images are compared with")
+        raise UserError("--train_data_dir is needed: the training photos the images are compared with")
     flag = "--train_data_dir" if args.train_data_dir else f"{run / RUN_RECORD}: train_data_dir"
     photos = read_photos(photos_dir, flag)
     prompts = args.prompts or ("style" if known.get("learnable_property") == "style" else "object")
@@ -2584,7 +2565,7 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
             if known.get("initializer_embedding")
             else "the word scored in place of the learned one"
         )
-        raise EmbeddingError(f"--class_word is needed: {why} (e.g. toy, dog, watercolor)")
+        raise UserError(f"--class_word is needed: {why} (e.g. toy, dog, watercolor)")
     out = Path(args.out).expanduser() if args.out else (run if run is not None else Path("outputs"))
     check_source(model, "--model" if args.model else f"{run / RUN_RECORD}: model")
     check_source(args.clip_model, "--clip_model")
@@ -2817,7 +2798,7 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
     """--keep_best: rewrite the run's final embedding files from the picked step, unless they
     hold its rows already."""
     if not any(chosen is entry for entry in inputs.from_run):
-        raise EmbeddingError(f"--keep_best: the pick, {label}, is not one of the run's saved steps")
+        raise UserError(f"--keep_best: the pick, {label}, is not one of the run's saved steps")
     token = inputs.known.get("placeholder_token") or chosen.embedding.token
     current = [read_embedding(f) for f in final_files(inputs.run, token) if f.stem == EMBEDS]
     wanted = rows_digest(chosen.embedding.vectors)
@@ -3073,11 +3054,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         ("--clip_skip", args.clip_skip, 0),
     ):
         if value < low:
-            raise EmbeddingError(f"{flag} must be at least {low} (got {value})")
+            raise UserError(f"{flag} must be at least {low} (got {value})")
     check_pixels("--height", args.height)
     check_pixels("--width", args.width)
     if len(args.token) > len(args.embedding):
-        raise EmbeddingError(
+        raise UserError(
             f"{len(args.token)} --token given for {len(args.embedding)} --embedding; "
             "each --token renames the --embedding in the same position"
         )
@@ -3085,7 +3066,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise EmbeddingError(f"--out {out}: is a file; give a folder")
+        raise UserError(f"--out {out}: is a file; give a folder")
     check_source(args.model, "--model")
 
     # Read every embedding before loading the model: a bad file fails in a second, not a minute.
@@ -3270,9 +3251,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in run_generate(args):
             print(path)
         return 0
-    except EmbeddingError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     finally:
         logger.removeHandler(handler)
         logger.propagate = True

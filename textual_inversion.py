@@ -46,6 +46,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -65,9 +66,11 @@ UserError = infer.UserError  # one error type for both files: one line naming th
 first_line = infer.first_line
 
 
-class Stopped(UserError):
-    """A signal stopped the run. The exit status is 128 + the signal's number, as shells report
-    a process a signal ended, so a scheduler sees a job to requeue."""
+class Stopped(BaseException):
+    """A signal stopped the run. Like KeyboardInterrupt it is no Exception, so no `except
+    Exception` (a corrupt checkpoint, a Hub error) ever takes a stop for bad input. The exit
+    status is 128 + the signal's number, as shells report a process a signal ended, so a
+    scheduler sees a job to requeue."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -1096,9 +1099,7 @@ def load_models(
     def load(what: str, loader, **kwargs):
         try:
             return loader(**kwargs)
-        except UserError:  # infer.py's checks name the flag and the file themselves
-            raise
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # not infer.py's UserErrors: they name the flag and file themselves
             raise UserError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({first_line(e)})") from None
 
     common = dict(revision=args.revision) if model_file is None else {}
@@ -1212,11 +1213,7 @@ def read_initializer_embedding(args: argparse.Namespace) -> infer.Embedding | No
     count is the plan's, see make_plan)."""
     if args.initializer_embedding is None:
         return None
-    try:
-        embedding = infer.read_embedding(args.initializer_embedding)
-    except UserError as e:
-        raise UserError(f"--initializer_embedding {e}") from None
-    return embedding
+    return infer.read_embedding(args.initializer_embedding, flag="--initializer_embedding")
 
 
 def describe_initializer(phrase: str, pieces: list[str], num_vectors: int) -> str:
@@ -1241,10 +1238,7 @@ def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str |
     slots = infer.SLOTS[: len(models.text_encoders)]
     weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
     if isinstance(initializer, infer.Embedding):
-        try:
-            fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
-        except UserError as e:
-            raise UserError(f"--initializer_embedding {e}") from None
+        fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
         start = [fitted[slot] for slot in slots]
     else:
         start = [
@@ -1666,10 +1660,6 @@ def validation_pipeline(models: Models):
     return pipe
 
 
-class Interrupted(Exception):
-    """A stop was requested while validation images were being made: they are dropped."""
-
-
 @torch.no_grad()
 def validation_images(
     pipe,
@@ -1679,21 +1669,13 @@ def validation_images(
     size: int,
     steps: int,
     clip_skip: int = 0,
-    interrupted=lambda: False,
 ) -> list[list]:
     """`count` images per prompt in one batched call, each from its own fixed seed, so the
-    grids of different steps show the same noise and can be compared. Raises Interrupted as soon
-    as `interrupted()` holds between two denoising steps, so a stop never waits for the images."""
+    grids of different steps show the same noise and can be compared."""
     device = pipe.unet.device
     if clip_skip:
         infer.enable_clip_skip(pipe)
     generators = [torch.Generator(device).manual_seed(s) for s in validation_seeds(seed, count)] * len(prompts)
-
-    def check(_pipe, _step, _timestep, callback_kwargs):
-        if interrupted():
-            raise Interrupted
-        return callback_kwargs
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # SDXL's fp16 VAE upcast announces a deprecation
         images = pipe(
@@ -1703,7 +1685,6 @@ def validation_images(
             height=size,
             width=size,
             clip_skip=clip_skip or None,
-            callback_on_step_end=check,
         ).images
     return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
 
@@ -1791,30 +1772,26 @@ def plot_run(history: list[dict], path: Path) -> bool:
 class Watch:
     """What a person follows during a run, observed and never steered: the progress bar; every
     --logging_steps the training loss, lr, speed and embedding norm; every validation the
-    fixed-noise validation loss (every process computes it, so all judge early stopping alike)
-    and, on the main process, validation images; all of it in metrics.jsonl, the trackers and
-    loss.png."""
+    validation loss (which the run state judges) and, on the main process, validation images;
+    all of it in metrics.jsonl, the trackers and loss.png."""
 
     def __init__(
         self,
+        *,
         args: argparse.Namespace,
         plan: Plan,
         models: Models,
         placeholders: Placeholders,
-        concept: Concept,
         accelerator,
         state: RunState,
         resumed: bool,
-        interrupted=lambda: False,
         scoring: tuple[infer.Scorers, infer.References] | None = None,
     ):
         self.scoring = scoring  # --validation_scores, on the main process
-        self.args, self.plan, self.models, self.placeholders, self.concept = args, plan, models, placeholders, concept
+        self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
         self.accelerator, self.seed = accelerator, state.seed
-        self.interrupted = interrupted  # a stop was requested: drop the images being made
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
-        self.batch = validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps)
         self.vocab_median_norm = [
             float(e.get_input_embeddings().frozen.weight.float().norm(dim=1).median()) for e in models.text_encoders
         ]
@@ -1862,9 +1839,6 @@ class Watch:
             record[f"vocab_median_norm{suffix}"] = median
         return record
 
-    def validation_loss(self, chunk: int) -> float:
-        return validation_loss(self.models, self.concept, self.batch, chunk)
-
     def images(self, step: int) -> dict:
         """Validation images (main process, with --validation_prompt): a grid and the trackers';
         with --validation_scores, their mean CLIP-I, CLIP-T and DINO."""
@@ -1873,20 +1847,15 @@ class Watch:
             return {}
         if self.pipe is None:
             self.pipe = validation_pipeline(self.models)
-        try:
-            rows = validation_images(
-                self.pipe,
-                args.validation_prompt,
-                args.num_validation_images,
-                self.seed,
-                args.resolution,
-                args.validation_inference_steps,
-                self.models.clip_skip,
-                self.interrupted,
-            )
-        except Interrupted:
-            logger.info("Stopping: validation images of step %d dropped", step)
-            return {}
+        rows = validation_images(
+            self.pipe,
+            args.validation_prompt,
+            args.num_validation_images,
+            self.seed,
+            args.resolution,
+            args.validation_inference_steps,
+            self.models.clip_skip,
+        )
         folder = self.out / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid = infer.labelled_grid(rows, args.validation_prompt, f"step {step}")
@@ -2061,7 +2030,7 @@ class TrainResult:
     first_step: int = 0  # the step this run started from (a resumed checkpoint's)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """All that train() and finish() work on, made once by prepare()."""
 
@@ -2073,6 +2042,7 @@ class Run:
     placeholders: Placeholders
     concept: Concept
     state: RunState
+    validation: Batch  # the fixed batch whose loss the state judges (best step, early stopping)
     optimization: Optimization
     fused: FusedBatches
     watch: Watch
@@ -2140,21 +2110,14 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
         accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
         infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     watch = Watch(
-        args,
-        plan,
-        models,
-        placeholders,
-        concept,
-        accelerator,
-        state,
-        checkpoint is not None,
-        lambda: bool(stop.requested),
-        scoring,
-    )
-    saved = read_saved_steps(out) if checkpoint is not None else {}
+        args=args, plan=plan, models=models, placeholders=placeholders, accelerator=accelerator, state=state,
+        resumed=checkpoint is not None, scoring=scoring,
+    )  # fmt: skip
     run = Run(
-        args, plan, accelerator, stop, models, placeholders, concept, state, optimization,
-        FusedBatches(plan.chunk), watch, checkpoint, repo_id, saved,
+        args=args, plan=plan, accelerator=accelerator, stop=stop, models=models, placeholders=placeholders,
+        concept=concept, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
+        validation=validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps),
+        checkpoint=checkpoint, repo_id=repo_id, saved=read_saved_steps(out) if checkpoint is not None else {},
     )  # fmt: skip
     if accelerator.is_main_process:
         write_run_record(run)
@@ -2203,7 +2166,7 @@ def train(run: Run) -> TrainResult:
     schedule = bucket_schedule(state.seed, plan.max_steps, concept)
     num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
     cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes, state.step)
-    run.stop.deferred = True  # from here on a signal stops the run after the current step
+    run.stop.outcome = None  # from here on a stop waits for the end of the current step
     watch.start(state.step)
     first_step, started, stopped = state.step, time.perf_counter(), False
     try:
@@ -2249,10 +2212,17 @@ def train(run: Run) -> TrainResult:
 
 def validate(run: Run, images: bool = True) -> dict:
     """The fixed-noise validation loss, which the state judges (best step, early stopping), and
-    validation images (and their scores)."""
-    loss = run.watch.validation_loss(run.fused.chunk)
+    validation images (and their scores), which a stop drops at once, going on to the checkpoint."""
+    loss = validation_loss(run.models, run.concept, run.validation, run.fused.chunk)
     run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
-    return {"val_loss": loss, **(run.watch.images(run.state.step) if images else {})}
+    record = {"val_loss": loss}
+    if images and run.args.validation_prompt:
+        try:
+            with run.stop.at_once("while making validation images"):
+                record.update(run.watch.images(run.state.step))
+        except Stopped:
+            logger.info("Stopping: validation images of step %d dropped", run.state.step)
+    return record
 
 
 def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
@@ -2271,25 +2241,25 @@ def checkpoint_and_stop(run: Run, cadence: CheckpointCadence) -> None:
     if run.accelerator.is_main_process and cadence.saved_step != step:
         save_checkpoint(run)
     run.accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
-    raise Stopped(
-        f"stopped by {run.stop.cause} at step {step}; saved {run.out / infer.checkpoint_name(step)}; to continue, "
-        "run the same command with --resume_from_checkpoint latest",
-        run.stop.requested,
+    raise run.stop.stopped(
+        f"at step {step}; saved {run.out / infer.checkpoint_name(step)}; to continue, run the same command with "
+        "--resume_from_checkpoint latest"
     )
 
 
 def finish(run: Run, result: TrainResult) -> None:
     """The files users expect, the full pipeline and the Hub. A stop during the last step lets
-    the embedding be written and skips the long parts, saying how to do them later."""
-    args, out, stop = run.args, run.out, run.stop
+    the embedding be written; one during the full pipeline ends it, saying how to do the rest."""
+    args, out = run.args, run.out
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         written = save_outputs(run)
-        skipped = []
+        hub = prepare_hub_folder(run) if run.repo_id is not None else None
         if args.save_as_full_pipeline:
-            if stop.requested:
-                skipped.append("--save_as_full_pipeline")
-            else:
+            later = f" and the Hub upload (push later with: hf upload {run.repo_id} {hub})" if hub else ""
+            with run.stop.at_once(
+                f"after the last step: the embedding is saved in {out}; skipped --save_as_full_pipeline{later}"
+            ):
                 save_full_pipeline(run)
         if result.compiled_graphs is not None:
             logger.info("torch.compile: %d graphs compiled in this run", result.compiled_graphs)
@@ -2302,19 +2272,8 @@ def finish(run: Run, result: TrainResult) -> None:
             run.state.kept(args.early_stopping_patience),
             written[0].parent,
         )
-        if run.repo_id is not None:
-            if stop.requested:
-                skipped.append(f"the Hub upload (push later with: hf upload {run.repo_id} {out / 'hub'})")
-                prepare_hub_folder(run)
-            else:
-                push_to_hub(run)
-        if skipped:
-            raise Stopped(
-                f"stopped by {stop.cause} after the last step: the embedding is saved in {out}; skipped "
-                f"{' and '.join(skipped)}",
-                stop.requested,
-            )
-    run.accelerator.end_training()
+        if hub is not None:
+            push_to_hub(run, hub)
 
 
 def trained_steps_text(first_step: int, last_step: int) -> str:
@@ -2455,10 +2414,10 @@ def find_checkpoint(args: argparse.Namespace) -> Path | None:
     if value == "latest":
         for path in reversed(list_checkpoints(out) if out.is_dir() else []):
             try:
-                read_checkpoint(path)
+                read_checkpoint(path, value)
                 return path
             except UserError as e:
-                logger.warning("--resume_from_checkpoint latest: skipping %s, which %s", path, e)
+                logger.warning("%s", e)
         logger.warning("--resume_from_checkpoint latest: no usable checkpoint in %s; starting from step 0", out)
         return None
     path = Path(value)
@@ -2471,32 +2430,35 @@ def find_checkpoint(args: argparse.Namespace) -> Path | None:
             f"--resume_from_checkpoint {value}: no {CHECKPOINT_STATE} inside, so not a checkpoint of this "
             "trainer (a diffusers-script checkpoint cannot be resumed here; start a new run)"
         )
-    try:
-        read_checkpoint(path)
-    except UserError as e:
-        raise UserError(
-            f"--resume_from_checkpoint {value}: {path} {e}; name another checkpoint, or use latest"
-        ) from None
+    read_checkpoint(path, value)
     return path
 
 
 CHECKPOINT_KEYS = ("tokens", "rows", "batch", "state", "optimizer", "lr_scheduler", "grad_scaler")
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's payload, checked whole: it loads, has every part, and finite rows.
-    UserError says what is wrong ("is corrupt: ...")."""
+def read_checkpoint(path: Path, value: str | None = None) -> dict:
+    """A checkpoint's payload, checked whole: it loads, has every part, and finite rows. UserError
+    says what is wrong, as --resume_from_checkpoint `value` takes it (`latest` skips it). A stop
+    while it reads (Stopped, no Exception) is never taken for a corrupt file."""
+    where, then = (f"--resume_from_checkpoint {value}: {path}", "; name another checkpoint, or use latest")
+    if value == "latest":
+        where, then = f"--resume_from_checkpoint latest: skipping {path}, which", ""
+    elif value is None:
+        where, then = str(path), ""
     try:
         payload = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, overwritten, unreadable: all mean the same here
         reason = first_line(e).split(". ")[0]
-        raise UserError(f"is corrupt: {CHECKPOINT_STATE} does not load ({reason})") from None
+        raise UserError(f"{where} is corrupt: {CHECKPOINT_STATE} does not load ({reason}){then}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in payload] if isinstance(payload, dict) else CHECKPOINT_KEYS
     if missing:
-        raise UserError(f"is incomplete: {CHECKPOINT_STATE} lacks {', '.join(missing)}")
+        raise UserError(f"{where} is incomplete: {CHECKPOINT_STATE} lacks {', '.join(missing)}{then}")
     rows = payload["rows"]
     if not rows or not all(isinstance(r, torch.Tensor) and r.ndim == 2 and r.isfinite().all() for r in rows):
-        raise UserError(f"is corrupt: the rows in {CHECKPOINT_STATE} are not finite [vectors, width] tensors")
+        raise UserError(
+            f"{where} is corrupt: the rows in {CHECKPOINT_STATE} are not finite [vectors, width] tensors{then}"
+        )
     return payload
 
 
@@ -2701,9 +2663,10 @@ def prepare_hub_folder(run: Run) -> Path:
 HUB_RETRY_SECONDS = (10, 30, 90)  # the waits between upload attempts: a network blip or a 5xx passes
 
 
-def push_to_hub(run: Run) -> None:
-    """Upload hub/, retrying; a stop during the waits ends them, saying how to push later."""
-    folder, repo_id, stop = prepare_hub_folder(run), run.repo_id, run.stop
+def push_to_hub(run: Run, folder: Path) -> None:
+    """Upload `folder` (prepare_hub_folder), retrying; a stop during the waits ends them, saying
+    how to push later."""
+    repo_id = run.repo_id
     later = f"everything is saved in {folder}; push it later with: hf upload {repo_id} {folder}"
     for wait in (*HUB_RETRY_SECONDS, None):
         try:
@@ -2718,109 +2681,73 @@ def push_to_hub(run: Run) -> None:
                     f"{later}"
                 ) from None
             logger.warning("Upload to %s failed (%s); retrying in %g s", repo_id, first_line(e), wait)
-            if stop.wait(wait):
-                raise Stopped(
-                    f"stopped by {stop.cause} while retrying the Hub upload; {later}", stop.requested
-                ) from None
+            with run.stop.at_once(f"while retrying the Hub upload; {later}"):
+                time.sleep(wait)
     logger.info("Pushed to https://huggingface.co/%s", repo_id)
 
 
 # ----------------------------------------------------------------------------------------
-# Stopping cleanly, and one run per output folder.
+# Stopping cleanly.
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # schedulers and `docker stop`, Ctrl-C, a closed terminal
 
-# The kernel tells a trainer its launcher died (PR_SET_PDEATHSIG) with a signal nobody else sends,
-# so that the launcher dying of the very signal the trainer got too (Ctrl-C and `scancel` reach the
-# whole process group) is never taken for a second, deliberate stop.
-LAUNCHER_GONE = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else None
-PR_SET_PDEATHSIG = 1
-
 
 class StopSignals:
-    """SIGTERM, SIGINT and SIGHUP as a clean stop.
+    """SIGTERM, SIGINT and SIGHUP as a clean stop, while the `with` block runs.
 
-    Once training has started (`deferred`), a signal asks the run to stop after the current
-    optimizer step, so the checkpoint it writes holds whole steps; before that it stops the run
-    at once. A second signal ends the process on the spot: every file is written atomically, so
-    nothing is left half-written. Signals a shell set to be ignored (nohup, background jobs)
-    stay ignored.
+    Where the run says what a stop would mean (`outcome`: while it prepares, and in `at_once`
+    stretches such as validation images) a signal ends that at once with Stopped. Elsewhere (the
+    training loop, writing the results) it is only recorded: the loop ends after the current
+    step, once all processes agree on it (`agreed`), with a checkpoint.
 
-    A process started by accelerate launch or torchrun hears of its launcher's death (Linux) as a
-    stop of its own. When it is already stopping, the launcher's part in the same stop changes
-    nothing: its death (it got the same Ctrl-C or SIGTERM and exited first), or the SIGTERM with
-    which it terminates its workers (accelerate 1.16 and torchrun do, after a Ctrl-C or SIGTERM
-    of their own). A second Ctrl-C still ends the process at once. A stop agreed with the other
-    processes is not a signal received here either, so the launcher's SIGTERM that follows it is
-    still a first signal.
+    A second Ctrl-C ends the process on the spot; every file is written atomically, so nothing is
+    left half-written. A SIGTERM or SIGHUP after a stop is the same stop: launchers terminate their
+    workers that way after the Ctrl-C or SIGTERM they got too. Signals a shell set to be ignored
+    (nohup, background jobs) stay ignored.
     """
 
     def __init__(self):
-        self.received = 0  # the signal this process got (LAUNCHER_GONE is reported as SIGTERM)
-        self.agreed_signum = 0  # the stop all processes agreed on
-        self.deferred = False
+        self.received = 0  # the signal that stops the run: received here, or agreed with the others
+        # What a stop's last line says when it ends the run at once; None: it waits for the step.
+        self.outcome: str | None = "before training started (nothing to save)"
         self.previous: dict[int, object] = {}
-        self.watched_parent = False
-        self.launcher_exited = False
         self.group = None  # the CPU process group the processes agree on a stop through
-        self.event = threading.Event()  # set by a signal received here, for waits a stop cuts short
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to `seconds`; True as soon as a stop is requested (then at once)."""
-        return bool(self.requested) or self.event.wait(seconds)
-
-    @property
-    def cause(self) -> str:
-        """What stopped the run, for its last line: SIGINT, SIGTERM, the launcher's exit."""
-        return "the launcher's exit" if self.launcher_exited else signal.Signals(self.requested).name
-
-    @property
-    def requested(self) -> int:
-        """The signal that asked this run to stop (0: none): received here or agreed on."""
-        return self.received or self.agreed_signum
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for name in STOP_SIGNALS:
-            signum = getattr(signal, name, None)  # Windows has no SIGHUP
-            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-                self.previous[signum] = signal.signal(signum, self.handle)
-        parent = os.getppid()
-        if LAUNCHER_GONE is not None and sys.platform.startswith("linux") and parent_is_launcher():
-            import ctypes
-
-            self.previous[LAUNCHER_GONE] = signal.signal(LAUNCHER_GONE, self.handle)
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, LAUNCHER_GONE)
-            self.watched_parent = True
-            if os.getppid() != parent:  # it died before the kernel was asked to tell
-                self.handle(LAUNCHER_GONE, None)
+        if threading.current_thread() is threading.main_thread():  # the only thread signals reach
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name, None)  # Windows has no SIGHUP
+                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.watched_parent:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0)
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
     def handle(self, signum: int, frame) -> None:
-        if signum == LAUNCHER_GONE:
-            silence_orphaned_pipes()
-            if self.requested:
-                return  # the launcher exited on the same stop: its echo, not a second stop
-            signum, self.launcher_exited = signal.SIGTERM, True
-        elif self.received:
-            if signum == signal.SIGTERM and self.watched_parent:
-                return  # the launcher terminating its workers on the stop it got too: the same stop
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if self.received:
+            if signum == signal.SIGINT:  # a second Ctrl-C: end now, as the signal itself would
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
         self.received = signum
-        self.event.set()
-        if not self.deferred:
-            raise Stopped(f"stopped by {self.cause} before training started (nothing to save)", signum)
+        if self.outcome is not None:
+            raise self.stopped(self.outcome)
+
+    def stopped(self, outcome: str) -> Stopped:
+        return Stopped(f"stopped by {signal.Signals(self.received).name} {outcome}", self.received)
+
+    @contextmanager
+    def at_once(self, outcome: str):
+        """A stretch that a stop ends at once (Stopped, saying `outcome`) instead of after it."""
+        before, self.outcome = self.outcome, outcome
+        try:
+            if self.received:
+                raise self.stopped(outcome)
+            yield
+        finally:
+            self.outcome = before
 
     def agreed(self, world: int) -> int:
         """The signal any process received (0: none), the same on every process, so all stop at
@@ -2831,76 +2758,8 @@ class StopSignals:
             self.group = torch.distributed.new_group(backend="gloo")
         flag = torch.tensor([self.received])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        self.agreed_signum = int(flag)
-        return self.agreed_signum
-
-
-def silence_orphaned_pipes() -> None:
-    """Point stdout and stderr at /dev/null where they are pipes nobody reads any more. accelerate
-    1.16+ pipes its trainer's stderr through itself: killed outright, it takes the pipe along,
-    and the next progress bar or log line would end the run (BrokenPipeError) before its
-    checkpoint. (Linux reports a pipe without readers as POLLERR; its last writer is us.)"""
-    import select
-
-    for fd in (1, 2):
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            if any(events & select.POLLERR for _, events in poller.poll(0)):
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, fd)
-                os.close(null)
-        except OSError:
-            continue
-
-
-class ReaderSafeStream:
-    """sys.stdout or sys.stderr on a pipe, for a run that must outlive the pipe's reader: a write
-    that finds the reader gone sends the stream to /dev/null instead of raising BrokenPipeError
-    in the middle of a step. (accelerate 1.16+ pipes its trainer's stderr through the launcher,
-    and the launcher's death closes the pipe before the kernel says it died.)"""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            silence_orphaned_pipes()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            silence_orphaned_pipes()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def outlive_output_readers() -> None:
-    """Wrap sys.stdout and sys.stderr in ReaderSafeStream where they are pipes."""
-    import stat
-
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        try:
-            piped = stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
-        except (OSError, ValueError, AttributeError):
-            continue  # not a real file (a test's capture, say)
-        if piped and not isinstance(stream, ReaderSafeStream):
-            setattr(sys, name, ReaderSafeStream(stream))
-
-
-def parent_is_launcher() -> bool:
-    """Started by accelerate launch or torchrun (not by a shell, whose exit must not stop a nohup run)."""
-    try:
-        command = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return any(name in command for name in (b"accelerate", b"torchrun", b"torch.distributed.run"))
+        self.received = self.received or int(flag)  # a signal during the all-reduce counts next step
+        return int(flag)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2988,15 +2847,13 @@ def resolve_seed(args: argparse.Namespace, accelerator) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    outlive_output_readers()  # before logging and tqdm take hold of sys.stderr
     logging.basicConfig(format="%(message)s", level=logging.INFO)
+    # Every file written before a failed write is intact, so the run goes on from its checkpoint.
+    infer.WRITE_FAILURE_ADVICE = "; once that is fixed, continue with --resume_from_checkpoint latest"
     try:
         run_training(parse_args(argv))
-    except infer.WriteError as e:  # every earlier file is intact, so the run can go on from its checkpoint
-        print(f"error: {e}; once that is fixed, continue with --resume_from_checkpoint latest", file=sys.stderr)
-        return e.status
-    except UserError as e:
-        if not isinstance(e, Stopped) or int(os.environ.get("RANK", "0")) == 0:  # one stop line per run
+    except (UserError, Stopped) as e:
+        if isinstance(e, UserError) or int(os.environ.get("RANK", "0")) == 0:  # one stop line per run
             print(f"error: {e}", file=sys.stderr)
         return e.status
     return 0
@@ -3005,11 +2862,15 @@ def main(argv: list[str] | None = None) -> int:
 def run_training(args: argparse.Namespace) -> TrainResult:
     """prepare, train and finish, holding --output_dir's lock, with stop signals turned into a
     checkpoint (what main runs; tests run it in their own process)."""
-    accelerator = make_accelerator(args)
-    with infer.OutputLock(Path(args.output_dir), accelerator.is_main_process), StopSignals() as stop:
-        run = prepare(args, accelerator, stop)
-        result = train(run)
-        finish(run, result)
+    with StopSignals() as stop:
+        accelerator = make_accelerator(args)
+        try:
+            with infer.OutputLock(Path(args.output_dir), accelerator.is_main_process):
+                run = prepare(args, accelerator, stop)
+                result = train(run)
+                finish(run, result)
+        finally:
+            accelerator.end_training()  # the trackers' last records, a stopped run's too
     return result
 
 

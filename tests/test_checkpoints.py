@@ -138,6 +138,21 @@ def test_ctrl_c_ends_the_step_and_saves_a_checkpoint_to_resume_from(
     assert (out / "checkpoint-3" / ti.CHECKPOINT_STATE).exists()
 
 
+def test_a_stopped_run_finishes_its_trackers(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
+    from accelerate import Accelerator
+
+    finished = []
+
+    def end_training(accelerator):
+        finished.append(accelerator)
+
+    monkeypatch.setattr(Accelerator, "end_training", end_training)
+    stop_at_step(monkeypatch, 2)
+    with pytest.raises(ti.Stopped):
+        run_trainer(train_args(tiny_sd, photos, tmp_path / "out", max_train_steps=4))
+    assert len(finished) == 1
+
+
 def test_ctrl_c_during_validation_images_drops_them_and_checkpoints_at_once(
     tiny_sd, photos, tmp_path, run_trainer, monkeypatch
 ):

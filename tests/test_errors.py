@@ -9,6 +9,7 @@ import pytest
 from conftest import make_photo, train_args
 from PIL import Image
 
+import infer
 import textual_inversion as ti
 
 
@@ -186,3 +187,24 @@ def test_a_scorer_that_is_not_available_offline_is_named(tiny_sd, photos, tmp_pa
         clip_model=tmp_path / "no-such-clip",
     )  # fmt: skip
     fails_cleanly(capsys, argv, "--clip_model")
+
+
+def carrying_status(status: int):
+    def fail(args):
+        error = infer.UserError("--flag: what to fix")
+        error.status = status
+        raise error
+
+    return fail
+
+
+def test_the_trainer_exits_with_the_status_its_error_carries(monkeypatch, capsys):
+    monkeypatch.setattr(ti, "run_training", carrying_status(3))
+    assert ti.main(train_args("m", "d", "o")) == 3
+    assert capsys.readouterr().err.strip() == "error: --flag: what to fix"
+
+
+def test_infer_py_exits_with_the_status_its_error_carries(monkeypatch, capsys):
+    monkeypatch.setattr(infer, "run_generate", carrying_status(3))
+    assert infer.main(["--model", "m", "--prompt", "a <concept>"]) == 3
+    assert capsys.readouterr().err.strip() == "error: --flag: what to fix"

@@ -433,11 +433,11 @@ def test_keep_best_cut_short_leaves_every_file_whole_and_running_it_again_finish
     def disk_full_on_the_second(path, token, vectors):
         calls.append(path)
         if len(calls) == 2:
-            raise infer.WriteError(path, "no space left on device")
+            raise infer.UserError(f"cannot write {path}: no space left on device")
         return write(path, token, vectors)
 
     monkeypatch.setattr(infer, "write_diffusers_embedding", disk_full_on_the_second)
-    with pytest.raises(infer.WriteError):
+    with pytest.raises(infer.UserError, match="no space left on device"):
         infer.keep_best(folder, entry, "<concept>", record)
 
     assert not list(folder.rglob("*.tmp"))

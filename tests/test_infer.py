@@ -290,20 +290,20 @@ def test_hub_listing_downloads_only_small_embedding_files(monkeypatch, tmp_path)
 
 
 def test_hub_id_that_cannot_be_fetched_says_so():
-    with pytest.raises(infer.EmbeddingError, match="not a local file or folder, and the Hugging Face Hub could not"):
+    with pytest.raises(infer.UserError, match="not a local file or folder, and the Hugging Face Hub could not"):
         infer.read_embedding("nobody-here/no-such-concept")
 
 
 def test_folder_with_several_embedding_files_asks_for_one(tmp_path):
     save_file({"a": vectors(1, 32)}, tmp_path / "one.safetensors")
     save_file({"b": vectors(1, 32)}, tmp_path / "two.safetensors")
-    with pytest.raises(infer.EmbeddingError, match=r"holds 2 embedding files \(one.safetensors, two.safetensors\)"):
+    with pytest.raises(infer.UserError, match=r"holds 2 embedding files \(one.safetensors, two.safetensors\)"):
         infer.read_embedding(tmp_path)
 
 
 def test_a_lora_or_model_file_is_not_taken_for_an_embedding(tmp_path):
     save_file({f"lora_unet_block_{i}.weight": torch.zeros(2, 2) for i in range(8)}, tmp_path / "lora.safetensors")
-    with pytest.raises(infer.EmbeddingError, match="looks like a LoRA or a model"):
+    with pytest.raises(infer.UserError, match="looks like a LoRA or a model"):
         infer.read_embedding(tmp_path / "lora.safetensors")
 
 
@@ -714,14 +714,14 @@ def test_malicious_pickle_is_refused_and_nothing_in_it_runs(writer, tmp_path):
     pickle.loads(pickle.dumps(WritesAFile(control)))
     assert control.exists()
 
-    with pytest.raises(infer.EmbeddingError, match=r"refused evil.bin: it is a pickle .* nothing in it was run"):
+    with pytest.raises(infer.UserError, match=r"refused evil.bin: it is a pickle .* nothing in it was run"):
         infer.read_embedding(evil)
     assert not marker.exists()
 
 
 def test_refusal_names_the_object_the_pickle_needed(tmp_path):
     torch.save({"<evil>": WritesAFile(tmp_path / "pwned.txt")}, tmp_path / "evil.pt")
-    with pytest.raises(infer.EmbeddingError, match=r"needs the Python object \S*exec to load, not just tensors"):
+    with pytest.raises(infer.UserError, match=r"needs the Python object \S*exec to load, not just tensors"):
         infer.read_embedding(tmp_path / "evil.pt")
 
 
@@ -744,7 +744,7 @@ def test_malicious_pickle_on_the_command_line_is_one_error_line_and_exit_2(tiny_
 
 def test_width_that_does_not_fit_names_both_widths_and_the_likely_family(tmp_path, sd_pipe):
     save_file({"<sd2-thing>": vectors(1, 1024)}, tmp_path / "sd2.safetensors")
-    with pytest.raises(infer.EmbeddingError) as error:
+    with pytest.raises(infer.UserError) as error:
         infer.load_embedding(sd_pipe, tmp_path / "sd2.safetensors")
     assert str(error.value) == (
         f"{tmp_path / 'sd2.safetensors'}: its vectors are 1024 wide, made for SD 2.x, but the base model's text "
@@ -754,7 +754,7 @@ def test_width_that_does_not_fit_names_both_widths_and_the_likely_family(tmp_pat
 
 def test_sd_embedding_on_an_sdxl_base_is_refused(tmp_path, sdxl_pipe):
     save_file({"<sd1>": vectors(1, 768)}, tmp_path / "sd1.safetensors")
-    with pytest.raises(infer.EmbeddingError, match=r"768 wide, made for SD 1.x, .* take 32\+64.* both of its text"):
+    with pytest.raises(infer.UserError, match=r"768 wide, made for SD 1.x, .* take 32\+64.* both of its text"):
         infer.load_embedding(sdxl_pipe, tmp_path / "sd1.safetensors")
 
 
@@ -769,13 +769,13 @@ def test_sdxl_embedding_on_a_one_encoder_base_uses_clip_l_with_a_warning(tmp_pat
 
 def test_sdxl_embedding_whose_clip_l_does_not_fit_is_refused(tmp_path, sd_pipe):
     save_file({"clip_l": vectors(1, 768), "clip_g": vectors(1, 1280)}, tmp_path / "real-xl.safetensors")
-    with pytest.raises(infer.EmbeddingError, match=r"768\+1280 wide, made for SDXL, .* not even its clip_l part fits"):
+    with pytest.raises(infer.UserError, match=r"768\+1280 wide, made for SDXL, .* not even its clip_l part fits"):
         infer.load_embedding(sd_pipe, tmp_path / "real-xl.safetensors")
 
 
 def test_token_that_exists_says_how_to_rename_it(trained_sd, sd_pipe):
     infer.load_embedding(sd_pipe, trained_sd)
-    with pytest.raises(infer.EmbeddingError, match=r"'<concept>' already exists .* with --token"):
+    with pytest.raises(infer.UserError, match=r"'<concept>' already exists .* with --token"):
         infer.load_embedding(sd_pipe, trained_sd)
     assert infer.load_embedding(sd_pipe, trained_sd, token="<concept-2>") == ["<concept-2>", "<concept-2>_1"]
 

@@ -1,14 +1,16 @@
 """No work lost when the process itself is stopped: SIGTERM, SIGKILL at random moments, a signal
-to one of two processes, a launcher that dies. Each test waits for a marker (a metrics line, a
-checkpoint), never for a fixed time, and gives every process a timeout."""
+to one of two processes, a launcher that dies, a stop before training (model loading, the Hub,
+checkpoint reading, latent caching). Each test waits for a marker (a metrics line, a checkpoint,
+a reader on a named pipe), never for a fixed time, and gives every process a timeout."""
 
 from __future__ import annotations
 
-import importlib.metadata
+import errno
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, train_args
+from conftest import ROOT, train_args, train_once
 from safetensors.torch import load_file
 
 import infer
@@ -42,18 +44,15 @@ TAKES_CTRL_C = [
 ]
 
 
-def start(argv: list[str], log: Path, launcher: list[str] | None = None, **env) -> subprocess.Popen:
+def start(argv: list[str], log: Path, launcher: list[str] | None = None, script: list[str] | None = None, **env):
     """The trainer (under `launcher`) in a session of its own, as a terminal's foreground job or a
     Slurm job step is: its process group is what Ctrl-C and `scancel` signal."""
-    command = [*TAKES_CTRL_C, *(launcher or [sys.executable]), str(ROOT / "textual_inversion.py"), *argv]
+    script = script or [str(ROOT / "textual_inversion.py")]
+    command = [*TAKES_CTRL_C, *(launcher or [sys.executable]), *script, *argv]
     with open(log, "a") as stream:
         return subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, env={**ENV, **env}, start_new_session=True
         )
-
-
-# accelerate 1.16 pipes its trainer's stderr through the launcher (earlier ones hand it theirs).
-ACCELERATE_PIPES_STDERR = tuple(int(x) for x in importlib.metadata.version("accelerate").split(".")[:2]) >= (1, 16)
 
 
 def accelerate_launch(processes: int) -> list[str]:
@@ -199,35 +198,133 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_with_one_checkp
     assert not (out / infer.LOCK_FILE).exists()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_trainer_whose_launcher_died_stops_with_a_checkpoint(tiny_sd, photos, tmp_path):
+def test_a_launcher_killed_outright_loses_at_most_the_steps_since_the_last_checkpoint(
+    tiny_sd, photos, tmp_path, reference
+):
+    """Killed outright (SIGKILL, the OOM killer), a launcher passes nothing on, and accelerate 1.16+
+    takes its trainer's stderr along: the trainer ends at its next line of output, or runs on to
+    the end. Either way every file is whole and the run resumes to the same result."""
     out, log = tmp_path / "out", tmp_path / "log"
-    argv = trainer_argv(tiny_sd, photos, out, max_train_steps=1000, checkpointing_steps=1000)
+    argv = trainer_argv(tiny_sd, photos, out, checkpointing_steps=2)
     launcher = start(argv, log, accelerate_launch(1), ACCELERATE_USE_CPU="true")
     try:
-        assert wait_for(lambda: trained_a_step(out), launcher), log.read_text()[-3000:]
+        assert wait_for(lambda: checkpoints(out), launcher), log.read_text()[-3000:]
         [trainer] = psutil.Process(launcher.pid).children()
-        launcher.kill()  # killed outright (SIGKILL, the OOM killer): it passes nothing on
+        launcher.kill()
         launcher.wait(timeout=TIMEOUT)
         _, running_on = psutil.wait_procs([trainer], timeout=TIMEOUT)
         assert not running_on
     finally:
         launcher.kill()
-    [checkpoint] = checkpoints(out)
-    step = ti.read_checkpoint(checkpoint)["state"]["step"]
-    if ACCELERATE_PIPES_STDERR:  # the trainer's stderr went with the launcher: it stopped silently
-        assert not error_lines(log)
-    else:
-        expected = f"error: stopped by the launcher's exit at step {step}; saved {checkpoint}"
-        assert error_lines(log)[-1].startswith(expected)
+    assert_nothing_half_written(out)
     assert not (out / infer.LOCK_FILE).exists()
+    assert finish([*argv, "--resume_from_checkpoint", "latest"], log) == 0, log.read_text()[-3000:]
+    assert torch.equal(learned(out), learned(reference))
+
+
+# ----------------------------------------------------------------------------------------
+# A stop before training starts ends the run at once, with the script's last line and status
+# 128 + the signal's number: never taken for bad input (a corrupt checkpoint, a Hub error).
+# Each run blocks exactly where the signal must land, reading a named pipe nobody writes to.
+
+BEFORE_TRAINING = "stopped by {} before training started (nothing to save)"
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def reader_waits_on(fifo: Path, process: subprocess.Popen) -> int:
+    """Once `process` reads the named pipe `fifo`: the pipe's write end, held open so the read
+    goes on waiting until it is closed."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader has it open
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the trainer never read {fifo}")
+        time.sleep(0.05)
+
+
+def stopped_while_reading(fifo: Path, process: subprocess.Popen, signum: int, log: Path) -> None:
+    """Signal `process` while it waits on `fifo`; it must end with its stop line and 128 + signum."""
+    writer = reader_waits_on(fifo, process)
+    try:
+        os.killpg(process.pid, signum)
+        assert process.wait(timeout=TIMEOUT) == 128 + signum, log.read_text()[-3000:]
+    finally:
+        os.close(writer)
+        process.kill()
+    assert error_lines(log) == [f"error: {BEFORE_TRAINING.format(signal.Signals(signum).name)}"], log.read_text()
+
+
+def test_a_stop_while_the_model_comes_from_the_hub_is_not_a_hub_error(photos, tmp_path):
+    hub = socket.create_server(("127.0.0.1", 0))  # a Hub that takes the request and never answers
+    hub.settimeout(TIMEOUT)
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = trainer_argv("someone/model", photos, out)
+    endpoint = f"http://127.0.0.1:{hub.getsockname()[1]}"
+    trainer = start(argv, log, HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))
+    try:
+        connection, _ = hub.accept()  # the download of its model_index.json has begun
+        trainer.send_signal(signal.SIGINT)
+        assert trainer.wait(timeout=TIMEOUT) == 128 + signal.SIGINT, log.read_text()[-3000:]
+    finally:
+        trainer.kill()
+        hub.close()
+    connection.close()
+    assert error_lines(log) == [f"error: {BEFORE_TRAINING.format('SIGINT')}"], log.read_text()
+    assert not out.exists()
+
+
+def test_a_stop_while_reading_a_checkpoint_never_skips_it_as_corrupt(tiny_sd, photos, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    argv = trainer_argv(tiny_sd, photos, out, max_train_steps=2, checkpointing_steps=1)
+    train_once(argv)
+    state = out / "checkpoint-2" / ti.CHECKPOINT_STATE
+    state.unlink()
+    os.mkfifo(state)  # the newest checkpoint, on a disk that takes its time
+    before = snapshot(out)
+    trainer = start([*argv, "--resume_from_checkpoint", "latest"], log)
+    stopped_while_reading(state, trainer, signal.SIGTERM, log)
+    assert "corrupt" not in log.read_text() and "step 0" not in log.read_text()
+    assert snapshot(out) == before
+
+
+# Run in front of main: the named pipe (argv[1]) is read as the latents are about to be cached.
+AT_LATENT_CACHING = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import textual_inversion as ti
+encode_concept = ti.encode_concept
+def encode_after_reading(*args, **kwargs):
+    open(sys.argv[1], "rb").read()
+    return encode_concept(*args, **kwargs)
+ti.encode_concept = encode_after_reading
+sys.exit(ti.main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_while_caching_latents_ends_the_run_and_keeps_the_last_checkpoint(tiny_sd, photos, tmp_path):
+    out, log, fifo = tmp_path / "out", tmp_path / "log", tmp_path / "latents"
+    argv = trainer_argv(tiny_sd, photos, out, max_train_steps=2, checkpointing_steps=1)
+    train_once(argv)
+    before = snapshot(out)
+    os.mkfifo(fifo)
+    trainer = start([str(fifo), *argv, "--resume_from_checkpoint", "latest"], log, script=["-c", AT_LATENT_CACHING])
+    stopped_while_reading(fifo, trainer, signal.SIGINT, log)
+    assert snapshot(out) == before
 
 
 # ----------------------------------------------------------------------------------------
 # Signals as users send them: to the whole process group. Ctrl-C in a terminal and a
-# scheduler's SIGTERM reach the launcher too, which dies of it (at once, or 0.25 s after
-# Ctrl-C), and the kernel then tells the trainer that its launcher is gone. Steps of about a
-# second (256 px, 1 x 4 samples on this CPU) put that echo in the middle of a step.
+# scheduler's SIGTERM reach the launcher too, which passes a SIGTERM (accelerate) or the same
+# signal (torchrun) on to its trainer. Steps of about a second (256 px, 1 x 4 samples on this
+# CPU) put that echo in the middle of a step.
 
 LONG_STEPS = dict(resolution=256, gradient_accumulation_steps=4, max_train_steps=6)
 
