@@ -393,7 +393,12 @@ def test_a_second_ctrl_c_ends_the_trainer_at_once_and_leaves_every_file_whole(ti
     trainer = start(argv, log)  # plain python: the user's second Ctrl-C reaches the trainer itself
     assert wait_for(lambda: trained_a_step(out) and checkpoints(out), trainer), log.read_text()[-3000:]
     step = max(r["step"] for r in records(out))
-    assert wait_for(lambda: max(r["step"] for r in records(out)) > step, trainer)  # a step has just begun
+
+    def next_step_begun() -> bool:  # the step after `step` logged and checkpointed: the loop is in the next one
+        newest = max(r["step"] for r in records(out))
+        return newest > step and (out / f"checkpoint-{newest}").exists()
+
+    assert wait_for(next_step_begun, trainer)
     os.killpg(trainer.pid, signal.SIGINT)
     time.sleep(0.3)  # well inside the step of seconds that just began: the first stop is still finishing it
     os.killpg(trainer.pid, signal.SIGINT)
