@@ -739,7 +739,7 @@ def test_width_that_does_not_fit_names_both_widths_and_the_likely_family(tmp_pat
 
 def test_sd_embedding_on_an_sdxl_base_is_refused(tmp_path, sdxl_pipe):
     save_file({"<sd1>": vectors(1, 768)}, tmp_path / "sd1.safetensors")
-    with pytest.raises(infer.EmbeddingError, match=r"768 wide, made for SD 1.x, .* take 32\+64.* both of its text"):
+    with pytest.raises(infer.EmbeddingError, match=r"768 wide, made for SD 1.x, .* take 32\+64.* each of its text"):
         infer.load_embedding(sdxl_pipe, tmp_path / "sd1.safetensors")
 
 
