@@ -26,10 +26,12 @@ The file reads top to bottom:
     read_embedding(src)     any SRC -> Embedding(token, {slot: [N, D]})  (the one reading layer)
     install_embedding(...)  Embedding -> tokenizer(s) and text encoder(s) (the one installer)
     load_embedding(...)     the two together: the API the CLI and the trainer use
+    ModelFamily             all that differs between SD 1.x/2.x and SDXL, one registered class each
     inspect_model_file,     base models as one original-layout file (A1111, ComfyUI): checked from
     load_model_file           key names and shapes, converted by diffusers' single-file loaders
-    load_pipeline, generate (enable_clip_skip), write_png (A1111's infotext + our JSON),
-      read_png_settings, write_grid
+    find_model,             the one model loader, for generation, eval and the trainer alike
+      load_pipeline
+    generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, write_grid
     convert_embedding
     Scorers, run_eval       CLIP-I, CLIP-T and DINO as the papers compute them; `eval` over a run's
                               saved steps (run.json), the pick rule, --keep_best
@@ -1672,7 +1674,7 @@ def load_pipeline(
     if file is not None:
         logger.info("%s: %s single file, configs from %s", source.name, file.description, root)
         wanted = [c for c in file.components if not (vae and c == "vae")]
-        parts = load_model_file(file, {c: dtypes.get(c, dtypes.get("default")) for c in wanted})
+        parts = load("its weights", load_model_file, file, {c: dtypes.get(c, dtypes.get("default")) for c in wanted})
     else:
         for sub, class_name in zip(family.encoders, family.encoder_classes):
             cls = getattr(transformers, class_name)  # transformers names the precision `dtype`
@@ -1964,7 +1966,7 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
         emb = replace(emb, token=token)
     if list(emb.vectors) == ["clip_g"]:
         raise EmbeddingError(f"{emb.source}: it has clip_g vectors only; no tool reads that alone")
-    sdxl = "clip_g" in emb.vectors
+    both = "clip_g" in emb.vectors  # the clip_l + clip_g layouts
     out = Path(out).expanduser()
     folder = out if out.is_dir() or not out.suffix else None
     if folder is not None:
@@ -1980,7 +1982,7 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
             raise EmbeddingError(f"{out}: --to {to} writes {' or '.join(suffixes)} files here; name it so")
         return out
 
-    if to == "diffusers" and sdxl:
+    if to == "diffusers" and both:
         if folder is None:
             raise EmbeddingError(f"{out}: the diffusers SDXL layout is two files; give a folder")
         return [
@@ -1994,7 +1996,7 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
             written.append(write_text(folder / "token_identifier.txt", emb.token))
         return written
     name = file_name_for_token(emb.token)
-    if sdxl:
+    if both:
         return [write_sdxl_embedding(target((".safetensors",), name), clip_l, emb.vectors["clip_g"])]
     if to == "a1111":
         return [write_a1111_embedding(target((".pt",), name), emb.token, clip_l)]
