@@ -27,10 +27,12 @@ The file reads top to bottom:
     read_embedding(src)     any SRC -> Embedding(token, {slot: [N, D]})  (the one reading layer)
     install_embedding(...)  Embedding -> tokenizer(s) and text encoder(s) (the one installer)
     load_embedding(...)     the two together: the API the CLI and the trainer use
+    ModelFamily             all that differs between SD 1.x/2.x and SDXL, one registered class each
     inspect_model_file,     base models as one original-layout file (A1111, ComfyUI): checked from
     load_model_file           key names and shapes, converted by diffusers' single-file loaders
-    load_pipeline, generate (enable_clip_skip), write_png (A1111's infotext + our JSON),
-      read_png_settings, write_grid
+    find_model,             the one model loader, for generation, eval and the trainer alike
+      load_pipeline
+    generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, write_grid
     convert_embedding
     Scorers, run_eval       CLIP-I, CLIP-T and DINO as the papers compute them; `eval` over a run's
                               saved steps (run.json), the pick rule, --keep_best
@@ -45,6 +47,7 @@ of it runs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import hashlib
 import io
@@ -52,13 +55,13 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import random
 import re
 import shutil
 import socket
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
@@ -67,6 +70,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -74,9 +78,6 @@ from PIL import Image, ImageOps
 from safetensors.torch import save as save_safetensors
 
 logger = logging.getLogger("infer")
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class UserError(Exception):
@@ -118,12 +119,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        name = str(path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp"))
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the mode new files get (umask)
+        tmp = name
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
         tmp = None
         fsync_folder(path.parent)
@@ -436,9 +437,9 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 #
 # Slots name the text encoder a set of vectors belongs to, as the SDXL single-file layout does:
 # "clip_l" is a pipeline's first text encoder (CLIP ViT-L for SD 1.x and SDXL, OpenCLIP ViT-H
-# for SD 2.x), "clip_g" its second (SDXL only). A plain SD embedding fills "clip_l".
+# for SD 2.x), "clip_g" its second (SDXL only). A plain SD embedding fills "clip_l". Each model
+# family names its encoders' slots (ModelFamily.slots).
 
-SLOTS = ("clip_l", "clip_g")
 EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # Real embeddings are kilobytes to a few megabytes; anything bigger is a model or a LoRA, and
 # reading it whole only to refuse it would waste minutes and memory.
@@ -456,20 +457,13 @@ GENERIC_KEYS = {
     "weight": "generic",
 }
 
-FAMILIES = {(768,): "SD 1.x", (1024,): "SD 2.x", (768, 1280): "SDXL", (1280,): "SDXL refiner"}
-
-
-def family(widths: Iterable[int]) -> str | None:
-    """The model family whose text encoders have these widths (None: not a known one)."""
-    return FAMILIES.get(tuple(widths))
-
 
 @dataclass
 class Embedding:
     """A Textual Inversion embedding, whatever file it came from."""
 
     token: str  # the prompt word; multi-vector embeddings add token_1 ... token_{N-1} too
-    vectors: dict[str, torch.Tensor]  # slot ("clip_l", "clip_g") -> float32 [N, D]
+    vectors: dict[str, torch.Tensor]  # slot ("clip_l", "clip_g") -> float32 [N, D], in slot order
     source: str  # what the user gave: a path or a Hub id
     layout: str  # "diffusers", "A1111", "kohya", "SDXL", "diffusers SDXL pair", ...
     files: list[Path] = field(default_factory=list)  # the files the vectors were read from
@@ -484,7 +478,7 @@ class Embedding:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return tuple(self.vectors[s].shape[1] for s in SLOTS if s in self.vectors)
+        return tuple(v.shape[1] for v in self.vectors.values())
 
     @property
     def a1111_name(self) -> str:
@@ -838,7 +832,7 @@ def parse_embedding_data(data: object, path: Path, source: str) -> tuple[str | N
         return token, {"clip_l": as_rows(next(iter(params.values())), path, source)}, "A1111"
 
     if "clip_l" in data or "clip_g" in data:  # SDXL single file (or a clip_l-only one)
-        vectors = {s: as_rows(data[s], path, source) for s in SLOTS if s in data}
+        vectors = {s: as_rows(data[s], path, source) for s in ("clip_l", "clip_g") if s in data}
         return None, vectors, "SDXL" if len(vectors) == 2 else f"{next(iter(vectors))} only"
 
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -978,16 +972,12 @@ def phrase_rows(weight: torch.Tensor, ids: list[int], num_vectors: int) -> torch
 
 
 def text_encoder_slots(pipe) -> list[tuple[str, object, torch.nn.Module]]:
-    """[(slot, tokenizer, text encoder)] for each text encoder the pipeline has."""
-    found = []
-    for slot, tokenizer_name, encoder_name in (
-        ("clip_l", "tokenizer", "text_encoder"),
-        ("clip_g", "tokenizer_2", "text_encoder_2"),
-    ):
-        tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
-        if tokenizer is not None and encoder is not None:
-            found.append((slot, tokenizer, encoder))
-    return found
+    """[(slot, tokenizer, text encoder)] for each text encoder of the pipeline's family."""
+    family = family_of_pipeline(pipe)
+    return [
+        (slot, getattr(pipe, tokenizer), getattr(pipe, encoder))
+        for slot, tokenizer, encoder in zip(family.slots, family.tokenizers, family.encoders)
+    ]
 
 
 def fit_to_base(emb: Embedding, base: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -1012,22 +1002,24 @@ def fit_to_base(emb: Embedding, base: dict[str, int]) -> dict[str, torch.Tensor]
             )
             return {"clip_l": emb.vectors["clip_l"]}
         problem = ", which not even its clip_l part fits"
-    elif list(base) == list(SLOTS):
-        problem = ", and an SDXL-shaped model needs vectors for both of its text encoders (clip_l and clip_g)"
+    elif set(emb.vectors) < set(base):
+        problem = f", and the base model needs vectors for each of its text encoders ({' and '.join(base)})"
     else:
         problem = f"; it has {' and '.join(emb.vectors)} vectors, the base model needs {' and '.join(base)}"
     encoders = "text encoders take" if len(want) > 1 else "text encoder takes"
-    options = [f"load it on an {family(have)} model"] if family(have) else []
-    options.append(f"use an embedding made for {family(want) or 'this base model'}")
+    made_for, base_is = model_for_widths(have), model_for_widths(want)
+    options = [f"load it on an {made_for} model"] if made_for else []
+    options.append(f"use an embedding made for {base_is or 'this base model'}")
     raise UserError(
         f"{emb.source}: its vectors are {_width_text(have)}, but the base model's {encoders} "
-        f"{'+'.join(map(str, want))}{f' ({family(want)})' if family(want) else ''}{problem}; {', or '.join(options)}"
+        f"{'+'.join(map(str, want))}{f' ({base_is})' if base_is else ''}{problem}; {', or '.join(options)}"
     )
 
 
 def _width_text(widths: tuple[int, ...]) -> str:
     text = "+".join(map(str, widths)) + " wide"
-    return f"{text}, made for {family(widths)}" if family(widths) else text
+    made_for = model_for_widths(widths)
+    return f"{text}, made for {made_for}" if made_for else text
 
 
 def prompt_form(token: str, tokenizer) -> str:
@@ -1239,13 +1231,223 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------
+# Model families: all that differs between SD 1.x/2.x and SDXL, behind one contract. The
+# trainer and both command lines ask a model's family and never test which one it is; a new
+# family is one subclass of ModelFamily and one @register_family.
+
+
+class ModelFamily:
+    """The contract of a model family. Families are classes, used as they are (never instantiated)."""
+
+    name: str  # what run.json and checkpoints record, and a resume checks
+    encoders: tuple[str, ...]  # the pipeline's text encoders, in slot order
+    encoder_classes: tuple[str, ...]  # their transformers classes
+    tokenizers: tuple[str, ...]  # one per text encoder
+    tokenizer_class = "CLIPTokenizer"
+    slots: tuple[str, ...]  # an embedding's key for each encoder's vectors (the clip_l/clip_g file's)
+    pipeline_class: str  # diffusers' text-to-image pipeline
+    pipeline_options: ClassVar[dict] = {}  # its constructor's arguments besides the components
+    tag: str  # a model card's Hub tag
+    file_kinds: ClassVar[dict[str, str]]  # diffusers' names of its single-file architectures -> what messages say
+    widths: ClassVar[dict[tuple[int, ...], str]]  # its text encoders' widths -> what messages call such a model
+
+    @classmethod
+    def components(cls) -> tuple[str, ...]:
+        return ("unet", "vae", *cls.encoders, *cls.tokenizers)
+
+    @classmethod
+    def detect(cls, index: dict) -> bool:
+        """Whether a model_index.json (or a pipeline's config) has every component of the family."""
+        return all(isinstance(index.get(c), list | tuple) and index[c][0] for c in cls.components())
+
+    @staticmethod
+    def time_ids(
+        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+    ) -> list[int] | None:
+        """A photo's size conditioning, as the family's pipeline gives the UNet (None: it has none)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def condition(
+        text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The UNet's encoder_hidden_states and added conditions, exactly as the pipeline computes them."""
+        raise NotImplementedError
+
+    @classmethod
+    def embedding_files(cls, rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
+        """{file name: tensors}: the diffusers layout, learned_embeds{suffix} for the first text
+        encoder's rows, learned_embeds_2{suffix} for the second's."""
+        return {embeds_name(extension, suffix, second=i > 0): {token: r} for i, r in enumerate(rows)}
+
+    @staticmethod
+    def single_file(token: str) -> str | None:
+        """The one file holding every encoder's vectors that A1111 and ComfyUI read, beside the
+        diffusers layout (None: the diffusers file is that file)."""
+        return None
+
+    @classmethod
+    def tool_files(cls, out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
+        """Beside the final embedding: the files other tools look for."""
+        raise NotImplementedError
+
+    @classmethod
+    def card_use(cls, repo_id: str, token: str) -> tuple[str, str]:
+        """A model card's diffusers loading code, and its line for other tools."""
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline(cls, parts: dict, settings: dict | None = None):
+        """The family's diffusers pipeline around components already loaded; `settings` are a
+        model index's own (SDXL's force_zeros_for_empty_prompt), else the class's defaults."""
+        import inspect
+
+        import diffusers
+
+        pipeline_class = getattr(diffusers, cls.pipeline_class)
+        accepted = inspect.signature(pipeline_class).parameters
+        kept = {k: v for k, v in (settings or {}).items() if k in accepted and not isinstance(v, list | tuple)}
+        return pipeline_class(**parts, **{**kept, **cls.pipeline_options})
+
+
+MODEL_FAMILIES: list[type[ModelFamily]] = []
+
+
+def register_family(family: type[ModelFamily]) -> type[ModelFamily]:
+    MODEL_FAMILIES.append(family)
+    return family
+
+
+def family_of_index(index: dict, source: str) -> type[ModelFamily]:
+    """The family a model_index.json (or a pipeline's config) describes: the one with the most
+    components when several fit (SDXL's hold SD's)."""
+    found = [f for f in MODEL_FAMILIES if f.detect(index)]
+    if not found:
+        parts = ", ".join(k for k in index if not k.startswith("_"))
+        names = " or ".join(f.name for f in MODEL_FAMILIES)
+        raise UserError(
+            f"{source}: {index.get('_class_name', 'this pipeline')} ({parts}) is not a {names} text-to-image pipeline"
+        )
+    return max(found, key=lambda f: len(f.components()))
+
+
+def family_of_pipeline(pipe) -> type[ModelFamily]:
+    return family_of_index(dict(pipe.config), type(pipe).__name__)
+
+
+def model_for_widths(widths: Iterable[int]) -> str | None:
+    """The models whose text encoders have these widths (None: no known one)."""
+    return next((f.widths[tuple(widths)] for f in MODEL_FAMILIES if tuple(widths) in f.widths), None)
+
+
+@register_family
+class StableDiffusion(ModelFamily):
+    """SD 1.x and 2.x: one CLIP text encoder; the UNet attends to its last hidden states."""
+
+    name = "Stable Diffusion 1.x/2.x"
+    encoders = ("text_encoder",)
+    encoder_classes = ("CLIPTextModel",)
+    tokenizers = ("tokenizer",)
+    slots = ("clip_l",)
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_options: ClassVar = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    tag = "stable-diffusion"
+    file_kinds: ClassVar = {"v1": "SD 1.x", "v2": "SD 2.x"}
+    widths: ClassVar = {(768,): "SD 1.x", (1024,): "SD 2.x"}
+
+    @staticmethod
+    def time_ids(
+        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+    ) -> list[int] | None:
+        return None
+
+    @staticmethod
+    def condition(
+        text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
+    ) -> tuple[torch.Tensor, dict | None]:
+        # As diffusers' pipeline: the output of the layer clip_skip before the last, through the
+        # final layer norm the last layer's output passes (clip_skip=0: last_hidden_state itself).
+        # The loader makes text_model.final_layer_norm readable in every transformers version.
+        encoder = text_encoders[0]
+        out = encoder(prompt_ids[0], output_hidden_states=True)
+        return encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)]), None
+
+    @classmethod
+    def tool_files(cls, out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
+        """learned_embeds.bin too, which older loaders look for."""
+        return [] if extension == ".bin" else [write_diffusers_embedding(out / embeds_name(".bin"), token, rows[0])]
+
+    @classmethod
+    def card_use(cls, repo_id: str, token: str) -> tuple[str, str]:
+        load = f'pipe.load_textual_inversion("{repo_id}")'
+        return load, "Convert for A1111 or ComfyUI with `python infer.py convert REPO OUT --to a1111`."
+
+
+@register_family
+class StableDiffusionXL(ModelFamily):
+    """SDXL, exactly as its diffusers pipeline conditions at inference: both encoders'
+    penultimate hidden states side by side (clip_skip counts back from the penultimate, as the
+    pipeline does), the second encoder's pooled projection, and each image's size and crop as
+    `time_ids`."""
+
+    name = "Stable Diffusion XL"
+    encoders = ("text_encoder", "text_encoder_2")
+    encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    slots = ("clip_l", "clip_g")
+    pipeline_class = "StableDiffusionXLPipeline"
+    tag = "stable-diffusion-xl"
+    file_kinds: ClassVar = {"xl_base": "SDXL"}
+    widths: ClassVar = {(768, 1280): "SDXL", (1280,): "SDXL refiner"}
+
+    @staticmethod
+    def time_ids(
+        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+    ) -> list[int] | None:
+        return [*original_size, *crop_top_left, *target_size]
+
+    @staticmethod
+    def condition(
+        text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
+    ) -> tuple[torch.Tensor, dict | None]:
+        first = text_encoders[0](prompt_ids[0], output_hidden_states=True)
+        # Run through the model's own forward so the pooled position is chosen exactly as at
+        # inference (with eos_token_id=2 configs transformers pools at the highest token id,
+        # which is the placeholder's when the prompt contains it).
+        second = text_encoders[1](prompt_ids[1], output_hidden_states=True)
+        layer = -(clip_skip + 2)
+        hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1)
+        return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
+
+    @staticmethod
+    def single_file(token: str) -> str | None:
+        return file_name_for_token(token) + ".safetensors"
+
+    @classmethod
+    def tool_files(cls, out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
+        """The one clip_l/clip_g file A1111, ComfyUI, kohya and invoke read."""
+        return [write_sdxl_embedding(out / cls.single_file(token), rows[0], rows[1])]
+
+    @classmethod
+    def card_use(cls, repo_id: str, token: str) -> tuple[str, str]:
+        load = (
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors",\n'
+            f"                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors",\n'
+            f"                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+        )
+        other = (
+            f"`{cls.single_file(token)}` holds both encoders' vectors (`clip_l`, `clip_g`), as A1111 and ComfyUI read."
+        )
+        return load, other
+
+
+# ----------------------------------------------------------------------------------------
 # Base models in one original-layout file (A1111, ComfyUI, CivitAI): checked from key names
 # and shapes alone, then loaded by diffusers' own single-file converters. The trainer loads
 # its models through the same functions.
 
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-# diffusers' names (from infer_diffusers_model_type) of the architectures handled here.
-MODEL_KINDS = {"v1": "SD 1.x", "v2": "SD 2.x", "xl_base": "SDXL"}
 UNET_PREFIX = "model.diffusion_model."
 # Where each component's weights live in the original layout.
 COMPONENT_PREFIXES = {
@@ -1264,14 +1466,19 @@ class ModelFile:
 
     path: Path
     source: str  # how errors name it: the flag and the path
-    kind: str  # a key of MODEL_KINDS
+    kind: str  # diffusers' name of its architecture (infer_diffusers_model_type)
+    family: type[ModelFamily]
     config: str  # a local diffusers folder (or a configs-only snapshot of a Hub repo)
     dtype: torch.dtype  # the precision the UNet is stored in
 
     @property
     def components(self) -> tuple[str, ...]:
         """The components whose weights the file holds."""
-        return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if self.kind == "xl_base" else ())
+        return ("unet", "vae", *self.family.encoders)
+
+    @property
+    def description(self) -> str:
+        return self.family.file_kinds[self.kind]
 
 
 def is_model_file(name: str | Path) -> bool:
@@ -1319,9 +1526,9 @@ def state_dict_of(data: object, source: str) -> dict:
     return data
 
 
-def model_kind(entries: dict[str, object], source: str) -> str:
-    """What the file is, from its key names and shapes: a key of MODEL_KINDS, or a one-line
-    error naming what it is instead."""
+def model_kind(entries: dict[str, object], source: str) -> tuple[str, type[ModelFamily]]:
+    """What the file is, from its key names and shapes: diffusers' name of its architecture and
+    its family, or a one-line error naming what it is instead."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     keys = list(entries)
@@ -1349,7 +1556,8 @@ def model_kind(entries: dict[str, object], source: str) -> str:
             f"{source}: is an inpainting model (its UNet takes 9 input channels, not 4); give the text-to-image "
             "model it was made from"
         )
-    if kind not in MODEL_KINDS:
+    family = next((f for f in MODEL_FAMILIES if kind in f.file_kinds), None)
+    if family is None:
         raise UserError(
             f"{source}: is a {kind} checkpoint (as diffusers names it), an architecture this does not handle; "
             "give a Stable Diffusion 1.x, 2.x or SDXL text-to-image model"
@@ -1363,7 +1571,7 @@ def model_kind(entries: dict[str, object], source: str) -> str:
     for part, prefixes in (("VAE", COMPONENT_PREFIXES["vae"]), ("text encoder", COMPONENT_PREFIXES["text_encoder"])):
         if not any(k.startswith(prefixes) for k in keys):
             raise UserError(f"{source}: holds no {part} weights, only part of a model; give a full checkpoint")
-    return kind
+    return kind, family
 
 
 def model_file_config(entries: dict[str, object], source: str, config: str | None) -> str:
@@ -1387,22 +1595,22 @@ def model_file_config(entries: dict[str, object], source: str, config: str | Non
         ) from None
 
 
-def check_config_matches(entries: dict[str, object], kind: str, config: str, source: str, config_name: str) -> None:
+def check_config_matches(entries: dict[str, object], file: ModelFile, config_name: str) -> None:
     """The config folder describes the file: the same family and the same key shapes."""
 
-    def read(sub: str) -> dict:
-        path = Path(config) / sub / "config.json"
+    def read(name: str) -> dict:
+        path = Path(file.config) / name
         if not path.is_file():
-            raise UserError(f"--single_file_config {config_name}: no {sub}/config.json; give a diffusers folder")
+            raise UserError(f"--single_file_config {config_name}: no {name}; give a diffusers folder")
         return json.loads(path.read_text())
 
-    is_xl = (Path(config) / "text_encoder_2").is_dir()
-    if is_xl != (kind == "xl_base"):
+    family = family_of_index(read("model_index.json"), f"--single_file_config {config_name}")
+    if family != file.family:
         raise UserError(
-            f"--single_file_config {config_name} describes {'an SDXL' if is_xl else 'a SD 1.x/2.x'} pipeline but "
-            f"{source} is {MODEL_KINDS[kind]}; give the config of the model the file was made from"
+            f"--single_file_config {config_name} describes a {family.name} pipeline but {file.source} is "
+            f"{file.description}; give the config of the model the file was made from"
         )
-    unet, vae = read("unet"), read("vae")
+    unet, vae = read("unet/config.json"), read("vae/config.json")
     input_blocks = {int(k.split(".")[3]) for k in entries if k.startswith(UNET_PREFIX + "input_blocks.")}
     cross = next(v for k, v in entries.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
     compared = [
@@ -1421,14 +1629,14 @@ def check_config_matches(entries: dict[str, object], kind: str, config: str, sou
     }
     for sub, names in embeddings.items():
         found = [entries[n].shape for n in names if n in entries]
-        if sub == "text_encoder" or is_xl:
-            text = read(sub)
+        if sub in family.encoders:
+            text = read(f"{sub}/config.json")
             shape = tuple(found[0]) if found else None
             compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
     for what, in_file, in_config in compared:
         if in_file != in_config:
             raise UserError(
-                f"--single_file_config {config_name} does not match {source}: {what} is {in_file} in the file "
+                f"--single_file_config {config_name} does not match {file.source}: {what} is {in_file} in the file "
                 f"but {in_config} in the config; give the config of the model the file was made from"
             )
 
@@ -1441,10 +1649,11 @@ def inspect_model_file(name: str | Path, config: str | None, flag: str) -> Model
     if not path.is_file():
         raise UserError(f"{source}: no such file")
     entries = tensor_headers(path, source)
-    kind = model_kind(entries, source)
+    kind, family = model_kind(entries, source)
     folder = model_file_config(entries, source, config)
-    check_config_matches(entries, kind, folder, source, config or folder)
-    return ModelFile(path, source, kind, folder, entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
+    file = ModelFile(path, source, kind, family, folder, entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
+    check_config_matches(entries, file, config or folder)
+    return file
 
 
 def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
@@ -1465,21 +1674,22 @@ def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[st
 
     A component's original tensors are dropped as soon as it is built, so the file's weights
     and the built modules do not both stay alive in full."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
+    import transformers
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     state = read_tensors(model.path, model.source)
+    encoder_classes = dict(zip(model.family.encoders, model.family.encoder_classes))
     modules = {}
     for name, dtype in dtypes.items():
         try:
             if name in ("unet", "vae"):
-                cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+                cls = diffusers.UNet2DConditionModel if name == "unet" else diffusers.AutoencoderKL
                 modules[name] = cls.from_single_file(
                     state, config=model.config, subfolder=name, torch_dtype=dtype, local_files_only=True
                 )
             else:
-                cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
+                cls = getattr(transformers, encoder_classes[name])
                 modules[name] = create_diffusers_clip_model_from_ldm(
                     cls, state, subfolder=name, config=model.config, torch_dtype=dtype, local_files_only=True
                 )
@@ -1516,57 +1726,179 @@ def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
         raise UserError(f"{label}: cannot load it as this model's VAE ({reason})") from None
 
 
+def read_config(root: str, name: str, revision: str | None, flag: str) -> dict:
+    """A JSON file of a model (model_index.json, SUB/config.json), from a local folder or the Hub,
+    with one-line errors for both."""
+    path = Path(root)
+    if path.is_dir():
+        if not (path / name).exists():
+            if name == "model_index.json":
+                raise UserError(
+                    f"{flag} {root}: no model_index.json, so not a diffusers Stable Diffusion folder (expected "
+                    "unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+                )
+            raise UserError(f"{flag} {root}: cannot load {Path(name).parent} (no {name})")
+        return json.loads((path / name).read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(root, name, revision=revision)).read_text())
+    except Exception as e:
+        raise UserError(
+            f"{flag} {root}: not a local folder, and the Hub could not provide its {name} ({first_line(e)})"
+        ) from None
+
+
+@dataclass
+class ModelSource:
+    """A base model as its configs describe it, before any weight is read: what flags are
+    checked against, and what load_pipeline loads."""
+
+    name: str  # as given: a diffusers folder, a Hub id or an original-layout file
+    flag: str  # the flag that named it, for messages
+    family: type[ModelFamily]
+    root: str  # its configs, tokenizer(s) and scheduler: the folder or Hub id, or the file's config folder
+    file: ModelFile | None  # an original-layout file, checked
+    revision: str | None  # of a Hub id
+    vae_scale: int  # the VAE's downscaling factor
+    text_layers: int  # the fewest layers of its text encoders
+    index: dict = field(default_factory=dict)  # its model_index.json
+
+
+def find_model(
+    name: str, single_file_config: str | None = None, revision: str | None = None, flag: str = "--model"
+) -> ModelSource:
+    """The model's family and the shapes flags depend on, from its configs alone; an
+    original-layout file is checked from its key names and shapes first (see inspect_model_file)."""
+    file = inspect_model_file(name, single_file_config, flag) if is_model_file(name) else None
+    folder = Path(name).expanduser()
+    root = file.config if file is not None else str(folder) if folder.is_dir() else name
+    revision = revision if file is None else None
+    index = read_config(root, "model_index.json", revision, flag)
+    family = family_of_index(index, f"{flag} {name}")
+    vae = read_config(root, "vae/config.json", revision, flag)
+    layers = min(
+        read_config(root, f"{sub}/config.json", revision, flag)["num_hidden_layers"] for sub in family.encoders
+    )
+    return ModelSource(
+        name, flag, family, root, file, revision, 2 ** (len(vae["block_out_channels"]) - 1), layers, index
+    )
+
+
 def load_pipeline(
-    model: str,
-    dtype: torch.dtype = torch.float32,
+    model: str | ModelSource,
+    dtype: torch.dtype | dict[str, torch.dtype | None] | None = torch.float32,
     device: str | torch.device = "cpu",
     single_file_config: str | None = None,
     prediction_type: str | None = None,
     vae: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    whole: bool = False,
 ):
-    """A text-to-image pipeline on `device` from a local diffusers folder, a Hub id or an
-    original-layout model file (described by `single_file_config`, see inspect_model_file);
-    `prediction_type` overrides the scheduler's; `vae` (a folder, Hub id or VAE file) replaces
-    the model's VAE, as the trainer's --pretrained_vae_model_name_or_path does; `revision` and
-    `variant` are diffusers' (folders and Hub ids)."""
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+    """The one model loader (generation, eval, the trainer's models and its full pipeline): the
+    family's text-to-image pipeline of a local diffusers folder, a Hub id or an original-layout
+    model file (described by `single_file_config`, see inspect_model_file), on `device`.
 
-    path = Path(model).expanduser()
-    root, modules = str(path) if path.is_dir() else model, {}
-    options = {k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None}
-    if is_model_file(model):
-        model_file = inspect_model_file(model, single_file_config, "--model")
-        parts = [c for c in model_file.components if not (vae and c == "vae")]
-        root, modules, options = model_file.config, load_model_file(model_file, dict.fromkeys(parts, dtype)), {}
+    `dtype` is one precision for all, or one per component ({"vae": torch.float32, "default":
+    torch.float16}); None keeps each library's default (diffusers: fp32; transformers: as
+    stored). `prediction_type` overrides the scheduler's; `vae` (a folder, Hub id or VAE file)
+    replaces the model's VAE and `tokenizer` its first tokenizer, as the trainer's flags do;
+    `revision` and `variant` are diffusers' (folders and Hub ids). `whole` loads the parts no
+    image needs too (a safety checker), to save the pipeline as the model has it.
+    """
+    import diffusers
+    import transformers
+
+    source = model if isinstance(model, ModelSource) else find_model(model, single_file_config, revision)
+    family, file, root = source.family, source.file, source.root
+    dtypes = dtype if isinstance(dtype, dict) else {"default": dtype}
+
+    def precision(part: str, argument: str = "torch_dtype") -> dict:
+        chosen = dtypes.get(part, dtypes.get("default"))
+        return {} if chosen is None else {argument: chosen}
+
+    def load(what: str, loader: Callable, *args, **kwargs):
+        try:
+            return loader(*args, **kwargs)
+        except UserError:  # the checks below name the flag and the file themselves
+            raise
+        except (OSError, ValueError) as e:
+            raise UserError(f"{source.flag} {source.name}: cannot load {what} ({first_line(e)})") from None
+
+    hub = {} if source.revision is None else {"revision": source.revision}
+    weights = {**hub, "variant": variant} if file is None else {}
+    parts = {}
+    if file is not None:
+        logger.info("%s: %s single file, configs from %s", source.name, file.description, root)
+        wanted = [c for c in file.components if not (vae and c == "vae")]
+        parts = load("its weights", load_model_file, file, {c: dtypes.get(c, dtypes.get("default")) for c in wanted})
+    else:
+        for sub, class_name in zip(family.encoders, family.encoder_classes):
+            cls = getattr(transformers, class_name)  # transformers names the precision `dtype`
+            parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision(sub, "dtype"))
+        for sub, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
+            if not (vae and sub == "vae"):
+                parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision(sub))
     if vae:
-        modules["vae"] = load_vae(vae, root, dtype, "the VAE")  # the trainer's --pretrained_vae_model_name_or_path
-    try:
-        config = DiffusionPipeline.load_config(root, **({"revision": revision} if "revision" in options else {}))
-        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
-        pipe = AutoPipelineForText2Image.from_pretrained(root, dtype=dtype, **modules, **extra, **options)
-    except (OSError, ValueError, KeyError) as e:
-        reason = first_line(e)
-        raise UserError(f"--model {model}: cannot load it as a diffusers text-to-image pipeline ({reason})") from None
-    if prediction_type is not None:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+        parts["vae"] = load_vae(
+            vae, root, dtypes.get("vae", dtypes.get("default")), "--pretrained_vae_model_name_or_path"
+        )
+    tokenizer_class = getattr(transformers, family.tokenizer_class)
+    for i, sub in enumerate(family.tokenizers):
+        if tokenizer and i == 0:
+            parts[sub] = load("--tokenizer_name", tokenizer_class.from_pretrained, tokenizer)
+        else:
+            parts[sub] = load(sub, tokenizer_class.from_pretrained, root, subfolder=sub, **hub)
+    config = load("scheduler", diffusers.DDPMScheduler.load_config, root, subfolder="scheduler", **hub)
+    overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
+    parts["scheduler"] = getattr(diffusers, config["_class_name"]).from_config(config, **overrides)
+    if whole:  # the rest of the model as it is stored (a file's config folder has no safety checker weights)
+        rest = (
+            {"safety_checker": None, "requires_safety_checker": False}
+            if file and "safety_checker" in source.index
+            else {}
+        )
+        pipe = load("it", diffusers.DiffusionPipeline.from_pretrained, root, **parts, **rest, **weights)
+    else:
+        pipe = family.pipeline(parts, source.index)
+    enable_clip_skip(pipe)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
+            component.to(device)
             own_weight_memory(component)
     return pipe
 
 
+ALIGNMENT = 64  # of the CPU allocator's blocks
+MADV_PAGEOUT = 21  # Linux >= 5.4 (elsewhere a file's pages go when its last weight has been copied)
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
 def own_weight_memory(module: torch.nn.Module) -> None:
-    """On the CPU, give each weight its own allocation. Weights mapped from a file sit at that
-    file's byte offsets, and CPU kernels take alignment-dependent paths, so the same weights
-    from a single file and from a diffusers folder would differ in the last bit. (Moving to a
-    GPU copies them already.)"""
+    """On the CPU, copy each weight that sits at a file's byte offset into its own aligned
+    allocation, and hand the file's pages under it back at once. Loaders map weights straight
+    from their files, and CPU kernels round by alignment, so the same weights from a single file
+    and from a diffusers folder would otherwise differ in the last bit; handing the pages back
+    weight by weight keeps one copy of the weights in memory, not two. (A GPU copies anyway.)"""
     for parameter in module.parameters():
-        if parameter.device.type == "cpu":
-            parameter.data = parameter.data.clone()
+        if parameter.device.type == "cpu" and parameter.data_ptr() % ALIGNMENT:
+            mapped = parameter.data
+            parameter.data = mapped.clone()
+            if mapped.is_contiguous():
+                release_pages(mapped.data_ptr(), mapped.nbytes)
+
+
+def release_pages(address: int, size: int) -> None:
+    """Let the kernel reclaim the whole memory pages in [address, address + size). Never loses
+    data: a file's pages are read again, and other pages swapped back in, if touched again."""
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + size) // page * page
+    if LIBC is not None and end > start:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -1911,7 +2243,7 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
         emb = replace(emb, token=token)
     if list(emb.vectors) == ["clip_g"]:
         raise UserError(f"{emb.source}: it has clip_g vectors only; no tool reads that alone")
-    sdxl = "clip_g" in emb.vectors
+    both = "clip_g" in emb.vectors  # the clip_l + clip_g layouts
     out = Path(out).expanduser()
     folder = out if out.is_dir() or not out.suffix else None
     if folder is not None:
@@ -1927,7 +2259,7 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
             raise UserError(f"{out}: --to {to} writes {' or '.join(suffixes)} files here; name it so")
         return out
 
-    if to == "diffusers" and sdxl:
+    if to == "diffusers" and both:
         if folder is None:
             raise UserError(f"{out}: the diffusers SDXL layout is two files; give a folder")
         return [
@@ -1943,7 +2275,7 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
             written.append(write_text(folder / TOKEN_FILE, emb.token))
         return written
     name = file_name_for_token(emb.token)
-    if sdxl:
+    if both:
         return [write_sdxl_embedding(target((".safetensors",), name), clip_l, emb.vectors["clip_g"])]
     if to == "a1111":
         return [write_a1111_embedding(target((".pt",), name), emb.token, clip_l)]
@@ -2129,10 +2461,9 @@ def eval_seed(template: str, index: int, draw: int | None = None) -> int:
 def rows_digest(vectors: dict[str, torch.Tensor]) -> str:
     """A fingerprint of an embedding's rows: files holding the same rows are scored once."""
     digest = hashlib.sha256()
-    for slot in SLOTS:
-        if slot in vectors:
-            digest.update(slot.encode())
-            digest.update(vectors[slot].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for slot, rows in vectors.items():  # in slot order
+        digest.update(slot.encode())
+        digest.update(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

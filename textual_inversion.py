@@ -16,8 +16,8 @@ into a checkpoint after the current step):
     finish(run, result)                     # embeddings, full pipeline, card, Hub
 
 The file reads top to bottom: the command line; the plan (every derived number, once); photos
-and prompts; the model families (all that differs between SD and SDXL); models; the new word;
-the concept (what the loop reads, computed once); randomness; the loss; the run state, which
+and prompts; models (infer.py's model families hold all that differs between SD and SDXL); the
+new word; the concept (what the loop reads, computed once); randomness; the loss; the run state, which
 makes the run's decisions; optimization; watching (which decides nothing); prepare, train,
 finish; files; the Hub; stopping and the lock. To change the loss, see denoising_loss; the
 sampling, draw_batch and step_images; what is saved, save_outputs and save_checkpoint. Every
@@ -424,7 +424,7 @@ DEFAULT_STEPS = 5000
 
 @dataclass(frozen=True)
 class Plan:
-    family: Family
+    family: type[infer.ModelFamily]
     tokens: list[str]  # one per vector
     max_steps: int
     world: int  # processes
@@ -470,7 +470,7 @@ def make_plan(
     args: argparse.Namespace,
     world: int,
     mixed_precision: str,
-    source: ModelSource,
+    source: infer.ModelSource,
     initializer: infer.Embedding | None,
     num_images: int,
 ) -> Plan:
@@ -828,232 +828,32 @@ def decode_images(dataset: TextualInversionDataset, workers: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
-# Model families: everything that differs between SD 1.x/2.x and SDXL is in these two classes.
-
-
-class StableDiffusion:
-    """SD 1.x and 2.x: one CLIP text encoder; the UNet attends to its last hidden states."""
-
-    name = "Stable Diffusion 1.x/2.x"
-    encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
-    pipeline_class = "StableDiffusionPipeline"
-    tag = "stable-diffusion"
-
-    @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
-        return None
-
-    @staticmethod
-    def condition(
-        text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
-    ):
-        # As diffusers' pipeline: the output of the layer clip_skip before the last, through the
-        # final layer norm the last layer's output passes (clip_skip=0: last_hidden_state itself).
-        encoder = text_encoders[0]
-        out = encoder(prompt_ids[0], output_hidden_states=True)
-        # transformers >= 5.6 holds the layer norm on CLIPTextModel itself, earlier on its text_model.
-        final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
-        return final_layer_norm(out.hidden_states[-(clip_skip + 1)]), None
-
-    @staticmethod
-    def pipeline(models: Models, scheduler):
-        """A diffusers pipeline around the modules in memory."""
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=models.vae,
-            unet=models.unet,
-            scheduler=scheduler,
-            text_encoder=models.text_encoders[0],
-            tokenizer=models.tokenizers[0],
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-    @staticmethod
-    def embedding_files(rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
-        """{file name: tensors}: the diffusers layout of learned_embeds{suffix}."""
-        return {infer.embeds_name(extension, suffix): {token: rows[0]}}
-
-    @staticmethod
-    def tool_files(out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
-        """Beside the final embedding: learned_embeds.bin too, which older loaders look for."""
-        if extension == ".bin":
-            return []
-        return [infer.write_diffusers_embedding(out / infer.embeds_name(".bin"), token, rows[0])]
-
-    @staticmethod
-    def card_use(repo_id: str, token: str) -> tuple[str, str]:
-        """The model card's diffusers loading code, and its line for other tools."""
-        load = f'pipe.load_textual_inversion("{repo_id}")'
-        return load, "Convert for A1111 or ComfyUI with `python infer.py convert REPO OUT --to a1111`."
-
-
-class StableDiffusionXL:
-    """SDXL, exactly as its diffusers pipeline conditions at inference: both encoders'
-    penultimate hidden states side by side (clip_skip counts back from the penultimate, as the
-    pipeline does), the second encoder's pooled projection, and each image's size and crop as
-    `time_ids`."""
-
-    name = "Stable Diffusion XL"
-    encoders = ("text_encoder", "text_encoder_2")
-    tokenizers = ("tokenizer", "tokenizer_2")
-    pipeline_class = "StableDiffusionXLPipeline"
-    tag = "stable-diffusion-xl"
-
-    @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int]:
-        return [*original_size, *crop_top_left, *target_size]
-
-    @staticmethod
-    def condition(text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor, clip_skip: int = 0):
-        first = text_encoders[0](prompt_ids[0], output_hidden_states=True)
-        # Run through the model's own forward so the pooled position is chosen exactly as at
-        # inference (with eos_token_id=2 configs transformers pools at the highest token id,
-        # which is the placeholder's when the prompt contains it).
-        second = text_encoders[1](prompt_ids[1], output_hidden_states=True)
-        layer = -(clip_skip + 2)
-        hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1)
-        return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
-
-    @staticmethod
-    def pipeline(models: Models, scheduler):
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(
-            vae=models.vae,
-            unet=models.unet,
-            scheduler=scheduler,
-            text_encoder=models.text_encoders[0],
-            text_encoder_2=models.text_encoders[1],
-            tokenizer=models.tokenizers[0],
-            tokenizer_2=models.tokenizers[1],
-        )
-
-    @staticmethod
-    def embedding_files(rows: list[torch.Tensor], token: str, extension: str, suffix: str = "") -> dict:
-        """diffusers' SDXL pair: one file per text encoder."""
-        return {
-            infer.embeds_name(extension, suffix): {token: rows[0]},
-            infer.embeds_name(extension, suffix, second=True): {token: rows[1]},
-        }
-
-    @staticmethod
-    def single_file(token: str) -> str:
-        return infer.file_name_for_token(token) + ".safetensors"
-
-    @classmethod
-    def tool_files(cls, out: Path, token: str, rows: list[torch.Tensor], extension: str) -> list[Path]:
-        """The one clip_l/clip_g file A1111, ComfyUI, kohya and invoke read."""
-        return [infer.write_sdxl_embedding(out / cls.single_file(token), rows[0], rows[1])]
-
-    @classmethod
-    def card_use(cls, repo_id: str, token: str) -> tuple[str, str]:
-        load = (
-            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors",\n'
-            f"                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
-            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors",\n'
-            f"                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
-        )
-        other = (
-            f"`{cls.single_file(token)}` holds both encoders' vectors (`clip_l`, `clip_g`), as A1111 and ComfyUI read."
-        )
-        return load, other
-
-
-Family = type[StableDiffusion] | type[StableDiffusionXL]
-FAMILIES = (StableDiffusion, StableDiffusionXL)
-
-
-# ----------------------------------------------------------------------------------------
 # Models: what the source is (read from its configs, before any weight), then the weights.
+# Everything that differs between SD 1.x/2.x and SDXL is in the model families (infer.py).
+
+MODEL_FLAG = "--pretrained_model_name_or_path"
 
 
-@dataclass
-class ModelSource:
-    """The model as its configs describe it: enough to plan the run and check the flags."""
-
-    name: str  # --pretrained_model_name_or_path
-    family: Family
-    root: str  # where its configs and tokenizers are (a single file's: its --single_file_config)
-    model_file: infer.ModelFile | None  # an original-layout file, checked
-    vae_scale: int  # the VAE's downscaling factor
-    text_layers: int  # the fewest layers of its text encoders
-
-
-def read_config(root: str, filename: str, revision: str | None, subfolder: str | None = None) -> dict:
-    """A JSON config of a local folder or a Hub repo, with one-line errors for both."""
-    name = filename if subfolder is None else f"{subfolder}/{filename}"
-    path = Path(root)
-    if path.is_dir():
-        if not (path / name).exists():
-            if subfolder is None:
-                raise UserError(
-                    f"--pretrained_model_name_or_path {root}: no model_index.json, so not a diffusers Stable "
-                    "Diffusion folder (expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-                )
-            raise UserError(f"--pretrained_model_name_or_path {root}: cannot load {subfolder} (no {name})")
-        return json.loads((path / name).read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(root, filename, subfolder=subfolder, revision=revision)).read_text())
-    except Exception as e:
-        raise UserError(
-            f"--pretrained_model_name_or_path {root}: not a local folder, and the Hub could not provide its {name} "
-            f"({first_line(e)})"
-        ) from None
-
-
-def model_family(index: dict, name: str) -> Family:
-    if all(k in index for k in ("text_encoder", "text_encoder_2", "unet", "vae")):
-        return StableDiffusionXL
-    if all(k in index for k in ("text_encoder", "tokenizer", "unet", "vae")):
-        return StableDiffusion
-    parts = ", ".join(k for k in index if not k.startswith("_"))
-    raise UserError(
-        f"--pretrained_model_name_or_path {name}: {index.get('_class_name', 'this pipeline')} ({parts}) "
-        "is not a Stable Diffusion 1.x/2.x/XL text-to-image pipeline"
-    )
-
-
-def read_model_source(args: argparse.Namespace) -> ModelSource:
-    """The family and the shapes that flags depend on, from the configs alone; an original-layout
-    file is checked from its key names and shapes first (see infer.inspect_model_file)."""
-    name = args.pretrained_model_name_or_path
-    model_file = None
-    if infer.is_model_file(name):
-        model_file = infer.inspect_model_file(name, args.single_file_config, "--pretrained_model_name_or_path")
-    root = name if model_file is None else model_file.config
-    revision = args.revision if model_file is None else None
-    family = model_family(read_config(root, "model_index.json", revision), name)
-    vae = read_config(root, "config.json", revision, "vae")
-    layers = min(read_config(root, "config.json", revision, sub)["num_hidden_layers"] for sub in family.encoders)
-    return ModelSource(name, family, root, model_file, 2 ** (len(vae["block_out_channels"]) - 1), layers)
+def read_model_source(args: argparse.Namespace) -> infer.ModelSource:
+    """The family and the shapes that flags depend on, from the configs alone (see infer.find_model)."""
+    return infer.find_model(args.pretrained_model_name_or_path, args.single_file_config, args.revision, MODEL_FLAG)
 
 
 @dataclass
 class Models:
-    family: Family
+    family: type[infer.ModelFamily]
     tokenizers: list
     text_encoders: list
     unet: nn.Module
     vae: nn.Module | None
     noise_scheduler: object
     weight_dtype: torch.dtype
-    source: str
+    source: infer.ModelSource
     clip_skip: int = 0  # CLIP layers skipped, in diffusers' sense (see the family's condition)
     # What the loss calls: the modules themselves, or their torch.compile'd forms (--compile).
     # Validation images keep the plain modules, so sampling shapes never cause a recompile.
     unet_forward: object = None
     text_encoder_forwards: list | None = None
-    graphs_before: int = 0  # torch.compile graphs that existed before this run compiled its own
 
     def __post_init__(self):
         if self.unet_forward is None:
@@ -1067,107 +867,51 @@ def compile_models(models: Models, backend: str) -> None:
     during a run (fixed chunks, the validation batch padded to them), so each graph compiles
     once; grad and no-grad (validation) calls make two."""
     torch._dynamo.reset()  # a run compiles its own graphs, whatever ran in this process before
-    models.graphs_before = compiled_graphs()
     models.unet_forward = torch.compile(models.unet, backend=backend)
     models.text_encoder_forwards = [torch.compile(e, backend=backend) for e in models.text_encoders]
 
 
-def compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
 def load_models(
-    args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, source: ModelSource | None = None
+    args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, source: infer.ModelSource | None = None
 ) -> Models:
-    """Tokenizer(s), text encoder(s), UNet, VAE and noise scheduler, frozen, on `device`.
-
-    The source (read_model_source) is a diffusers folder, a Hub id, or one original-layout file,
-    converted by diffusers' single-file loaders with the tokenizer(s) and scheduler of the
-    folder that describes it (--single_file_config). The UNet and text encoders load straight
+    """Tokenizer(s), text encoder(s), UNet, VAE and noise scheduler, frozen, on `device`, by
+    infer.py's loader (a diffusers folder, a Hub id, or one original-layout file with the
+    folder that describes it, --single_file_config). The UNet and text encoders load straight
     into the training precision; the VAE loads in fp32 because it encodes each photo once,
     where fp32 costs nothing and avoids SDXL's fp16 VAE overflow.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
     source = source or read_model_source(args)
-    name, family, root, model_file = source.name, source.family, source.root, source.model_file
-    vae_source = args.pretrained_vae_model_name_or_path
-
-    def load(what: str, loader, **kwargs):
-        try:
-            return loader(**kwargs)
-        except (OSError, ValueError) as e:  # not infer.py's UserErrors: they name the flag and file themselves
-            raise UserError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({first_line(e)})") from None
-
-    common = dict(revision=args.revision) if model_file is None else {}
-    from_file = {}
-    if model_file is not None:
-        dtypes = dict.fromkeys(("unet", *family.encoders), weight_dtype)
-        if not vae_source:
-            dtypes["vae"] = torch.float32
-        from_file = load("its weights", infer.load_model_file, model=model_file, dtypes=dtypes)
-        logger.info("%s: %s single file, configs from %s", name, infer.MODEL_KINDS[model_file.kind], root)
-
-    def weights(sub: str, cls, dtype: torch.dtype, dtype_arg: str = "torch_dtype"):
-        """A component with weights: converted from the model file, or loaded from the folder or Hub."""
-        if model_file is not None:
-            return from_file[sub]
-        return load(
-            sub,
-            cls.from_pretrained,
-            pretrained_model_name_or_path=name,
-            subfolder=sub,
-            variant=args.variant,
-            **{dtype_arg: dtype},
-            **common,
-        )
-
-    tokenizers = []
-    for i, sub in enumerate(family.tokenizers):
-        if args.tokenizer_name and i == 0:
-            tok = load(
-                "--tokenizer_name", CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=args.tokenizer_name
-            )
-        else:
-            tok = load(sub, CLIPTokenizer.from_pretrained, pretrained_model_name_or_path=root, subfolder=sub, **common)
-        tokenizers.append(tok)
-    # transformers names its precision argument `dtype`, diffusers `torch_dtype`.
-    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
-    text_encoders = [weights(sub, cls, weight_dtype, "dtype") for sub, cls in zip(family.encoders, encoder_classes)]
-    unet = weights("unet", UNet2DConditionModel, weight_dtype)
-    if vae_source:
-        vae_flag = "--pretrained_vae_model_name_or_path"
-        vae = load(vae_flag, infer.load_vae, source=vae_source, config=root, dtype=torch.float32, flag=vae_flag)
-    else:
-        vae = weights("vae", AutoencoderKL, torch.float32)
-    overrides = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
-    noise_scheduler = load(
-        "scheduler",
-        DDPMScheduler.from_pretrained,
-        pretrained_model_name_or_path=root,
-        subfolder="scheduler",
-        **common,
-        **overrides,
+    pipe = infer.load_pipeline(
+        source,
+        {"default": weight_dtype, "vae": torch.float32},
+        device,
+        prediction_type=args.prediction_type,
+        vae=args.pretrained_vae_model_name_or_path,
+        variant=args.variant,
+        tokenizer=args.tokenizer_name,
     )
-    for module in (*text_encoders, unet, vae):
+    family = source.family
+    text_encoders = [getattr(pipe, name) for name in family.encoders]
+    for module in (*text_encoders, pipe.unet, pipe.vae):
         module.requires_grad_(False)
         module.eval()
-        module.to(device)
-        infer.own_weight_memory(module)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing()
         for encoder in text_encoders:
             encoder.gradient_checkpointing_enable()
             encoder.train()  # transformers checkpoints only in train mode; CLIP has no dropout
     if args.enable_xformers_memory_efficient_attention:
         try:
-            unet.enable_xformers_memory_efficient_attention()
+            pipe.unet.enable_xformers_memory_efficient_attention()
         except Exception as e:
             logger.warning("xformers attention unavailable (%s); using PyTorch's SDPA attention", e)
-    return Models(family, tokenizers, text_encoders, unet, vae, noise_scheduler, weight_dtype, name, args.clip_skip)
+    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Models(
+        family, tokenizers, text_encoders, pipe.unet, pipe.vae, noise_scheduler, weight_dtype, source, args.clip_skip
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -1235,7 +979,7 @@ def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str |
     every text encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an
     embedding's own vectors (fitted to the encoders as infer.py loads it)."""
     placeholder, num_vectors = tokens[0], len(tokens)
-    slots = infer.SLOTS[: len(models.text_encoders)]
+    slots = models.family.slots
     weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
     if isinstance(initializer, infer.Embedding):
         fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
@@ -1655,7 +1399,15 @@ def validation_pipeline(models: Models):
     """A pipeline around the modules already in memory (no reload from disk)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    pipe = models.family.pipeline(models, DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config))
+    family = models.family
+    parts = {
+        **dict(zip(family.encoders, models.text_encoders)),
+        **dict(zip(family.tokenizers, models.tokenizers)),
+        "unet": models.unet,
+        "vae": models.vae,
+        "scheduler": DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+    }
+    pipe = family.pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1673,8 +1425,6 @@ def validation_images(
     """`count` images per prompt in one batched call, each from its own fixed seed, so the
     grids of different steps show the same noise and can be compared."""
     device = pipe.unet.device
-    if clip_skip:
-        infer.enable_clip_skip(pipe)
     generators = [torch.Generator(device).manual_seed(s) for s in validation_seeds(seed, count)] * len(prompts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # SDXL's fp16 VAE upcast announces a deprecation
@@ -2026,7 +1776,6 @@ class TrainResult:
     steps: int
     seconds: float
     samples_per_second: float
-    compiled_graphs: int | None = None  # with --compile: graphs compiled in the whole run
     first_step: int = 0  # the step this run started from (a resumed checkpoint's)
 
 
@@ -2205,9 +1954,8 @@ def train(run: Run) -> TrainResult:
     if stopped:
         checkpoint_and_stop(run, cadence)
     seconds = time.perf_counter() - started
-    graphs = compiled_graphs() - run.models.graphs_before if args.compile else None
     speed = (state.step - first_step) * plan.global_batch / max(seconds, 1e-9)
-    return TrainResult(state.step, seconds, speed, graphs, first_step)
+    return TrainResult(state.step, seconds, speed, first_step)
 
 
 def validate(run: Run, images: bool = True) -> dict:
@@ -2261,8 +2009,6 @@ def finish(run: Run, result: TrainResult) -> None:
                 f"after the last step: the embedding is saved in {out}; skipped --save_as_full_pipeline{later}"
             ):
                 save_full_pipeline(run)
-        if result.compiled_graphs is not None:
-            logger.info("torch.compile: %d graphs compiled in this run", result.compiled_graphs)
         logger.info(
             "Done: %s in %.1f s (%.1f samples/s); the run is at step %d; kept %s; files in %s",
             trained_steps_text(result.first_step, result.steps),
@@ -2464,12 +2210,11 @@ def read_checkpoint(path: Path, value: str | None = None) -> dict:
 
 def check_resumable(path: Path, payload: dict, models: Models, placeholders: Placeholders) -> None:
     """One line naming what differs between the checkpoint and this run's model and word."""
-    # Checkpoints from before the family was recorded: the family with as many text encoders as rows.
-    family = payload.get("family") or next(f.name for f in FAMILIES if len(f.encoders) == len(payload["rows"]))
+    family, name = payload.get("family"), models.source.name  # older checkpoints record no family
     where = f"--resume_from_checkpoint {path}"
-    if family != models.family.name:
+    if family not in (None, models.family.name) or len(payload["rows"]) != len(placeholders.rows):
         raise UserError(
-            f"{where}: it was trained on a {family} model, but {models.source} is {models.family.name}; "
+            f"{where}: it was trained on a {family or 'different'} model, but {name} is {models.family.name}; "
             "resume with the model it was trained on"
         )
     saved = payload["tokens"]
@@ -2486,7 +2231,7 @@ def check_resumable(path: Path, payload: dict, models: Models, placeholders: Pla
         if rows.shape[1] != new.shape[1]:
             encoder = models.family.encoders[i]
             raise UserError(
-                f"{where}: its {encoder} rows are {rows.shape[1]} wide, but {models.source}'s are {new.shape[1]} "
+                f"{where}: its {encoder} rows are {rows.shape[1]} wide, but {name}'s are {new.shape[1]} "
                 "(another model); resume with the model it was trained on"
             )
 
@@ -2515,23 +2260,21 @@ def load_checkpoint(
 
 
 def save_full_pipeline(run: Run) -> None:
-    """The source pipeline, reloaded at its stored precision, with the new word loaded into it
-    by the same loader users call; written beside the embedding files (model_index.json last:
-    a loader takes the folder for a pipeline once every part is in place)."""
-    from diffusers import DiffusionPipeline
+    """The source pipeline whole, reloaded at its stored precision (a folder: as diffusers
+    loads it) with this run's VAE and prediction type, and the new word loaded into it by the
+    same loader users call; written beside the embedding files (model_index.json last: a
+    loader takes the folder for a pipeline once every part is in place)."""
     from safetensors import SafetensorError
 
     args, source = run.args, run.models.source
-    if infer.is_model_file(source):  # checked when training started; this re-reads headers only
-        stored = infer.inspect_model_file(source, args.single_file_config, "--pretrained_model_name_or_path")
-        pipe = infer.load_pipeline(source, stored.dtype, "cpu", args.single_file_config)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(source, revision=args.revision, variant=args.variant)
-    if args.prediction_type is not None:  # the pipeline predicts what it was trained with
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=args.prediction_type)
-    if args.pretrained_vae_model_name_or_path:
-        flag = "--pretrained_vae_model_name_or_path"
-        pipe.vae = infer.load_vae(args.pretrained_vae_model_name_or_path, pipe.name_or_path, pipe.vae.dtype, flag)
+    pipe = infer.load_pipeline(
+        source,
+        source.file.dtype if source.file else {"default": None, "vae": torch.float32},
+        prediction_type=args.prediction_type,
+        vae=args.pretrained_vae_model_name_or_path,
+        variant=args.variant,
+        whole=True,
+    )
     infer.load_embedding(pipe, run.out)
 
     def fill(folder: Path) -> None:

@@ -110,13 +110,15 @@ def train_once(argv: list[str]):
 def plan_for(args, family=None, num_images: int = 3, world: int = 1, initializer=None, vae_scale: int = 8):
     """The trainer's plan for parsed `args`, with the model read from its configs when it exists
     (else a stand-in of `family`, SD by default): what the stages after it are given."""
+    import infer
     import textual_inversion as ti
 
     model = Path(args.pretrained_model_name_or_path)
     if model.exists():
         source = ti.read_model_source(args)
     else:
-        source = ti.ModelSource(str(model), family or ti.StableDiffusion, str(model), None, vae_scale, 12)
+        family = family or infer.StableDiffusion
+        source = infer.ModelSource(str(model), ti.MODEL_FLAG, family, str(model), None, None, vae_scale, 12)
     return ti.make_plan(args, world, "no", source, initializer, num_images)
 
 

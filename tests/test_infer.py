@@ -739,6 +739,50 @@ def test_malicious_pickle_on_the_command_line_is_one_error_line_and_exit_2(tiny_
 
 
 # ----------------------------------------------------------------------------------------
+# Models: the family read from the model index, and weights the same wherever they came from.
+
+
+def test_a_model_index_names_its_family_and_an_sdxl_one_is_not_taken_for_sd(tiny_sd, tiny_sdxl, sd_pipe, sdxl_pipe):
+    assert infer.find_model(str(tiny_sd)).family is infer.StableDiffusion
+    assert infer.find_model(str(tiny_sdxl)).family is infer.StableDiffusionXL
+    assert infer.family_of_pipeline(sd_pipe) is infer.StableDiffusion
+    assert infer.family_of_pipeline(sdxl_pipe) is infer.StableDiffusionXL
+
+
+def test_an_index_lacking_a_component_of_every_family_is_refused_naming_it(tiny_sdxl):
+    index = json.loads((tiny_sdxl / "model_index.json").read_text())
+    index["text_encoder"] = index["tokenizer"] = [None, None]  # as an SDXL refiner's index has them
+    with pytest.raises(infer.UserError, match=r"^--model refiner: StableDiffusionXLPipeline \(.*\) is not a Stable"):
+        infer.family_of_index(index, "--model refiner")
+
+
+def test_every_family_has_one_tokenizer_class_and_slot_per_text_encoder():
+    assert len({family.name for family in infer.MODEL_FAMILIES}) == len(infer.MODEL_FAMILIES)
+    for family in infer.MODEL_FAMILIES:
+        count = len(family.encoders)
+        assert len(family.tokenizers) == len(family.encoder_classes) == len(family.slots) == count, family.name
+        assert len(family.embedding_files([vectors(1, 4)] * count, "<x>", ".safetensors")) == count, family.name
+
+
+def test_loaded_cpu_weights_sit_at_aligned_addresses_not_at_the_files_offsets(sd_pipe):
+    """CPU kernels round by alignment: weights at their file's byte offsets would make a single
+    file and its folder train differently in the last bit."""
+    for name, part in sd_pipe.components.items():
+        if isinstance(part, torch.nn.Module):
+            assert all(p.data_ptr() % infer.ALIGNMENT == 0 for p in part.parameters()), name
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022])
+def test_written_files_get_the_mode_the_umask_of_the_moment_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        path = infer.write_text(tmp_path / f"{umask:o}.txt", "x")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------------------
 # Errors that say what to do.
 
 
@@ -754,7 +798,7 @@ def test_width_that_does_not_fit_names_both_widths_and_the_likely_family(tmp_pat
 
 def test_sd_embedding_on_an_sdxl_base_is_refused(tmp_path, sdxl_pipe):
     save_file({"<sd1>": vectors(1, 768)}, tmp_path / "sd1.safetensors")
-    with pytest.raises(infer.UserError, match=r"768 wide, made for SD 1.x, .* take 32\+64.* both of its text"):
+    with pytest.raises(infer.UserError, match=r"768 wide, made for SD 1.x, .* take 32\+64.* each of its text"):
         infer.load_embedding(sdxl_pipe, tmp_path / "sd1.safetensors")
 
 

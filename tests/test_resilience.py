@@ -288,6 +288,31 @@ def test_resuming_into_an_encoder_of_another_width_names_both_widths(tiny_sd, ph
     assert "its text_encoder rows are 48 wide, but" in only_error_line(capsys)
 
 
+def drop_the_family(out: Path) -> None:
+    """checkpoint-2 as the trainer wrote it before checkpoints recorded the model family."""
+    state = out / "checkpoint-2" / ti.CHECKPOINT_STATE
+    payload = torch.load(state, weights_only=True)
+    del payload["family"]
+    torch.save(payload, state)
+
+
+def test_a_checkpoint_that_records_no_family_resumes_to_the_same_result(tiny_sd, photos, two_checkpoints):
+    finished = learned(two_checkpoints)
+    drop_the_family(two_checkpoints)
+    argv = train_args(tiny_sd, photos, two_checkpoints, max_train_steps=3, checkpointing_steps=1, logging_steps=1)
+    train_once([*argv, "--resume_from_checkpoint", "latest"])
+    assert torch.equal(learned(two_checkpoints), finished)
+
+
+def test_a_checkpoint_that_records_no_family_is_refused_by_a_model_with_more_encoders(
+    tiny_sdxl, photos, two_checkpoints, capsys
+):
+    drop_the_family(two_checkpoints)
+    argv = train_args(tiny_sdxl, photos, two_checkpoints, max_train_steps=3, resume_from_checkpoint="latest")
+    assert ti.main(argv) == 2
+    assert "resume with the model it was trained on" in only_error_line(capsys)
+
+
 def test_a_torn_last_line_of_the_metrics_is_dropped_on_resume(tiny_sd, photos, two_checkpoints):
     log = two_checkpoints / "metrics.jsonl"
     log.write_text(log.read_text() + '{"step": 3, "lo')

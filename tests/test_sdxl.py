@@ -8,6 +8,7 @@ from conftest import RESOLUTION, make_photo, train_args, train_once
 from safetensors.torch import load_file
 from test_training import a_batch, build_stages
 
+import infer
 import textual_inversion as ti
 
 
@@ -28,7 +29,7 @@ def fresh_pipeline(tiny_sdxl):
 
 def test_an_sdxl_folder_is_recognized_and_both_encoders_get_the_tokens(tiny_sdxl, photos, tmp_path):
     s = build_stages(tiny_sdxl, photos, tmp_path, num_vectors=2)
-    assert s.models.family is ti.StableDiffusionXL
+    assert s.models.family is infer.StableDiffusionXL
     assert [r.shape for r in s.placeholders.rows] == [(2, 32), (2, 64)]
     for tokenizer, ids in zip(s.models.tokenizers, s.placeholders.ids):
         assert tokenizer.convert_tokens_to_ids(["<concept>", "<concept>_1"]) == ids

@@ -336,7 +336,7 @@ def test_a_config_of_another_shape_is_named_with_the_file(tiny_sd1_file, tiny_sd
 
 def test_a_config_of_another_family_is_named_with_the_file(tiny_xl_file, tiny_sd1_layout, photos, previous_run, capsys):
     argv = train_args(tiny_xl_file, photos, previous_run, single_file_config=tiny_sd1_layout)
-    fails_cleanly(capsys, argv, "describes a SD 1.x/2.x pipeline but", previous_run)
+    fails_cleanly(capsys, argv, "describes a Stable Diffusion 1.x/2.x pipeline but", previous_run)
 
 
 def test_without_a_config_offline_the_error_says_to_pass_one(tiny_sd1_file, photos, previous_run, capsys):
