@@ -10,10 +10,17 @@ import os
 import sys
 from pathlib import Path
 
+# One thread, in this process and in the processes tests start (set before numpy and torch
+# load): the tiny models gain nothing from a second one, and on a busy machine two threads
+# spin-wait against other processes (a 4-step tiny run: 19 s of CPU with two, 0.7 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,3 +208,12 @@ def tiny_xl_layout(tmp_path_factory) -> Path:
 def tiny_xl_file(tiny_xl_layout) -> Path:
     """tiny_xl_layout as one original-layout .safetensors file."""
     return write_single_file(tiny_xl_layout, tiny_xl_layout.parent / "tiny-xl.safetensors")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Whole slow modules first. The workers (-n, pyproject.toml) take whole files in this order,
+    so the long ones start early and the many short ones fill in at the end."""
+    slow_in: dict[Path, bool] = {}
+    for item in items:
+        slow_in[item.path] = slow_in.get(item.path, True) and item.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: not slow_in[item.path])

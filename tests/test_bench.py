@@ -8,9 +8,12 @@ runs for real.
 
 from __future__ import annotations
 
+import pytest
 from conftest import ROOT
 
 from bench import bench
+
+pytestmark = pytest.mark.slow  # both trainers, in processes of their own
 
 
 def test_bench_runs_both_trainers_and_appends_a_report(tiny_sd, photos, tmp_path):

@@ -447,6 +447,7 @@ def test_resuming_is_exact_with_captions_masks_and_buckets(tiny_sd, tmp_path, ru
     assert torch.equal(learned(resumed), learned(straight))
 
 
+@pytest.mark.slow  # two processes under accelerate's launcher
 def test_two_processes_train_like_one_with_captions_masks_and_buckets(tiny_sd, tmp_path):
     from test_ddp import launch
 

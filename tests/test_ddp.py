@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, train_args
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # two processes under accelerate's launcher
 
 
 def launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:

@@ -12,6 +12,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each test launches accelerate
+
 SCRIPTS = {"sd": "tiny_sd", "sdxl": "tiny_sdxl"}
 
 

@@ -32,15 +32,6 @@ PER_PROMPT = 2  # images per prompt
 PROMPTS = "# two prompts, {} for the word\na {} on the beach\n\na red {}\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread (see test_infer.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_eval(*argv) -> SimpleNamespace:
     """`python infer.py eval ...` in this process: its exit code, stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()

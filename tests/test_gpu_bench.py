@@ -21,6 +21,8 @@ from conftest import ROOT
 
 from bench import gpu
 
+pytestmark = pytest.mark.slow  # the whole GPU plan, as subprocesses
+
 ROWS = ["sd15", "floor", "memory", "sdxl", "scoring", "compile"]
 TRAINER_KEYS = {
     "per_sample_ms",

@@ -27,16 +27,6 @@ import infer
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread; two threads on a shared 2-core machine can
-    spin-wait against other processes and make each 64x64 image 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------
 # Helpers and fixtures.
 

@@ -34,6 +34,8 @@ from safetensors.torch import load_file
 import textual_inversion as ti
 from bench.models import build_pipeline
 
+pytestmark = pytest.mark.slow  # teaches a UNet for 600 steps per family
+
 SIZE = 32  # 4x4 latents: enough for three flat concepts, cheap to teach
 TEACH_STEPS = 600
 WORDS = ["red", "blue", "<hidden>"]

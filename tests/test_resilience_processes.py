@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 import infer
 import textual_inversion as ti
 
+pytestmark = pytest.mark.slow  # processes stopped by signals
+
 STEPS = 12  # enough that no run ends before the signal it waits for reaches it
 TIMEOUT = 600  # generous: a loaded machine, never a timing assertion
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the same arithmetic in every run

@@ -187,6 +187,7 @@ def test_total_steps_come_from_epochs_when_max_steps_is_unset():
     assert max_steps(max_train_steps=None) == 5000
 
 
+@pytest.mark.slow  # tracing four graphs, twice: the longest test in this process
 def test_compile_builds_each_graph_once_and_never_recompiles(tiny_sd, photos, tmp_path, run_trainer):
     """UNet and text encoder, with and without grad (validation): four graphs, however long
     the run. (The eager backend traces like inductor but skips code generation.)"""
