@@ -15,11 +15,12 @@ into a checkpoint after the current step):
     result = train(run)                     # the loop, nothing else
     finish(run, result)                     # embeddings, full pipeline, card, Hub
 
-The file reads top to bottom: the command line; the plan (every derived number, once); photos
-and prompts; models (infer.py's model families hold all that differs between SD and SDXL); the
-new word; the concept (what the loop reads, computed once); randomness; the loss; the run state, which
-makes the run's decisions; optimization; watching (which decides nothing); prepare, train,
-finish; files; the Hub; stopping and the lock. To change the loss, see denoising_loss; the
+The file reads core first: main and the stages (prepare, train, finish); the loss; randomness
+and the batches; the run state, which makes the run's decisions; optimization; watching (which
+decides nothing); then what the stages are made of: the plan (every derived number, once), the
+concept (what the loop reads, computed once), the new word, models (infer.py's model families
+hold all that differs between SD and SDXL), photos and prompts, files, the Hub, stopping, and
+last the command line. To change the loss, see denoising_loss; the
 sampling, draw_batch and step_images; what is saved, save_outputs and save_checkpoint. Every
 file is written through infer.py's atomic writers, so a crash never leaves half a file.
 
@@ -78,341 +79,982 @@ class Stopped(BaseException):
 
 
 # ----------------------------------------------------------------------------------------
-# Command line. Every flag of diffusers' textual_inversion.py is accepted with its meaning.
+# The command: main, the stages in order, and accelerate (the launcher, the precision, the
+# trackers).
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train a Textual Inversion embedding for Stable Diffusion 1.x, 2.x or SDXL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--pretrained_model_name_or_path",
-        required=True,
-        help="Hub model id, local diffusers folder, or one original-layout .safetensors/.ckpt file (A1111, ComfyUI).",
-    )
-    g.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
-    g.add_argument("--variant", default=None, help="Weight file variant to load, e.g. fp16.")
-    g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or path, if not the model's own.")
-    infer.add_model_file_flags(g)
-    g.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        default=None,
-        help="A VAE to use instead of the model's (folder, Hub id or single file), e.g. SDXL's fp16-fix VAE.",
-    )
-    g.add_argument(
-        "--train_data_dir",
-        required=True,
-        help="Folder with the concept's photos (3-5 are typical), or a Hub dataset of them, e.g. "
-        "diffusers/cat_toy_example (downloaded once into the Hugging Face cache).",
-    )
-    g.add_argument("--placeholder_token", required=True, help='The new word, e.g. "<cat-toy>".')
-    g.add_argument(
-        "--initializer_token",
-        default=None,
-        help="A word or phrase the new word starts from. With N vectors and a phrase of T tokens, vector i "
-        "starts from token i*T/N (N >= T), or from the mean of its share of the phrase (N < T).",
-    )
-    g.add_argument(
-        "--initializer_embedding",
-        default=None,
-        metavar="SRC",
-        help="Instead of --initializer_token, continue an existing embedding: anything infer.py reads (an "
-        "output folder, a diffusers, A1111, kohya, OneTrainer or SDXL file, a Hub id). It sets --num_vectors.",
-    )
-    g.add_argument(
-        "--clip_skip",
-        type=int,
-        default=0,
-        help="Condition on a CLIP layer this many before the one the model uses, as diffusers' "
-        "pipe(..., clip_skip=N): 1 is A1111's 'Clip skip: 2'. 0: off.",
-    )
-    g.add_argument("--learnable_property", default="object", choices=["object", "style"])
-    g.add_argument(
-        "--num_vectors",
-        type=int,
-        default=None,
-        help="Embedding vectors the new word is made of. Default: 1, or the --initializer_embedding's count.",
-    )
-    g.add_argument(
-        "--repeats", type=int, default=100, help="Passes over the photos per epoch (sets the shuffling period)."
-    )
-    g.add_argument("--resolution", type=int, default=512, help="Training size in pixels (a multiple of 8).")
-    g.add_argument("--center_crop", action="store_true", help="Crop each photo to its centre square first.")
-    g.add_argument(
-        "--caption_extension",
-        default=None,
-        help="Read each photo's caption from the file of the same stem with this extension (e.g. .txt); "
-        "[name] or the placeholder token in it marks where the new word goes.",
-    )
-    g.add_argument(
-        "--template_file",
-        default=None,
-        help="A1111-style prompt templates, one per line, replacing the built-in ones: [name] (or {}) for "
-        "the new word, [filewords] for the photo's caption (or its file name's words).",
-    )
-    g.add_argument(
-        "--masked_loss",
-        action="store_true",
-        help="Weight the loss by a mask per photo: NAME-masklabel.png beside NAME.jpg, or NAME.* in "
-        "--mask_dir; white is the subject.",
-    )
-    g.add_argument("--mask_dir", default=None, help="Folder of masks named like the photos (with --masked_loss).")
-    g.add_argument(
-        "--unmasked_weight", type=float, default=0.1, help="Loss weight of the background (black in the mask)."
-    )
-    g.add_argument(
-        "--aspect_buckets",
-        action="store_true",
-        help="Train each photo at the bucket size nearest its aspect ratio (area at most --resolution squared) "
-        "instead of a square.",
-    )
-    g.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (pixels).")
-    g.add_argument(
-        "--min_bucket_resolution", type=int, default=None, help="Shortest bucket side. Default: --resolution / 2."
-    )
-    g.add_argument(
-        "--max_bucket_resolution", type=int, default=None, help="Longest bucket side. Default: --resolution x 2."
-    )
-    g.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=0,
-        help="Threads decoding photos before training (no data loading happens during training).",
-    )
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run (random if unset).")
-    g.add_argument("--train_batch_size", type=int, default=16, help="Samples per micro-batch per process.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument(
-        "--micro_batch_size",
-        type=int,
-        default=None,
-        help="Samples per UNet call. Default: a whole optimizer step's batch (train_batch_size x "
-        "gradient_accumulation_steps) in one call, the same gradient as accumulation but faster; "
-        "on a CUDA out-of-memory error it halves by itself.",
-    )
-    g.add_argument(
-        "--num_train_epochs",
-        type=int,
-        default=None,
-        help="Epochs (photos x repeats samples each) to train, if --max_train_steps is not given.",
-    )
-    g.add_argument(
-        "--max_train_steps",
-        type=int,
-        default=None,
-        help="Optimizer steps to train. Default: 5000, or --num_train_epochs when that is given (the "
-        "diffusers script ignores --num_train_epochs unless you could unset this, which you cannot).",
-    )
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
-    g.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        choices=[
-            "linear",
-            "cosine",
-            "cosine_with_restarts",
-            "polynomial",
-            "constant",
-            "constant_with_warmup",
-        ],
-    )
-    g.add_argument("--lr_warmup_steps", type=int, default=500)
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts for cosine_with_restarts.")
-    g.add_argument(
-        "--use_8bit_adam",
-        action="store_true",
-        help="Accepted for diffusers' SDXL script; does nothing here: Adam's state covers only the new rows.",
-    )
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Less memory, slower steps.")
-    g.add_argument(
-        "--mixed_precision",
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Precision of the frozen models (trained rows stay fp32). Default: accelerate's config, else no.",
-    )
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet and text encoder(s): a one-time compile, then faster steps on GPU.",
-    )
-    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile.")
-    g.add_argument(
-        "--enable_xformers_memory_efficient_attention",
-        action="store_true",
-        help="Use xformers attention if installed (PyTorch's SDPA, the default, is as fast).",
-    )
-    g.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; accelerate handles it.")
-
-    g = p.add_argument_group("outputs")
-    g.add_argument("--output_dir", default="text-inversion-model")
-    g.add_argument("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N every N steps.")
-    g.add_argument(
-        "--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the new word."
-    )
-    g.add_argument("--no_safe_serialization", action="store_true", help="Write .bin files instead of .safetensors.")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N steps.")
-    g.add_argument(
-        "--checkpointing_minutes",
-        type=float,
-        default=10,
-        help="Also write a checkpoint when this many minutes have passed since the last one (0: off).",
-    )
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.')
-    g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
-    g.add_argument(
-        "--report_to",
-        default=None,
-        help="Tracker: tensorboard, wandb, comet_ml, all or none. Default: tensorboard if it is installed.",
-    )
-    g.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
-
-    g = p.add_argument_group("watching the run")
-    g.add_argument(
-        "--validation_prompt",
-        action="append",
-        default=None,
-        help="Prompt for validation images; repeat the flag for several. Images come from the models in "
-        "memory in one batched call, with fixed seeds, into output_dir/validation/step-N.png.",
-    )
-    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
-    g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps per image.")
-    g.add_argument(
-        "--validation_steps",
-        type=int,
-        default=100,
-        help="Every N steps: the fixed-noise validation loss (always) and validation images (with a prompt).",
-    )
-    g.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
-    g.add_argument(
-        "--validation_scores",
-        action="store_true",
-        help="Score the validation images as `infer.py eval` does, into metrics.jsonl and loss.png: CLIP-T "
-        "against the prompt with --class_word for the new word, CLIP-I and DINO against the training photos.",
-    )
-    g.add_argument(
-        "--class_word",
-        default=None,
-        help="The word CLIP-T reads in place of the new one (default: --initializer_token), e.g. toy or dog.",
-    )
-    g.add_argument("--clip_model", default=infer.DEFAULT_CLIP_MODEL, help="CLIP for --validation_scores.")
-    g.add_argument("--dino_model", default=infer.DEFAULT_DINO_MODEL, help="DINO for --validation_scores.")
-    g.add_argument(
-        "--early_stopping_patience",
-        type=int,
-        default=None,
-        help="Stop when the validation loss has not improved in K evaluations, and save the best step's "
-        "embedding as learned_embeds (the last one as learned_embeds-last).",
-    )
-    g.add_argument(
-        "--max_embedding_norm",
-        type=float,
-        default=None,
-        help="After each step, scale any learned vector longer than this back to this L2 norm. Off by "
-        "default; an inflated norm makes the word drown the rest of the prompt.",
-    )
-
-    g = p.add_argument_group("the Hugging Face Hub")
-    g.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="Upload the embedding files, loss.png, the last validation grid and a model card at the end.",
-    )
-    g.add_argument("--hub_model_id", default=None, help="Repo name (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: your `hf auth login`); never logged.")
-    g.add_argument("--hub_private", action="store_true", help="Create the repo as private.")
-    return p
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    # Every file written before a failed write is intact, so the run goes on from its checkpoint.
+    infer.WRITE_FAILURE_ADVICE = "; once that is fixed, continue with --resume_from_checkpoint latest"
+    try:
+        run_training(parse_args(argv))
+    except (UserError, Stopped) as e:
+        if isinstance(e, UserError) or int(os.environ.get("RANK", "0")) == 0:  # one stop line per run
+            print(f"error: {e}", file=sys.stderr)
+        return e.status
+    return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, checked on their own (what needs the model or the photos is checked by make_plan).
-    The result is never written to afterwards: derived values live in the Plan."""
-    args = build_parser().parse_args(argv)
-    checks = [
-        (
-            (args.initializer_token is None) != (args.initializer_embedding is None),
-            "give --initializer_token (a word or phrase to start from) or --initializer_embedding "
-            "(an embedding to continue), one of the two",
-        ),
-        (
-            args.initializer_token is None or args.initializer_token.strip() != "",
-            "--initializer_token is empty; give a word or phrase the new word starts from",
-        ),
-        (
-            args.num_vectors is None or args.num_vectors >= 1,
-            f"--num_vectors must be at least 1 (got {args.num_vectors})",
-        ),
-        (args.clip_skip >= 0, f"--clip_skip must be at least 0 (got {args.clip_skip})"),
-        (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
-        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
-        (args.repeats >= 1, "--repeats must be at least 1"),
-        (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
-        (args.num_train_epochs is None or args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
-        (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
-        (args.checkpointing_minutes >= 0, "--checkpointing_minutes must be 0 (off) or more"),
-        (args.logging_steps >= 1, "--logging_steps must be at least 1"),
-        (args.validation_steps >= 1, "--validation_steps must be at least 1"),
-        (args.num_validation_images >= 1, "--num_validation_images must be at least 1"),
-        (args.validation_inference_steps >= 1, "--validation_inference_steps must be at least 1"),
-        (
-            args.early_stopping_patience is None or args.early_stopping_patience >= 1,
-            "--early_stopping_patience must be >= 1",
-        ),
-        (args.max_embedding_norm is None or args.max_embedding_norm > 0, "--max_embedding_norm must be positive"),
-        (
-            not args.validation_scores or bool(args.validation_prompt),
-            "--validation_scores scores the validation images: give --validation_prompt too",
-        ),
-        (
-            not args.validation_scores or bool(args.class_word or args.initializer_token),
-            "--validation_scores with --initializer_embedding needs --class_word: the word CLIP-T reads in place "
-            "of the new one (e.g. toy, dog)",
-        ),
-        (
-            args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
-            "--checkpoints_total_limit must be >= 1",
-        ),
-        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
-        (
-            len(args.placeholder_token.split()) <= 1 and args.placeholder_token == args.placeholder_token.strip(),
-            f"--placeholder_token {args.placeholder_token!r} holds whitespace; a prompt word is one string without "
-            "spaces, such as <my-concept>",
-        ),
-        (0 <= args.unmasked_weight <= 1, f"--unmasked_weight must be between 0 and 1 (got {args.unmasked_weight})"),
-        (args.bucket_step >= 1, f"--bucket_step must be at least 1 (got {args.bucket_step})"),
-        (not args.mask_dir or args.masked_loss, "--mask_dir needs --masked_loss"),
-        (
-            args.caption_extension is None or bool(args.caption_extension.strip(". ")),
-            f"--caption_extension {args.caption_extension!r}: give an extension such as .txt",
-        ),
-        (
-            not Path(args.output_dir).exists() or Path(args.output_dir).is_dir(),
-            f"--output_dir {args.output_dir} is a file; give a folder path",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    infer.check_pixels("--resolution", args.resolution)
-    if args.validation_epochs is not None:
-        logger.warning("--validation_epochs is deprecated; use --validation_steps")
-    if args.use_8bit_adam:
-        logger.warning(
-            "--use_8bit_adam does nothing here: Adam keeps state for the new word's rows only (kilobytes), "
-            "so 8 bits would save nothing"
+def run_training(args: argparse.Namespace) -> TrainResult:
+    """prepare, train and finish, holding --output_dir's lock, with stop signals turned into a
+    checkpoint (what main runs; tests run it in their own process)."""
+    with StopSignals() as stop:
+        accelerator = make_accelerator(args)
+        try:
+            with infer.OutputLock(Path(args.output_dir), accelerator.is_main_process):
+                run = prepare(args, accelerator, stop)
+                result = train(run)
+                finish(run, result)
+        finally:
+            accelerator.end_training()  # the trackers' last records, a stopped run's too
+    return result
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = resolve_report_to(args.report_to)
+    config = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+    )
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, project_config=config)
+
+
+def resolve_report_to(value: str | None) -> list[str] | None:
+    """Tracker names; a named tracker that is not installed is a one-line error."""
+    import importlib.util
+
+    if value is None:  # not given: tensorboard if present, like the reference, else none
+        return (
+            ["tensorboard"]
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+            else None
         )
-    return args
+    if value in ("none", ""):
+        return None
+    names = ["tensorboard", "wandb", "comet_ml"] if value == "all" else [v.strip() for v in value.split(",")]
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+    for name in names:
+        if name not in packages:
+            raise UserError(f"--report_to {value}: unknown tracker {name!r} (tensorboard, wandb, comet_ml, all, none)")
+        if not any(importlib.util.find_spec(m) for m in packages[name]):
+            raise UserError(
+                f"--report_to {name}: {name} is not installed; pip install {name}, or pass --report_to none"
+            )
+    return names
+
+
+def tracker_config(args: argparse.Namespace, plan: Plan) -> dict:
+    """The run's settings for trackers: the flags' plain values (never the Hub token), with the
+    values the plan derived where a flag was left unset."""
+    flags = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    return {**flags, **plan.derived()}
+
+
+def quiet_libraries(accelerator) -> None:
+    """The script's own lines on the local main process; the libraries' warnings and bars off."""
+    import diffusers
+    import transformers
+
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+
+
+def warn_if_one_cpu_thread(accelerator) -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise (even with --cpu where
+    psutil counts one physical core): on a CPU, training then uses one core per process however
+    many there are. The launcher keeps an OMP_NUM_THREADS it is given, and its own flag."""
+    cores = os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if accelerator.device.type == "cpu" and torch.get_num_threads() == 1 and cores > processes:
+        threads = cores // processes
+        logger.warning(
+            "Training on the CPU with 1 thread per process while %d cores are free (OMP_NUM_THREADS=1); "
+            "launch with `accelerate launch --num_cpu_threads_per_process %d ...` (or OMP_NUM_THREADS=%d)",
+            cores,
+            threads,
+            threads,
+        )
+
+
+def resolve_seed(args: argparse.Namespace, accelerator) -> int:
+    """--seed, or a fresh one shared by all processes (they must agree on the data order)."""
+    if args.seed is not None:
+        return args.seed
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The run: prepare, train, finish.
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    samples_per_second: float
+    first_step: int = 0  # the step this run started from (a resumed checkpoint's)
+
+
+@dataclass(kw_only=True)
+class Run:
+    """All that train() and finish() work on, made once by prepare()."""
+
+    args: argparse.Namespace
+    plan: Plan
+    accelerator: object
+    stop: StopSignals
+    models: Models
+    placeholders: Placeholders
+    concept: Concept
+    state: RunState
+    validation: Batch  # the fixed batch whose loss the state judges (best step, early stopping)
+    optimization: Optimization
+    fused: FusedBatches
+    watch: Watch
+    checkpoint: Path | None  # the one this run resumed from
+    repo_id: str | None  # with --push_to_hub
+    saved: dict[str, int]  # run.json: the step each embedding file in --output_dir holds
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.output_dir)
+
+
+def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
+    """Everything the loop reads, computed once. Everything that can fail on the user's input
+    fails here, and before a model is built where it can; nothing in --output_dir is written
+    before the models, the word and the photos are known to be good."""
+    quiet_libraries(accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    warn_if_one_cpu_thread(accelerator)
+    models_named = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name"]
+    for flag in models_named + (["clip_model", "dino_model"] if args.validation_scores else []):
+        infer.check_source(getattr(args, flag), f"--{flag}")  # a typo or an unreachable Hub: one line, at once
+    checkpoint = find_checkpoint(args)
+    initializer = read_initializer_embedding(args)
+    source = read_model_source(args)
+    photos = list_photos(infer.photos_folder(args.train_data_dir), args.caption_extension)
+    plan = make_plan(args, accelerator.num_processes, accelerator.mixed_precision, source, initializer, len(photos))
+
+    dataset = dataset_from_args(args, plan, photos)
+    examples = decode_images(dataset, args.dataloader_num_workers)
+    records = dataset.records(examples)
+    scoring = validation_scoring(args, accelerator)
+    models = load_models(args, accelerator.device, plan.weight_dtype, source)
+    placeholders = add_placeholder_tokens(models, plan.tokens, initializer or args.initializer_token)
+    concept = encode_concept(
+        examples,
+        dataset.photo_prompts,
+        models,
+        placeholders,
+        unmasked_weight=args.unmasked_weight,
+        sources=dataset.prompt_sources,
+    )
+    del examples
+    if args.compile:
+        compile_models(models, args.compile_backend)
+    if args.validation_prompt:
+        models.vae.to(plan.weight_dtype)  # kept for validation images, at the UNet's precision
+    else:
+        models.vae = None  # encoded once; the loop never needs it
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    optimization = Optimization(placeholders.rows, args, plan, accelerator.device.type)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, models, placeholders, args, optimization)
+        logger.info("Resuming from %s (step %d)", checkpoint, state.step)
+    else:
+        state = RunState(step=0, seed=resolve_seed(args, accelerator))
+    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        infer.remove_temp_files(out)
+        accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
+        infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    watch = Watch(
+        args=args, plan=plan, models=models, placeholders=placeholders, accelerator=accelerator, state=state,
+        resumed=checkpoint is not None, scoring=scoring,
+    )  # fmt: skip
+    run = Run(
+        args=args, plan=plan, accelerator=accelerator, stop=stop, models=models, placeholders=placeholders,
+        concept=concept, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
+        validation=validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps),
+        checkpoint=checkpoint, repo_id=repo_id, saved=read_saved_steps(out) if checkpoint is not None else {},
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        write_run_record(run)
+    logger.info("%s", startup_text(plan, concept, records, placeholders, accelerator.device, state.seed))
+    if checkpoint is not None and state.step >= plan.max_steps:
+        logger.info(
+            "%s is at step %d and --max_train_steps is %d: nothing to train; writing the outputs from it",
+            checkpoint,
+            state.step,
+            plan.max_steps,
+        )
+    return run
+
+
+def startup_text(
+    plan: Plan, concept: Concept, records: list[dict], placeholders: Placeholders, device: torch.device, seed: int
+) -> str:
+    """The start-up line: what is trained, from what, how long, and on what hardware."""
+    plural = infer.plural
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return (
+        f"{plan.family.name}: {plural(concept.num_images, 'photo')} "
+        f"({sum(r['caption'] is not None for r in records)} captioned, {sum(r['mask'] is not None for r in records)} "
+        f"masked, {plural(len(concept.bucket_sizes), 'bucket')}), {plural(len(concept.prompts), 'prompt')}, "
+        f"{plural(plan.num_vectors, 'vector')} of width {'+'.join(str(r.shape[1]) for r in placeholders.rows)}, "
+        f"{plural(plan.max_steps, 'step')} x {plural(plan.global_batch, 'sample')} "
+        f"({plural(plan.world, 'process', 'processes')}), seed {seed}; on {where}, "
+        f"precision {str(plan.weight_dtype).removeprefix('torch.')} (learned vectors float32), "
+        f"{plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if plan.world > 1 else "")
+    )
+
+
+def train(run: Run) -> TrainResult:
+    """The loop: one optimizer step per iteration; a stop signal ends it after the step, with a
+    checkpoint.
+
+    Accumulation and the gradient all-reduce are this script's own, with accelerate as the
+    launcher, precision and trackers: a step's samples go through the UNet in as few calls as
+    memory allows (FusedBatches: the gradient of accumulation, faster), and the only gradients
+    are the new rows' N x D numbers, averaged directly (Optimization.step) instead of wrapping
+    frozen models in DDP.
+    """
+    args, plan, state, watch, concept = run.args, run.plan, run.state, run.watch, run.concept
+    device, rank = run.accelerator.device, run.accelerator.process_index
+    generator = torch.Generator(device)
+    schedule = bucket_schedule(state.seed, plan.max_steps, concept)
+    num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
+    cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes, state.step)
+    run.stop.outcome = None  # from here on a stop waits for the end of the current step
+    watch.start(state.step)
+    first_step, started, stopped = state.step, time.perf_counter(), False
+    try:
+        if state.step == 0:  # the baseline: how well the initializer word already explains the photos
+            watch.record(0, validate(run, images=False), plot=False)
+        while state.step < plan.max_steps and not state.stopped_early:
+            # Every process draws the whole global batch and keeps its own slice: N processes
+            # compute exactly what one process would with N times the batch.
+            generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
+            images, bucket = step_images(
+                state.seed, state.step, plan.global_batch, concept, schedule, args.repeats, device
+            )
+            batch = draw_batch(generator, images, concept, num_timesteps, bucket)
+            batch = batch[slice(rank * plan.per_process, (rank + 1) * plan.per_process)]
+            loss = run.fused.backward(run.models, concept, batch, run.optimization)
+            run.optimization.step(plan.world)
+            state.step += 1
+            watch.step_done(loss)
+
+            last = state.step == plan.max_steps
+            record = watch.training(run.optimization.lr) if state.step % args.logging_steps == 0 or last else {}
+            validating = state.step % plan.validation_steps == 0 or last
+            if validating:
+                record.update(validate(run))
+            if record:
+                watch.record(state.step, record, plot=validating)
+            if run.accelerator.is_main_process:
+                save_on_cadence(run, cadence, last)
+            if last or state.stopped_early:
+                break  # finished: a signal during this step lets the run end normally
+            if run.stop.agreed(plan.world):
+                stopped = True
+                break
+    finally:
+        watch.close()
+    if stopped:
+        checkpoint_and_stop(run, cadence)
+    seconds = time.perf_counter() - started
+    speed = (state.step - first_step) * plan.global_batch / max(seconds, 1e-9)
+    return TrainResult(state.step, seconds, speed, first_step)
+
+
+def validate(run: Run, images: bool = True) -> dict:
+    """The fixed-noise validation loss, which the state judges (best step, early stopping), and
+    validation images (and their scores), which a stop drops at once, going on to the checkpoint."""
+    loss = validation_loss(run.models, run.concept, run.validation, run.fused.chunk)
+    run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
+    record = {"val_loss": loss}
+    if images and run.args.validation_prompt:
+        try:
+            with run.stop.at_once("while making validation images"):
+                record.update(run.watch.images(run.state.step))
+        except Stopped:
+            logger.info("Stopping: validation images of step %d dropped", run.state.step)
+    return record
+
+
+def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
+    """learned_embeds-steps-N every --save_steps, a checkpoint when one is due (main process)."""
+    step = run.state.step
+    if step % run.args.save_steps == 0:
+        save_embeddings(run, run.placeholders.rows, infer.steps_tag(step), step)
+    if cadence.due(step, last):
+        save_checkpoint(run)
+        cadence.saved(step)
+
+
+def checkpoint_and_stop(run: Run, cadence: CheckpointCadence) -> None:
+    """The stop all processes agreed on: one checkpoint of this step, then Stopped."""
+    step = run.state.step
+    if run.accelerator.is_main_process and cadence.saved_step != step:
+        save_checkpoint(run)
+    run.accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
+    raise run.stop.stopped(
+        f"at step {step}; saved {run.out / infer.checkpoint_name(step)}; to continue, run the same command with "
+        "--resume_from_checkpoint latest"
+    )
+
+
+def finish(run: Run, result: TrainResult) -> None:
+    """The files users expect, the full pipeline and the Hub. A stop during the last step lets
+    the embedding be written; one during the full pipeline ends it, saying how to do the rest."""
+    args, out = run.args, run.out
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        written = save_outputs(run)
+        hub = prepare_hub_folder(run) if run.repo_id is not None else None
+        if args.save_as_full_pipeline:
+            later = f" and the Hub upload (push later with: hf upload {run.repo_id} {hub})" if hub else ""
+            with run.stop.at_once(
+                f"after the last step: the embedding is saved in {out}; skipped --save_as_full_pipeline{later}"
+            ):
+                save_full_pipeline(run)
+        logger.info(
+            "Done: %s in %.1f s (%.1f samples/s); the run is at step %d; kept %s; files in %s",
+            trained_steps_text(result.first_step, result.steps),
+            result.seconds,
+            result.samples_per_second,
+            result.steps,
+            run.state.kept(args.early_stopping_patience),
+            written[0].parent,
+        )
+        if hub is not None:
+            push_to_hub(run, hub)
+
+
+def trained_steps_text(first_step: int, last_step: int) -> str:
+    """What this run trained: all its steps, or the part after the checkpoint it resumed."""
+    if first_step == 0:
+        return infer.plural(last_step, "step")
+    if first_step >= last_step:
+        return "no steps (the checkpoint was already at the end)"
+    return (
+        f"steps {first_step + 1}-{last_step} ({infer.plural(last_step - first_step, 'step')}, resumed at {first_step})"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The loss.
+
+
+def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tensor:
+    """Per-sample MSE of the UNet's prediction (epsilon or v, per the scheduler config),
+    weighted per latent pixel by the photo's mask. All samples share one bucket."""
+    height, width = batch.noise.shape[-2:]
+    bucket = (slice(None), slice(None), slice(None), slice(0, height), slice(0, width))
+    latents = concept.latent_mean[bucket][batch.image, batch.flip]
+    latents = latents + concept.latent_std[bucket][batch.image, batch.flip] * batch.posterior_noise
+    scheduler = models.noise_scheduler
+    noisy = scheduler.add_noise(latents, batch.noise, batch.timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = batch.noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, batch.noise, batch.timesteps)
+    else:
+        raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    prompt = concept.prompt_table[batch.image, batch.template]
+    prompt_ids = [ids[prompt] for ids in concept.prompt_ids]
+    time_ids = None if concept.time_ids is None else concept.time_ids[batch.image]
+    hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids, models.clip_skip)
+    prediction = models.unet_forward(
+        noisy.to(models.weight_dtype), batch.timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added
+    ).sample
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    return (error * concept.loss_weight[bucket][batch.image, batch.flip]).mean(dim=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------
+# Randomness: a pure function of (seed, step), so a resumed run repeats the uninterrupted
+# one exactly with nothing but the step stored, and any number of processes split the
+# same global batch.
+
+
+def derive_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+STREAM_ORDER, STREAM_STEP, STREAM_VALIDATION, STREAM_BUCKET = 1, 2, 3, 4
+
+
+@lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, length: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_ORDER, epoch))
+    return torch.randperm(length, generator=generator, device=device)
+
+
+def sample_images(seed: int, start: int, count: int, num_images: int, repeats: int, device) -> torch.Tensor:
+    """Image index of samples start..start+count of the run's sample stream.
+
+    The stream is a sequence of epochs; each epoch shows every image `repeats` times in a
+    shuffled order, as a shuffled DataLoader over images x repeats would.
+    """
+    length = num_images * repeats
+    parts, position = [], start
+    while position < start + count:
+        epoch, offset = divmod(position, length)
+        take = min(length - offset, start + count - position)
+        parts.append(epoch_order(seed, epoch, length, device)[offset : offset + take])
+        position += take
+    return torch.cat(parts) % num_images
+
+
+@dataclass
+class BucketSchedule:
+    """Which aspect bucket each step trains, drawn once for the whole run, weighted by photo
+    count, so every UNet call sees one shape. Each bucket has its own sample stream."""
+
+    bucket: np.ndarray  # [steps]
+    earlier: np.ndarray  # [steps]: how many earlier steps drew the same bucket
+
+
+def bucket_schedule(seed: int, steps: int, concept: Concept) -> BucketSchedule:
+    counts = np.array([len(m) for m in concept.bucket_members], dtype=np.float64)
+    draws = np.random.default_rng(derive_seed(seed, STREAM_BUCKET)).random(steps)  # a prefix never changes
+    bucket = np.searchsorted(np.cumsum(counts) / counts.sum(), draws, side="right").clip(max=len(counts) - 1)
+    earlier = np.zeros(steps, dtype=np.int64)
+    for b in range(len(counts)):
+        earlier[bucket == b] = np.arange(int((bucket == b).sum()))
+    return BucketSchedule(bucket, earlier)
+
+
+def step_images(
+    seed: int, step: int, count: int, concept: Concept, schedule: BucketSchedule, repeats: int, device
+) -> tuple[torch.Tensor, int]:
+    """The photos of step `step`'s `count` samples, all from the step's bucket; and the bucket."""
+    bucket = int(schedule.bucket[step])
+    members = concept.bucket_members[bucket]
+    stream = seed if len(concept.bucket_members) == 1 else derive_seed(seed, STREAM_BUCKET, bucket)
+    picks = sample_images(stream, int(schedule.earlier[step]) * count, count, len(members), repeats, device)
+    return members[picks], bucket
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # [B] photo index
+    flip: torch.Tensor  # [B] 0 as-is, 1 mirrored
+    template: torch.Tensor  # [B] column of the photo's prompt_table row
+    timesteps: torch.Tensor  # [B]
+    posterior_noise: torch.Tensor  # [B, C, h, w] draws the latent from the cached posterior
+    noise: torch.Tensor  # [B, C, h, w] the diffusion noise; h, w: the batch's bucket
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def __getitem__(self, s: slice | torch.Tensor) -> Batch:
+        return Batch(*(getattr(self, f)[s] for f in self.__dataclass_fields__))
+
+    def cropped(self, height: int, width: int) -> Batch:
+        """The noise of a bucket of latent size height x width (the top left, as latents are stored)."""
+        return replace(
+            self, posterior_noise=self.posterior_noise[..., :height, :width], noise=self.noise[..., :height, :width]
+        )
+
+
+def draw_batch(
+    generator: torch.Generator,
+    image: torch.Tensor,
+    concept: Concept,
+    num_timesteps: int,
+    bucket: int | None = 0,
+    timesteps: torch.Tensor | None = None,
+) -> Batch:
+    """The samples of photos `image`, drawn from `generator` in this order: flips, prompts,
+    timesteps (uniform, unless given) and noises of `bucket`'s size (None: the largest, which
+    every bucket crops)."""
+    device, b = image.device, image.shape[0]
+    size = concept.latent_mean.shape[3:] if bucket is None else concept.bucket_sizes[bucket]
+    shape = (b, concept.latent_mean.shape[2], *size)
+    flip = torch.randint(0, 2, (b,), generator=generator, device=device)
+    template = torch.randint(0, concept.prompt_table.shape[1], (b,), generator=generator, device=device)
+    if timesteps is None:
+        timesteps = torch.randint(0, num_timesteps, (b,), generator=generator, device=device)
+    posterior_noise = torch.randn(shape, generator=generator, device=device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    return Batch(image, flip, template, timesteps, posterior_noise, noise)
+
+
+# ----------------------------------------------------------------------------------------
+# The run state: where the run stands, and the decisions made from it (the best step, early
+# stopping, which rows are the result). A checkpoint holds all of it.
+
+
+@dataclass
+class RunState:
+    """Where a run stands. A checkpoint holds all of it, so a resumed run continues bit for bit."""
+
+    step: int
+    seed: int
+    best_loss: float | None = None  # the lowest validation loss so far, and when
+    best_step: int | None = None
+    best_rows: list[torch.Tensor] | None = None  # the rows at best_step (with --early_stopping_patience)
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+    def judge(self, loss: float, rows: list[torch.Tensor], patience: int | None) -> None:
+        """A validation loss: the best step so far (its rows kept with `patience`), and whether
+        `patience` evaluations without a better one stop the run."""
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step, self.evals_since_best = loss, self.step, 0
+            if patience:
+                self.best_rows = [r.detach().clone() for r in rows]
+        else:
+            self.evals_since_best += 1
+            self.stopped_early = bool(patience) and self.evals_since_best >= patience
+
+    def kept_rows(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows the run's result holds: the best step's with early stopping, else the last."""
+        return rows if self.best_rows is None else self.best_rows
+
+    @property
+    def kept_step(self) -> int:
+        return self.step if self.best_rows is None else self.best_step
+
+    def kept(self, patience: int | None) -> str:
+        """Which step the result holds, and why, in words."""
+        if self.best_rows is None:
+            return f"the last step {self.step}"
+        why = (
+            f"stopped early: no better validation loss in {infer.plural(patience, 'evaluation')}"
+            if self.stopped_early
+            else "the lowest validation loss"
+        )
+        return f"step {self.best_step} ({why}, {self.best_loss:.4f})"
+
+
+# ----------------------------------------------------------------------------------------
+# Optimization: AdamW over the new rows alone, its lr schedule, the fp16 loss scaler, and
+# the fused micro-batches of a step.
+
+
+class Optimization:
+    """The optimizer, lr schedule and loss scaler of the new rows: all a checkpoint resumes."""
+
+    def __init__(self, rows: list[torch.Tensor], args: argparse.Namespace, plan: Plan, device_type: str):
+        from diffusers.optimization import get_scheduler
+
+        self.rows, self.max_norm = rows, args.max_embedding_norm
+        self.optimizer = torch.optim.AdamW(
+            rows,
+            lr=plan.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+        self.scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=plan.max_steps,
+            num_cycles=args.lr_num_cycles,
+        )
+        self.scaler = torch.amp.GradScaler(device_type, enabled=plan.weight_dtype == torch.float16)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, world: int) -> None:
+        """Average the rows' gradients over the processes, step, and keep the norms in bounds."""
+        if world > 1:
+            for rows in self.rows:
+                torch.distributed.all_reduce(rows.grad)
+                rows.grad /= world
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.max_norm:
+            clamp_norms(self.rows, self.max_norm)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["grad_scaler"])
+
+
+@torch.no_grad()
+def clamp_norms(rows: list[torch.Tensor], max_norm: float) -> None:
+    """Project each learned vector back inside the ball of radius max_norm (no host sync)."""
+    for r in rows:
+        r.mul_((max_norm / r.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+
+def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: int, scaler) -> torch.Tensor:
+    """Backward the batch's mean loss in chunks of `chunk` samples; return the loss (on device).
+
+    Each chunk's loss is weighted by its share of the batch, so any chunking gives the
+    gradient of the mean over the whole batch: the same as gradient accumulation.
+    """
+    total = torch.zeros((), device=batch.image.device)
+    for start in range(0, len(batch), chunk):
+        part = batch[slice(start, start + chunk)]
+        loss = denoising_loss(models, concept, part).sum() / len(batch)
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
+
+
+class FusedBatches:
+    """A step's samples in as few UNet calls as memory allows: `chunk` at a time, halved for
+    the rest of the run whenever the GPU runs out of memory."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def backward(self, models: Models, concept: Concept, batch: Batch, optimization: Optimization) -> torch.Tensor:
+        while True:
+            try:
+                return accumulate_gradients(models, concept, batch, self.chunk, optimization.scaler)
+            except torch.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise
+                optimization.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self.chunk = (self.chunk + 1) // 2
+                logger.warning("Out of GPU memory; retrying with --micro_batch_size %d", self.chunk)
+
+
+@dataclass
+class CheckpointCadence:
+    """When a checkpoint is due: every --checkpointing_steps, and when --checkpointing_minutes
+    have passed since the last one (except at the last step, whose outputs are the result)."""
+
+    steps: int
+    minutes: float
+    saved_step: int
+    saved_at: float = field(default_factory=time.monotonic)
+
+    def due(self, step: int, last: bool) -> bool:
+        minutes = 0 if last else (time.monotonic() - self.saved_at) / 60
+        return step % self.steps == 0 or 0 < self.minutes <= minutes
+
+    def saved(self, step: int) -> None:
+        self.saved_step, self.saved_at = step, time.monotonic()
+
+
+# ----------------------------------------------------------------------------------------
+# Watching a run: a validation loss that means something, validation images, metrics, a plot.
+
+
+def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo: int = 4) -> Batch:
+    """A fixed batch: every photo at `per_photo` timesteps spread evenly over the schedule,
+    each with a flip, prompt and noise drawn once from the seed.
+
+    With noise and timesteps fixed, the loss only moves when the embedding does: unlike the
+    training loss, which the random timestep dominates, it tracks what is being learned
+    (Voronov et al., "Is This Loss Informative?", NeurIPS 2023).
+    """
+    device = concept.latent_mean.device
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION))
+    count = concept.num_images * per_photo
+    strata = torch.arange(per_photo, device=device).repeat(concept.num_images)
+    jitter = torch.rand(count, generator=generator, device=device)
+    timesteps = ((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1)
+    image = torch.arange(concept.num_images, device=device).repeat_interleave(per_photo)
+    return draw_batch(generator, image, concept, num_timesteps, bucket=None, timesteps=timesteps)
+
+
+@torch.no_grad()
+def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) -> float:
+    """Mean loss over the batch, bucket by bucket, in calls of exactly `chunk` samples (a
+    bucket's last call wraps around and its repeats are dropped), so a compiled UNet sees one
+    shape per bucket."""
+    bucket_of = torch.tensor(concept.bucket_of)[batch.image.cpu()]
+    total = 0.0
+    for bucket, (height, width) in enumerate(concept.bucket_sizes):
+        positions = (bucket_of == bucket).nonzero().flatten().to(batch.image.device)
+        n = len(positions)
+        for start in range(0, n, chunk):
+            index = positions[torch.arange(start, start + chunk, device=positions.device) % n]
+            part = batch[index].cropped(height, width)
+            total += float(denoising_loss(models, concept, part)[: n - start].sum())
+    return total / len(batch)
+
+
+def validation_pipeline(models: Models):
+    """A pipeline around the modules already in memory (no reload from disk)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    family = models.family
+    parts = {
+        **dict(zip(family.encoders, models.text_encoders)),
+        **dict(zip(family.tokenizers, models.tokenizers)),
+        "unet": models.unet,
+        "vae": models.vae,
+        "scheduler": DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+    }
+    pipe = family.pipeline(parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def validation_images(
+    pipe,
+    prompts: list[str],
+    count: int,
+    seed: int,
+    size: int,
+    steps: int,
+    clip_skip: int = 0,
+) -> list[list]:
+    """`count` images per prompt in one batched call, each from its own fixed seed, so the
+    grids of different steps show the same noise and can be compared."""
+    device = pipe.unet.device
+    generators = [torch.Generator(device).manual_seed(s) for s in validation_seeds(seed, count)] * len(prompts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # SDXL's fp16 VAE upcast announces a deprecation
+        images = pipe(
+            prompt=[p for p in prompts for _ in range(count)],
+            generator=generators,
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+            clip_skip=clip_skip or None,
+        ).images
+    return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
+
+
+def validation_seeds(seed: int, count: int) -> list[int]:
+    """The seed of each column of the validation grid: the same at every step."""
+    return [derive_seed(seed, STREAM_VALIDATION, k) for k in range(count)]
+
+
+def validation_grid_settings(args: argparse.Namespace, models: Models, pipe, seed: int, step: int) -> dict:
+    """What a validation grid was made with, for its PNG: A1111's infotext (its PNG Info reads
+    the prompts, sampler, steps, CFG, seeds, size and model) and the whole, as JSON."""
+    return {
+        "prompts": list(args.validation_prompt),
+        "steps": args.validation_inference_steps,
+        "guidance_scale": infer.default_guidance_scale(pipe),
+        "scheduler": "dpm++",  # validation_pipeline's DPMSolverMultistepScheduler, as infer.py names it
+        **infer.a1111_sampler(pipe.scheduler),
+        "seeds": validation_seeds(seed, args.num_validation_images),
+        "width": args.resolution,
+        "height": args.resolution,
+        "model": args.pretrained_model_name_or_path,
+        "dtype": str(models.weight_dtype).removeprefix("torch."),
+        **({"clip_skip": models.clip_skip} if models.clip_skip else {}),
+        "token": args.placeholder_token,
+        "embedding_step": step,
+    }
+
+
+def validation_scoring(args: argparse.Namespace, accelerator) -> tuple[infer.Scorers, infer.References] | None:
+    """--validation_scores, on the main process: `infer.py eval`'s scorers and the training photos'
+    features, made once, before the models load (a scorer missing offline fails first)."""
+    if not (args.validation_scores and accelerator.is_main_process):
+        return None
+    scorers = infer.Scorers(args.clip_model, args.dino_model, accelerator.device)
+    photos = infer.read_photos(args.train_data_dir, "--train_data_dir")
+    logger.info(
+        "Validation scores: %s and %s against %s", args.clip_model, args.dino_model, infer.plural(len(photos), "photo")
+    )
+    return scorers, scorers.references(photos)
+
+
+def plot_run(history: list[dict], path: Path) -> bool:
+    """loss.png: training loss (raw and smoothed), validation loss, embedding norm, each panel's
+    legend beside it. Returns False when matplotlib is not installed (it is optional)."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    norms = [(h["step"], h["embedding_norm"], h["vocab_median_norm"]) for h in history if "embedding_norm" in h]
+    scored = [h for h in history if "clip_i" in h]
+    panels = 3 if scored else 2
+    made = infer.new_figure(panels, 1, figsize=(10, 3 * panels), sharex=True, height_ratios=[2, 1, 1][:panels])
+    if made is None:
+        return False
+    figure, axes = made
+    top, bottom = axes[0], axes[1]
+    if train:
+        steps, losses = zip(*train)
+        smooth, value = [], losses[0]
+        for loss in losses:
+            value = 0.9 * value + 0.1 * loss
+            smooth.append(value)
+        top.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1)
+        top.plot(steps, smooth, color="tab:blue", label="training loss (smoothed)")
+    if val:
+        top.plot(*zip(*val), "o-", color="tab:orange", label="validation loss (fixed noise)")
+    top.set_ylabel("loss")
+    top.legend(**infer.LEGEND_BESIDE)
+    if norms:
+        steps, norm, median = zip(*norms)
+        bottom.plot(steps, norm, color="tab:green", label="learned vectors' norm")
+        bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
+        bottom.legend(**infer.LEGEND_BESIDE)
+    bottom.set_ylabel("L2 norm")
+    if scored:  # --validation_scores: fidelity (CLIP-I, DINO) against editability (CLIP-T)
+        steps = [h["step"] for h in scored]
+        for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
+            axes[2].plot(steps, [h[key] for h in scored], "o-", label=label)
+        axes[2].set_ylabel("score (validation images)")
+        axes[2].legend(**infer.LEGEND_BESIDE)
+    axes[-1].set_xlabel("step")
+    infer.save_figure(figure, path)
+    return True
+
+
+class Watch:
+    """What a person follows during a run, observed and never steered: the progress bar; every
+    --logging_steps the training loss, lr, speed and embedding norm; every validation the
+    validation loss (which the run state judges) and, on the main process, validation images;
+    all of it in metrics.jsonl, the trackers and loss.png."""
+
+    def __init__(
+        self,
+        *,
+        args: argparse.Namespace,
+        plan: Plan,
+        models: Models,
+        placeholders: Placeholders,
+        accelerator,
+        state: RunState,
+        resumed: bool,
+        scoring: tuple[infer.Scorers, infer.References] | None = None,
+    ):
+        self.scoring = scoring  # --validation_scores, on the main process
+        self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
+        self.accelerator, self.seed = accelerator, state.seed
+        self.out = Path(args.output_dir)
+        self.main = accelerator.is_main_process
+        self.vocab_median_norm = [
+            float(e.get_input_embeddings().frozen.weight.float().norm(dim=1).median()) for e in models.text_encoders
+        ]
+        self.pipe = None
+        self.last_grid: Path | None = None
+        self.plotted = self.said_no_plot = False
+        self.history = self.read_history(state.step) if resumed else []
+        if self.main:  # a resumed run continues the log from its checkpoint's step
+            infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        self.progress = None
+        self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
+
+    def read_history(self, step: int) -> list[dict]:
+        return [r for r in infer.read_jsonl(self.out / "metrics.jsonl") if r.get("step", 0) <= step]
+
+    def start(self, step: int) -> None:
+        from tqdm.auto import tqdm
+
+        enabled = self.accelerator.is_local_main_process
+        self.progress = tqdm(
+            total=self.plan.max_steps, initial=step, desc="Steps", disable=not enabled, dynamic_ncols=True
+        )
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def step_done(self, loss: torch.Tensor) -> None:
+        """One optimizer step: its loss stays on the device until the next logging step."""
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.window_steps += 1
+        self.progress.update(1)
+
+    def training(self, lr: float) -> dict:
+        """The mean loss since the last logging step (the one host sync per interval), lr, speed, norms."""
+        loss = (self.loss_sum / self.loss_count).item()
+        now = time.perf_counter()
+        speed = self.window_steps * self.plan.global_batch / (now - self.window_start)
+        self.loss_sum.zero_()
+        self.loss_count, self.window_start, self.window_steps = 0, now, 0
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
+        record = {"loss": loss, "lr": lr, "samples_per_second": speed}
+        norms = [float(r.detach().norm(dim=1).mean()) for r in self.placeholders.rows]
+        for i, (norm, median) in enumerate(zip(norms, self.vocab_median_norm)):
+            suffix = f"_{i + 1}" if i else ""
+            record[f"embedding_norm{suffix}"] = norm
+            record[f"vocab_median_norm{suffix}"] = median
+        return record
+
+    def images(self, step: int) -> dict:
+        """Validation images (main process, with --validation_prompt): a grid and the trackers';
+        with --validation_scores, their mean CLIP-I, CLIP-T and DINO."""
+        args = self.args
+        if not (self.main and args.validation_prompt):
+            return {}
+        if self.pipe is None:
+            self.pipe = validation_pipeline(self.models)
+        rows = validation_images(
+            self.pipe,
+            args.validation_prompt,
+            args.num_validation_images,
+            self.seed,
+            args.resolution,
+            args.validation_inference_steps,
+            self.models.clip_skip,
+        )
+        folder = self.out / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = infer.labelled_grid(rows, args.validation_prompt, f"step {step}")
+        settings = validation_grid_settings(args, self.models, self.pipe, self.seed, step)
+        self.last_grid = infer.write_png(folder / f"step-{step}.png", grid, settings)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                pixels = np.stack([np.asarray(image) for row in rows for image in row])
+                tracker.writer.add_images("validation", pixels, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                captioned = [wandb.Image(i, caption=p) for p, row in zip(args.validation_prompt, rows) for i in row]
+                tracker.log({"validation": captioned}, step=step)
+        if self.scoring is None:
+            return {}
+        scorers, photos = self.scoring
+        texts = [p.replace(args.placeholder_token, self.plan.class_word) for p in args.validation_prompt]
+        count = args.num_validation_images
+        scores = scorers.score([i for row in rows for i in row], [t for t in texts for _ in range(count)], photos)
+        return {key: float(values.double().mean()) for key, values in scores.items()}
+
+    def record(self, step: int, record: dict, plot: bool) -> None:
+        record = {"step": step, **record}
+        self.history.append(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if self.main:
+            infer.append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
+            if plot:
+                self.plot()
+
+    def plot(self) -> None:
+        if plot_run(self.history, self.out / "loss.png"):
+            self.plotted = True
+        elif not self.said_no_plot:
+            logger.info("matplotlib is not installed, so loss.png was skipped (pip install matplotlib)")
+            self.said_no_plot = True
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -515,6 +1157,346 @@ def make_plan(
         weight_dtype={"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision],
         extension=".bin" if args.no_safe_serialization else ".safetensors",
         class_word=args.class_word or args.initializer_token,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The concept: what the loop reads each step, computed once.
+
+
+@dataclass
+class Concept:
+    # [images, 2 (as-is, mirrored), C, h, w], in the UNet's latent scale. With aspect buckets
+    # h, w are the largest bucket's and each photo's latents sit at the top left.
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor  # same shape
+    prompt_ids: list[torch.Tensor]  # per tokenizer: [prompts, 77]
+    time_ids: torch.Tensor | None  # SDXL: [images, 6]
+    prompts: list[str]
+    # [images, K]: photo i's prompts (rows of prompt_ids), each as often. Default: all, in order.
+    prompt_table: torch.Tensor | None = None
+    # [images, 2, 1, h, w]: the loss weight per latent pixel (masks), mean 1 over the photo's
+    # bucket. Default: ones.
+    loss_weight: torch.Tensor | None = None
+    bucket_sizes: list[tuple[int, int]] | None = None  # latent (h, w) per bucket. Default: one, h x w
+    bucket_of: list[int] | None = None  # each photo's bucket
+    bucket_members: list[torch.Tensor] = field(init=False)  # the photos of each bucket
+
+    def __post_init__(self):
+        images, device = self.latent_mean.shape[0], self.latent_mean.device
+        if self.prompt_table is None:
+            self.prompt_table = torch.arange(len(self.prompts), device=device).expand(images, -1)
+        if self.loss_weight is None:
+            self.loss_weight = torch.ones(images, 2, 1, *self.latent_mean.shape[3:], device=device)
+        if self.bucket_sizes is None:
+            self.bucket_sizes, self.bucket_of = [tuple(self.latent_mean.shape[3:])], [0] * images
+        self.bucket_members = [
+            torch.tensor([i for i, b in enumerate(self.bucket_of) if b == k], dtype=torch.long, device=device)
+            for k in range(len(self.bucket_sizes))
+        ]
+
+    @property
+    def num_images(self) -> int:
+        return self.latent_mean.shape[0]
+
+
+def top_left_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors [..., h_i, w_i] stacked into one [n, ..., max h, max w], each at the top left."""
+    height, width = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
+    out = parts[0].new_zeros(len(parts), *parts[0].shape[:-2], height, width)
+    for i, part in enumerate(parts):
+        out[i, ..., : part.shape[-2], : part.shape[-1]] = part
+    return out
+
+
+@torch.no_grad()
+def encode_concept(
+    examples: list[dict],
+    prompts: list[str] | list[list[str]],
+    models: Models,
+    placeholders: Placeholders,
+    *,
+    unmasked_weight: float = 0.1,
+    sources: dict[str, str] | None = None,
+) -> Concept:
+    """VAE posteriors of every photo and its mirror, their masks on the latent grid, and the
+    prompts' token ids, on device. `prompts` are each photo's (or one list for all);
+    `sources` names the file a prompt came from, for messages.
+
+    Sampling mean + std * noise each step draws from the same distribution as encoding the
+    photo every step, as the reference script does, at none of the cost.
+    """
+    vae = models.vae
+    device = next(vae.parameters()).device
+    means, stds, weights = [], [], []
+    for example in examples:
+        # One view at a time: the VAE's activations at full resolution dominate peak memory
+        # (gigabytes for SDXL at 1024 px in fp32), and this runs once, so batching buys nothing.
+        views = [vae.encode(view[None].to(device, torch.float32)).latent_dist for view in example["pixel_values"]]
+        means.append(torch.cat([v.mean for v in views]))
+        stds.append(torch.cat([v.std for v in views]))
+        weight = torch.ones(2, 1, *means[-1].shape[2:], device=device)
+        if example.get("mask") is not None:  # area average onto the latent grid
+            coverage = F.adaptive_avg_pool2d(example["mask"].to(device), means[-1].shape[2:])
+            weight = unmasked_weight + (1 - unmasked_weight) * coverage
+        weights.append(weight / weight.mean(dim=(1, 2, 3), keepdim=True))
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latent_mean = (top_left_padded(means) - shift) * scale
+    latent_std = top_left_padded(stds) * scale
+    bucket_sizes = sorted({tuple(m.shape[2:]) for m in means})
+
+    # Each distinct list of prompts (the templates, a caption) once; a photo's table row repeats
+    # its list's rows so that every photo's prompts are drawn equally often.
+    per_photo = [tuple(prompts)] * len(examples) if isinstance(prompts[0], str) else list(map(tuple, prompts))
+    first_row, unique = {}, []
+    for photo in dict.fromkeys(per_photo):
+        first_row[photo] = len(unique)
+        unique += photo
+    width = math.lcm(*map(len, per_photo))
+    prompt_table = torch.tensor(
+        [[first_row[photo] + i for i in range(len(photo))] * (width // len(photo)) for photo in per_photo]
+    )
+    prompt_ids = [
+        tokenize_prompts(unique, tokenizer, ids, placeholders.token, sources or {})
+        for tokenizer, ids in zip(models.tokenizers, placeholders.ids)
+    ]
+
+    time_ids = [models.family.time_ids(e["original_size"], e["crop_top_left"], e["target_size"]) for e in examples]
+    time_ids = None if time_ids[0] is None else torch.tensor(time_ids, dtype=torch.float32, device=device)
+    return Concept(
+        latent_mean,
+        latent_std,
+        [ids.to(device) for ids in prompt_ids],
+        time_ids,
+        unique,
+        prompt_table.to(device),
+        top_left_padded(weights),
+        bucket_sizes,
+        [bucket_sizes.index(tuple(m.shape[2:])) for m in means],
+    )
+
+
+def word_occurrences(ids: list[int], word: list[int]) -> tuple[int, bool]:
+    """How many times the new word (its N vector tokens, in order) stands in `ids`, and whether
+    every vector token in `ids` belongs to one of those (else the word split apart)."""
+    starts = [i for i in range(len(ids)) if ids[i : i + len(word)] == word]
+    covered = {i + k for i in starts for k in range(len(word))}
+    return len(starts), all(i in covered for i, t in enumerate(ids) if t in word)
+
+
+def tokenize_prompts(prompts: list[str], tokenizer, ids: list[int], token: str, sources: dict) -> torch.Tensor:
+    """[prompts, 77] token ids; each prompt holds the new word (all its vector tokens, in order)
+    once or more, as diffusers' loader expands it at inference. A prompt longer than the
+    tokenizer's limit is cut, with a warning naming its file."""
+    limit = tokenizer.model_max_length
+    tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+    for prompt, row, full in zip(prompts, tokens, tokenizer(prompts).input_ids):
+        source = sources.get(prompt) or f"the prompt {prompt!r}"
+        (whole, intact), (kept, _) = word_occurrences(full, ids), word_occurrences(row.tolist(), ids)
+        if not whole or not intact:
+            raise UserError(
+                f"--placeholder_token {token!r} does not tokenize as its own new token(s) in the prompt {prompt!r}; "
+                "use a distinctive lowercase string such as <my-concept>"
+            )
+        if len(full) > limit and not kept:
+            raise UserError(
+                f"{source}: {len(full)} tokens, more than the tokenizer's {limit}, and the cut removes the new "
+                "word; shorten it or put [name] nearer the start"
+            )
+        if len(full) > limit:
+            logger.warning("%s: %d tokens, more than the tokenizer's %d; the rest is cut", source, len(full), limit)
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------
+# The new word: N tokens per tokenizer, their rows the only trainable weights.
+
+
+class PlaceholderEmbedding(nn.Module):
+    """A text encoder's token embedding with the placeholder rows read from a separate table.
+
+    The frozen vocabulary is untouched (no 49,408-row gradient or optimizer state exists),
+    and the trainable rows stay fp32 whatever precision the encoder runs in. The rows are
+    held as a plain attribute, not a registered parameter, so the encoder's `.dtype`,
+    `.to()` and `.parameters()` see only its frozen weights.
+    """
+
+    def __init__(self, frozen: nn.Embedding, first_id: int, rows: torch.Tensor):
+        super().__init__()
+        self.frozen = frozen
+        self.first_id = first_id
+        self.rows = rows
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = self.rows.shape[0]
+        is_new = (input_ids >= self.first_id) & (input_ids < self.first_id + n)
+        known = self.frozen(input_ids.clamp(max=self.frozen.num_embeddings - 1))
+        new = F.embedding((input_ids - self.first_id).clamp(0, n - 1), self.rows).to(known.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, known)
+
+
+@dataclass
+class Placeholders:
+    tokens: list[str]  # "<cat-toy>", "<cat-toy>_1", ... (diffusers' multi-vector naming)
+    ids: list[list[int]]  # per tokenizer
+    rows: list[torch.Tensor]  # per text encoder, fp32 [N, D]: the only trainable weights
+
+    @property
+    def token(self) -> str:
+        return self.tokens[0]
+
+
+def read_initializer_embedding(args: argparse.Namespace) -> infer.Embedding | None:
+    """The embedding --initializer_embedding names, read before any model loads (its vector
+    count is the plan's, see make_plan)."""
+    if args.initializer_embedding is None:
+        return None
+    return infer.read_embedding(args.initializer_embedding, flag="--initializer_embedding")
+
+
+def describe_initializer(phrase: str, pieces: list[str], num_vectors: int) -> str:
+    """One line: the tokens an initializer phrase split into, and what each vector starts from."""
+    shares = [
+        pieces[s.start] if len(s) == 1 else "the mean of " + ", ".join(pieces[s.start : s.stop])
+        for s in infer.phrase_shares(len(pieces), num_vectors)
+    ]
+    starts = (
+        f"the vector starts from {shares[0]}"
+        if num_vectors == 1
+        else "; ".join(f"vector {i + 1} from {share}" for i, share in enumerate(shares))
+    )
+    return f"--initializer_token {phrase!r} is {infer.plural(len(pieces), 'token')} ({' '.join(pieces)}): {starts}"
+
+
+def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str | infer.Embedding) -> Placeholders:
+    """Add the new word's tokens (infer.vector_tokens) to every tokenizer, and their trainable rows to
+    every text encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an
+    embedding's own vectors (fitted to the encoders as infer.py loads it)."""
+    placeholder, num_vectors = tokens[0], len(tokens)
+    slots = models.family.slots
+    weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
+    if isinstance(initializer, infer.Embedding):
+        fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
+        start = [fitted[slot] for slot in slots]
+    else:
+        start = [
+            infer.phrase_rows(weight, tokenizer.encode(initializer, add_special_tokens=False), num_vectors)
+            for tokenizer, weight in zip(models.tokenizers, weights)
+        ]
+        pieces = models.tokenizers[0].tokenize(initializer)
+        if len(pieces) > 1:  # one word in several pieces is often a typo: say what it became
+            level = logging.WARNING if len(initializer.split()) < len(pieces) else logging.INFO
+            logger.log(level, describe_initializer(initializer, pieces, num_vectors))
+    all_ids, all_rows = [], []
+    for tokenizer, encoder, initial in zip(models.tokenizers, models.text_encoders, start):
+        suggestion = f"choose a new string such as <{placeholder.strip('<>')}-concept>"
+        pieces = tokenizer.tokenize(placeholder)
+        if len(pieces) == 1 and pieces[0] != placeholder and pieces[0] in tokenizer.get_vocab():
+            # e.g. "toy" -> "toy</w>": as an added token it would take over the real word everywhere.
+            raise UserError(
+                f"--placeholder_token {placeholder!r} is already a word the model knows ({pieces[0]}); {suggestion}"
+            )
+        taken = [t for t in tokens if t in tokenizer.get_vocab()]
+        if taken or tokenizer.add_tokens(tokens) != num_vectors:
+            raise UserError(
+                f"--placeholder_token {placeholder!r}: {(taken or tokens)[0]!r} is already in the tokenizer's "
+                f"vocabulary; {suggestion}"
+            )
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        assert ids == list(range(ids[0], ids[0] + num_vectors)), ids
+        frozen = encoder.get_input_embeddings()
+        rows = initial.to(frozen.weight.device, torch.float32).detach().clone().requires_grad_(True)
+        encoder.set_input_embeddings(PlaceholderEmbedding(frozen, ids[0], rows))
+        all_ids.append(ids)
+        all_rows.append(rows)
+    return Placeholders(tokens, all_ids, all_rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Models: what the source is (read from its configs, before any weight), then the weights.
+# Everything that differs between SD 1.x/2.x and SDXL is in the model families (infer.py).
+
+MODEL_FLAG = "--pretrained_model_name_or_path"
+
+
+def read_model_source(args: argparse.Namespace) -> infer.ModelSource:
+    """The family and the shapes that flags depend on, from the configs alone (see infer.find_model)."""
+    return infer.find_model(args.pretrained_model_name_or_path, args.single_file_config, args.revision, MODEL_FLAG)
+
+
+@dataclass
+class Models:
+    family: type[infer.ModelFamily]
+    tokenizers: list
+    text_encoders: list
+    unet: nn.Module
+    vae: nn.Module | None
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    source: infer.ModelSource
+    clip_skip: int = 0  # CLIP layers skipped, in diffusers' sense (see the family's condition)
+    # What the loss calls: the modules themselves, or their torch.compile'd forms (--compile).
+    # Validation images keep the plain modules, so sampling shapes never cause a recompile.
+    unet_forward: object = None
+    text_encoder_forwards: list | None = None
+
+    def __post_init__(self):
+        if self.unet_forward is None:
+            self.unet_forward = self.unet
+        if self.text_encoder_forwards is None:
+            self.text_encoder_forwards = list(self.text_encoders)
+
+
+def compile_models(models: Models, backend: str) -> None:
+    """torch.compile the UNet and text encoder(s) for the training loss. Shapes never change
+    during a run (fixed chunks, the validation batch padded to them), so each graph compiles
+    once; grad and no-grad (validation) calls make two."""
+    torch._dynamo.reset()  # a run compiles its own graphs, whatever ran in this process before
+    models.unet_forward = torch.compile(models.unet, backend=backend)
+    models.text_encoder_forwards = [torch.compile(e, backend=backend) for e in models.text_encoders]
+
+
+def load_models(
+    args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, source: infer.ModelSource | None = None
+) -> Models:
+    """Tokenizer(s), text encoder(s), UNet, VAE and noise scheduler, frozen, on `device`, by
+    infer.py's loader (a diffusers folder, a Hub id, or one original-layout file with the
+    folder that describes it, --single_file_config). The UNet and text encoders load straight
+    into the training precision; the VAE loads in fp32 because it encodes each photo once,
+    where fp32 costs nothing and avoids SDXL's fp16 VAE overflow.
+    """
+    from diffusers import DDPMScheduler
+
+    source = source or read_model_source(args)
+    pipe = infer.load_pipeline(
+        source,
+        {"default": weight_dtype, "vae": torch.float32},
+        device,
+        prediction_type=args.prediction_type,
+        vae=args.pretrained_vae_model_name_or_path,
+        variant=args.variant,
+        tokenizer=args.tokenizer_name,
+    )
+    family = source.family
+    text_encoders = [getattr(pipe, name) for name in family.encoders]
+    for module in (*text_encoders, pipe.unet, pipe.vae):
+        module.requires_grad_(False)
+        module.eval()
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for encoder in text_encoders:
+            encoder.gradient_checkpointing_enable()
+            encoder.train()  # transformers checkpoints only in train mode; CLIP has no dropout
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            pipe.unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:
+            logger.warning("xformers attention unavailable (%s); using PyTorch's SDPA attention", e)
+    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Models(
+        family, tokenizers, text_encoders, pipe.unet, pipe.vae, noise_scheduler, weight_dtype, source, args.clip_skip
     )
 
 
@@ -825,1212 +1807,6 @@ def decode_images(dataset: TextualInversionDataset, workers: int) -> list[dict]:
     """Decode every photo once (in threads: Pillow releases the GIL), failing on the first bad one."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(dataset.__getitem__, range(len(dataset))))
-
-
-# ----------------------------------------------------------------------------------------
-# Models: what the source is (read from its configs, before any weight), then the weights.
-# Everything that differs between SD 1.x/2.x and SDXL is in the model families (infer.py).
-
-MODEL_FLAG = "--pretrained_model_name_or_path"
-
-
-def read_model_source(args: argparse.Namespace) -> infer.ModelSource:
-    """The family and the shapes that flags depend on, from the configs alone (see infer.find_model)."""
-    return infer.find_model(args.pretrained_model_name_or_path, args.single_file_config, args.revision, MODEL_FLAG)
-
-
-@dataclass
-class Models:
-    family: type[infer.ModelFamily]
-    tokenizers: list
-    text_encoders: list
-    unet: nn.Module
-    vae: nn.Module | None
-    noise_scheduler: object
-    weight_dtype: torch.dtype
-    source: infer.ModelSource
-    clip_skip: int = 0  # CLIP layers skipped, in diffusers' sense (see the family's condition)
-    # What the loss calls: the modules themselves, or their torch.compile'd forms (--compile).
-    # Validation images keep the plain modules, so sampling shapes never cause a recompile.
-    unet_forward: object = None
-    text_encoder_forwards: list | None = None
-
-    def __post_init__(self):
-        if self.unet_forward is None:
-            self.unet_forward = self.unet
-        if self.text_encoder_forwards is None:
-            self.text_encoder_forwards = list(self.text_encoders)
-
-
-def compile_models(models: Models, backend: str) -> None:
-    """torch.compile the UNet and text encoder(s) for the training loss. Shapes never change
-    during a run (fixed chunks, the validation batch padded to them), so each graph compiles
-    once; grad and no-grad (validation) calls make two."""
-    torch._dynamo.reset()  # a run compiles its own graphs, whatever ran in this process before
-    models.unet_forward = torch.compile(models.unet, backend=backend)
-    models.text_encoder_forwards = [torch.compile(e, backend=backend) for e in models.text_encoders]
-
-
-def load_models(
-    args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, source: infer.ModelSource | None = None
-) -> Models:
-    """Tokenizer(s), text encoder(s), UNet, VAE and noise scheduler, frozen, on `device`, by
-    infer.py's loader (a diffusers folder, a Hub id, or one original-layout file with the
-    folder that describes it, --single_file_config). The UNet and text encoders load straight
-    into the training precision; the VAE loads in fp32 because it encodes each photo once,
-    where fp32 costs nothing and avoids SDXL's fp16 VAE overflow.
-    """
-    from diffusers import DDPMScheduler
-
-    source = source or read_model_source(args)
-    pipe = infer.load_pipeline(
-        source,
-        {"default": weight_dtype, "vae": torch.float32},
-        device,
-        prediction_type=args.prediction_type,
-        vae=args.pretrained_vae_model_name_or_path,
-        variant=args.variant,
-        tokenizer=args.tokenizer_name,
-    )
-    family = source.family
-    text_encoders = [getattr(pipe, name) for name in family.encoders]
-    for module in (*text_encoders, pipe.unet, pipe.vae):
-        module.requires_grad_(False)
-        module.eval()
-    if args.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        for encoder in text_encoders:
-            encoder.gradient_checkpointing_enable()
-            encoder.train()  # transformers checkpoints only in train mode; CLIP has no dropout
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            pipe.unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:
-            logger.warning("xformers attention unavailable (%s); using PyTorch's SDPA attention", e)
-    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Models(
-        family, tokenizers, text_encoders, pipe.unet, pipe.vae, noise_scheduler, weight_dtype, source, args.clip_skip
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# The new word: N tokens per tokenizer, their rows the only trainable weights.
-
-
-class PlaceholderEmbedding(nn.Module):
-    """A text encoder's token embedding with the placeholder rows read from a separate table.
-
-    The frozen vocabulary is untouched (no 49,408-row gradient or optimizer state exists),
-    and the trainable rows stay fp32 whatever precision the encoder runs in. The rows are
-    held as a plain attribute, not a registered parameter, so the encoder's `.dtype`,
-    `.to()` and `.parameters()` see only its frozen weights.
-    """
-
-    def __init__(self, frozen: nn.Embedding, first_id: int, rows: torch.Tensor):
-        super().__init__()
-        self.frozen = frozen
-        self.first_id = first_id
-        self.rows = rows
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = self.rows.shape[0]
-        is_new = (input_ids >= self.first_id) & (input_ids < self.first_id + n)
-        known = self.frozen(input_ids.clamp(max=self.frozen.num_embeddings - 1))
-        new = F.embedding((input_ids - self.first_id).clamp(0, n - 1), self.rows).to(known.dtype)
-        return torch.where(is_new.unsqueeze(-1), new, known)
-
-
-@dataclass
-class Placeholders:
-    tokens: list[str]  # "<cat-toy>", "<cat-toy>_1", ... (diffusers' multi-vector naming)
-    ids: list[list[int]]  # per tokenizer
-    rows: list[torch.Tensor]  # per text encoder, fp32 [N, D]: the only trainable weights
-
-    @property
-    def token(self) -> str:
-        return self.tokens[0]
-
-
-def read_initializer_embedding(args: argparse.Namespace) -> infer.Embedding | None:
-    """The embedding --initializer_embedding names, read before any model loads (its vector
-    count is the plan's, see make_plan)."""
-    if args.initializer_embedding is None:
-        return None
-    return infer.read_embedding(args.initializer_embedding, flag="--initializer_embedding")
-
-
-def describe_initializer(phrase: str, pieces: list[str], num_vectors: int) -> str:
-    """One line: the tokens an initializer phrase split into, and what each vector starts from."""
-    shares = [
-        pieces[s.start] if len(s) == 1 else "the mean of " + ", ".join(pieces[s.start : s.stop])
-        for s in infer.phrase_shares(len(pieces), num_vectors)
-    ]
-    starts = (
-        f"the vector starts from {shares[0]}"
-        if num_vectors == 1
-        else "; ".join(f"vector {i + 1} from {share}" for i, share in enumerate(shares))
-    )
-    return f"--initializer_token {phrase!r} is {infer.plural(len(pieces), 'token')} ({' '.join(pieces)}): {starts}"
-
-
-def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str | infer.Embedding) -> Placeholders:
-    """Add the new word's tokens (infer.vector_tokens) to every tokenizer, and their trainable rows to
-    every text encoder, starting from `initializer`: a word or phrase (see phrase_rows) or an
-    embedding's own vectors (fitted to the encoders as infer.py loads it)."""
-    placeholder, num_vectors = tokens[0], len(tokens)
-    slots = models.family.slots
-    weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
-    if isinstance(initializer, infer.Embedding):
-        fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
-        start = [fitted[slot] for slot in slots]
-    else:
-        start = [
-            infer.phrase_rows(weight, tokenizer.encode(initializer, add_special_tokens=False), num_vectors)
-            for tokenizer, weight in zip(models.tokenizers, weights)
-        ]
-        pieces = models.tokenizers[0].tokenize(initializer)
-        if len(pieces) > 1:  # one word in several pieces is often a typo: say what it became
-            level = logging.WARNING if len(initializer.split()) < len(pieces) else logging.INFO
-            logger.log(level, describe_initializer(initializer, pieces, num_vectors))
-    all_ids, all_rows = [], []
-    for tokenizer, encoder, initial in zip(models.tokenizers, models.text_encoders, start):
-        suggestion = f"choose a new string such as <{placeholder.strip('<>')}-concept>"
-        pieces = tokenizer.tokenize(placeholder)
-        if len(pieces) == 1 and pieces[0] != placeholder and pieces[0] in tokenizer.get_vocab():
-            # e.g. "toy" -> "toy</w>": as an added token it would take over the real word everywhere.
-            raise UserError(
-                f"--placeholder_token {placeholder!r} is already a word the model knows ({pieces[0]}); {suggestion}"
-            )
-        taken = [t for t in tokens if t in tokenizer.get_vocab()]
-        if taken or tokenizer.add_tokens(tokens) != num_vectors:
-            raise UserError(
-                f"--placeholder_token {placeholder!r}: {(taken or tokens)[0]!r} is already in the tokenizer's "
-                f"vocabulary; {suggestion}"
-            )
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        assert ids == list(range(ids[0], ids[0] + num_vectors)), ids
-        frozen = encoder.get_input_embeddings()
-        rows = initial.to(frozen.weight.device, torch.float32).detach().clone().requires_grad_(True)
-        encoder.set_input_embeddings(PlaceholderEmbedding(frozen, ids[0], rows))
-        all_ids.append(ids)
-        all_rows.append(rows)
-    return Placeholders(tokens, all_ids, all_rows)
-
-
-# ----------------------------------------------------------------------------------------
-# The concept: what the loop reads each step, computed once.
-
-
-@dataclass
-class Concept:
-    # [images, 2 (as-is, mirrored), C, h, w], in the UNet's latent scale. With aspect buckets
-    # h, w are the largest bucket's and each photo's latents sit at the top left.
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor  # same shape
-    prompt_ids: list[torch.Tensor]  # per tokenizer: [prompts, 77]
-    time_ids: torch.Tensor | None  # SDXL: [images, 6]
-    prompts: list[str]
-    # [images, K]: photo i's prompts (rows of prompt_ids), each as often. Default: all, in order.
-    prompt_table: torch.Tensor | None = None
-    # [images, 2, 1, h, w]: the loss weight per latent pixel (masks), mean 1 over the photo's
-    # bucket. Default: ones.
-    loss_weight: torch.Tensor | None = None
-    bucket_sizes: list[tuple[int, int]] | None = None  # latent (h, w) per bucket. Default: one, h x w
-    bucket_of: list[int] | None = None  # each photo's bucket
-    bucket_members: list[torch.Tensor] = field(init=False)  # the photos of each bucket
-
-    def __post_init__(self):
-        images, device = self.latent_mean.shape[0], self.latent_mean.device
-        if self.prompt_table is None:
-            self.prompt_table = torch.arange(len(self.prompts), device=device).expand(images, -1)
-        if self.loss_weight is None:
-            self.loss_weight = torch.ones(images, 2, 1, *self.latent_mean.shape[3:], device=device)
-        if self.bucket_sizes is None:
-            self.bucket_sizes, self.bucket_of = [tuple(self.latent_mean.shape[3:])], [0] * images
-        self.bucket_members = [
-            torch.tensor([i for i, b in enumerate(self.bucket_of) if b == k], dtype=torch.long, device=device)
-            for k in range(len(self.bucket_sizes))
-        ]
-
-    @property
-    def num_images(self) -> int:
-        return self.latent_mean.shape[0]
-
-
-def top_left_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Tensors [..., h_i, w_i] stacked into one [n, ..., max h, max w], each at the top left."""
-    height, width = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
-    out = parts[0].new_zeros(len(parts), *parts[0].shape[:-2], height, width)
-    for i, part in enumerate(parts):
-        out[i, ..., : part.shape[-2], : part.shape[-1]] = part
-    return out
-
-
-@torch.no_grad()
-def encode_concept(
-    examples: list[dict],
-    prompts: list[str] | list[list[str]],
-    models: Models,
-    placeholders: Placeholders,
-    *,
-    unmasked_weight: float = 0.1,
-    sources: dict[str, str] | None = None,
-) -> Concept:
-    """VAE posteriors of every photo and its mirror, their masks on the latent grid, and the
-    prompts' token ids, on device. `prompts` are each photo's (or one list for all);
-    `sources` names the file a prompt came from, for messages.
-
-    Sampling mean + std * noise each step draws from the same distribution as encoding the
-    photo every step, as the reference script does, at none of the cost.
-    """
-    vae = models.vae
-    device = next(vae.parameters()).device
-    means, stds, weights = [], [], []
-    for example in examples:
-        # One view at a time: the VAE's activations at full resolution dominate peak memory
-        # (gigabytes for SDXL at 1024 px in fp32), and this runs once, so batching buys nothing.
-        views = [vae.encode(view[None].to(device, torch.float32)).latent_dist for view in example["pixel_values"]]
-        means.append(torch.cat([v.mean for v in views]))
-        stds.append(torch.cat([v.std for v in views]))
-        weight = torch.ones(2, 1, *means[-1].shape[2:], device=device)
-        if example.get("mask") is not None:  # area average onto the latent grid
-            coverage = F.adaptive_avg_pool2d(example["mask"].to(device), means[-1].shape[2:])
-            weight = unmasked_weight + (1 - unmasked_weight) * coverage
-        weights.append(weight / weight.mean(dim=(1, 2, 3), keepdim=True))
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latent_mean = (top_left_padded(means) - shift) * scale
-    latent_std = top_left_padded(stds) * scale
-    bucket_sizes = sorted({tuple(m.shape[2:]) for m in means})
-
-    # Each distinct list of prompts (the templates, a caption) once; a photo's table row repeats
-    # its list's rows so that every photo's prompts are drawn equally often.
-    per_photo = [tuple(prompts)] * len(examples) if isinstance(prompts[0], str) else list(map(tuple, prompts))
-    first_row, unique = {}, []
-    for photo in dict.fromkeys(per_photo):
-        first_row[photo] = len(unique)
-        unique += photo
-    width = math.lcm(*map(len, per_photo))
-    prompt_table = torch.tensor(
-        [[first_row[photo] + i for i in range(len(photo))] * (width // len(photo)) for photo in per_photo]
-    )
-    prompt_ids = [
-        tokenize_prompts(unique, tokenizer, ids, placeholders.token, sources or {})
-        for tokenizer, ids in zip(models.tokenizers, placeholders.ids)
-    ]
-
-    time_ids = [models.family.time_ids(e["original_size"], e["crop_top_left"], e["target_size"]) for e in examples]
-    time_ids = None if time_ids[0] is None else torch.tensor(time_ids, dtype=torch.float32, device=device)
-    return Concept(
-        latent_mean,
-        latent_std,
-        [ids.to(device) for ids in prompt_ids],
-        time_ids,
-        unique,
-        prompt_table.to(device),
-        top_left_padded(weights),
-        bucket_sizes,
-        [bucket_sizes.index(tuple(m.shape[2:])) for m in means],
-    )
-
-
-def word_occurrences(ids: list[int], word: list[int]) -> tuple[int, bool]:
-    """How many times the new word (its N vector tokens, in order) stands in `ids`, and whether
-    every vector token in `ids` belongs to one of those (else the word split apart)."""
-    starts = [i for i in range(len(ids)) if ids[i : i + len(word)] == word]
-    covered = {i + k for i in starts for k in range(len(word))}
-    return len(starts), all(i in covered for i, t in enumerate(ids) if t in word)
-
-
-def tokenize_prompts(prompts: list[str], tokenizer, ids: list[int], token: str, sources: dict) -> torch.Tensor:
-    """[prompts, 77] token ids; each prompt holds the new word (all its vector tokens, in order)
-    once or more, as diffusers' loader expands it at inference. A prompt longer than the
-    tokenizer's limit is cut, with a warning naming its file."""
-    limit = tokenizer.model_max_length
-    tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
-    for prompt, row, full in zip(prompts, tokens, tokenizer(prompts).input_ids):
-        source = sources.get(prompt) or f"the prompt {prompt!r}"
-        (whole, intact), (kept, _) = word_occurrences(full, ids), word_occurrences(row.tolist(), ids)
-        if not whole or not intact:
-            raise UserError(
-                f"--placeholder_token {token!r} does not tokenize as its own new token(s) in the prompt {prompt!r}; "
-                "use a distinctive lowercase string such as <my-concept>"
-            )
-        if len(full) > limit and not kept:
-            raise UserError(
-                f"{source}: {len(full)} tokens, more than the tokenizer's {limit}, and the cut removes the new "
-                "word; shorten it or put [name] nearer the start"
-            )
-        if len(full) > limit:
-            logger.warning("%s: %d tokens, more than the tokenizer's %d; the rest is cut", source, len(full), limit)
-    return tokens
-
-
-# ----------------------------------------------------------------------------------------
-# Randomness: a pure function of (seed, step), so a resumed run repeats the uninterrupted
-# one exactly with nothing but the step stored, and any number of processes split the
-# same global batch.
-
-
-def derive_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-STREAM_ORDER, STREAM_STEP, STREAM_VALIDATION, STREAM_BUCKET = 1, 2, 3, 4
-
-
-@lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, length: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_ORDER, epoch))
-    return torch.randperm(length, generator=generator, device=device)
-
-
-def sample_images(seed: int, start: int, count: int, num_images: int, repeats: int, device) -> torch.Tensor:
-    """Image index of samples start..start+count of the run's sample stream.
-
-    The stream is a sequence of epochs; each epoch shows every image `repeats` times in a
-    shuffled order, as a shuffled DataLoader over images x repeats would.
-    """
-    length = num_images * repeats
-    parts, position = [], start
-    while position < start + count:
-        epoch, offset = divmod(position, length)
-        take = min(length - offset, start + count - position)
-        parts.append(epoch_order(seed, epoch, length, device)[offset : offset + take])
-        position += take
-    return torch.cat(parts) % num_images
-
-
-@dataclass
-class BucketSchedule:
-    """Which aspect bucket each step trains, drawn once for the whole run, weighted by photo
-    count, so every UNet call sees one shape. Each bucket has its own sample stream."""
-
-    bucket: np.ndarray  # [steps]
-    earlier: np.ndarray  # [steps]: how many earlier steps drew the same bucket
-
-
-def bucket_schedule(seed: int, steps: int, concept: Concept) -> BucketSchedule:
-    counts = np.array([len(m) for m in concept.bucket_members], dtype=np.float64)
-    draws = np.random.default_rng(derive_seed(seed, STREAM_BUCKET)).random(steps)  # a prefix never changes
-    bucket = np.searchsorted(np.cumsum(counts) / counts.sum(), draws, side="right").clip(max=len(counts) - 1)
-    earlier = np.zeros(steps, dtype=np.int64)
-    for b in range(len(counts)):
-        earlier[bucket == b] = np.arange(int((bucket == b).sum()))
-    return BucketSchedule(bucket, earlier)
-
-
-def step_images(
-    seed: int, step: int, count: int, concept: Concept, schedule: BucketSchedule, repeats: int, device
-) -> tuple[torch.Tensor, int]:
-    """The photos of step `step`'s `count` samples, all from the step's bucket; and the bucket."""
-    bucket = int(schedule.bucket[step])
-    members = concept.bucket_members[bucket]
-    stream = seed if len(concept.bucket_members) == 1 else derive_seed(seed, STREAM_BUCKET, bucket)
-    picks = sample_images(stream, int(schedule.earlier[step]) * count, count, len(members), repeats, device)
-    return members[picks], bucket
-
-
-@dataclass
-class Batch:
-    image: torch.Tensor  # [B] photo index
-    flip: torch.Tensor  # [B] 0 as-is, 1 mirrored
-    template: torch.Tensor  # [B] column of the photo's prompt_table row
-    timesteps: torch.Tensor  # [B]
-    posterior_noise: torch.Tensor  # [B, C, h, w] draws the latent from the cached posterior
-    noise: torch.Tensor  # [B, C, h, w] the diffusion noise; h, w: the batch's bucket
-
-    def __len__(self) -> int:
-        return self.image.shape[0]
-
-    def __getitem__(self, s: slice | torch.Tensor) -> Batch:
-        return Batch(*(getattr(self, f)[s] for f in self.__dataclass_fields__))
-
-    def cropped(self, height: int, width: int) -> Batch:
-        """The noise of a bucket of latent size height x width (the top left, as latents are stored)."""
-        return replace(
-            self, posterior_noise=self.posterior_noise[..., :height, :width], noise=self.noise[..., :height, :width]
-        )
-
-
-def draw_batch(
-    generator: torch.Generator,
-    image: torch.Tensor,
-    concept: Concept,
-    num_timesteps: int,
-    bucket: int | None = 0,
-    timesteps: torch.Tensor | None = None,
-) -> Batch:
-    """The samples of photos `image`, drawn from `generator` in this order: flips, prompts,
-    timesteps (uniform, unless given) and noises of `bucket`'s size (None: the largest, which
-    every bucket crops)."""
-    device, b = image.device, image.shape[0]
-    size = concept.latent_mean.shape[3:] if bucket is None else concept.bucket_sizes[bucket]
-    shape = (b, concept.latent_mean.shape[2], *size)
-    flip = torch.randint(0, 2, (b,), generator=generator, device=device)
-    template = torch.randint(0, concept.prompt_table.shape[1], (b,), generator=generator, device=device)
-    if timesteps is None:
-        timesteps = torch.randint(0, num_timesteps, (b,), generator=generator, device=device)
-    posterior_noise = torch.randn(shape, generator=generator, device=device)
-    noise = torch.randn(shape, generator=generator, device=device)
-    return Batch(image, flip, template, timesteps, posterior_noise, noise)
-
-
-# ----------------------------------------------------------------------------------------
-# The loss.
-
-
-def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tensor:
-    """Per-sample MSE of the UNet's prediction (epsilon or v, per the scheduler config),
-    weighted per latent pixel by the photo's mask. All samples share one bucket."""
-    height, width = batch.noise.shape[-2:]
-    bucket = (slice(None), slice(None), slice(None), slice(0, height), slice(0, width))
-    latents = concept.latent_mean[bucket][batch.image, batch.flip]
-    latents = latents + concept.latent_std[bucket][batch.image, batch.flip] * batch.posterior_noise
-    scheduler = models.noise_scheduler
-    noisy = scheduler.add_noise(latents, batch.noise, batch.timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = batch.noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, batch.noise, batch.timesteps)
-    else:
-        raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-    prompt = concept.prompt_table[batch.image, batch.template]
-    prompt_ids = [ids[prompt] for ids in concept.prompt_ids]
-    time_ids = None if concept.time_ids is None else concept.time_ids[batch.image]
-    hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids, models.clip_skip)
-    prediction = models.unet_forward(
-        noisy.to(models.weight_dtype), batch.timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added
-    ).sample
-    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    return (error * concept.loss_weight[bucket][batch.image, batch.flip]).mean(dim=(1, 2, 3))
-
-
-# ----------------------------------------------------------------------------------------
-# The run state: where the run stands, and the decisions made from it (the best step, early
-# stopping, which rows are the result). A checkpoint holds all of it.
-
-
-@dataclass
-class RunState:
-    """Where a run stands. A checkpoint holds all of it, so a resumed run continues bit for bit."""
-
-    step: int
-    seed: int
-    best_loss: float | None = None  # the lowest validation loss so far, and when
-    best_step: int | None = None
-    best_rows: list[torch.Tensor] | None = None  # the rows at best_step (with --early_stopping_patience)
-    evals_since_best: int = 0
-    stopped_early: bool = False
-
-    def judge(self, loss: float, rows: list[torch.Tensor], patience: int | None) -> None:
-        """A validation loss: the best step so far (its rows kept with `patience`), and whether
-        `patience` evaluations without a better one stop the run."""
-        if self.best_loss is None or loss < self.best_loss:
-            self.best_loss, self.best_step, self.evals_since_best = loss, self.step, 0
-            if patience:
-                self.best_rows = [r.detach().clone() for r in rows]
-        else:
-            self.evals_since_best += 1
-            self.stopped_early = bool(patience) and self.evals_since_best >= patience
-
-    def kept_rows(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The rows the run's result holds: the best step's with early stopping, else the last."""
-        return rows if self.best_rows is None else self.best_rows
-
-    @property
-    def kept_step(self) -> int:
-        return self.step if self.best_rows is None else self.best_step
-
-    def kept(self, patience: int | None) -> str:
-        """Which step the result holds, and why, in words."""
-        if self.best_rows is None:
-            return f"the last step {self.step}"
-        why = (
-            f"stopped early: no better validation loss in {infer.plural(patience, 'evaluation')}"
-            if self.stopped_early
-            else "the lowest validation loss"
-        )
-        return f"step {self.best_step} ({why}, {self.best_loss:.4f})"
-
-
-# ----------------------------------------------------------------------------------------
-# Watching a run: a validation loss that means something, validation images, metrics, a plot.
-
-
-def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo: int = 4) -> Batch:
-    """A fixed batch: every photo at `per_photo` timesteps spread evenly over the schedule,
-    each with a flip, prompt and noise drawn once from the seed.
-
-    With noise and timesteps fixed, the loss only moves when the embedding does: unlike the
-    training loss, which the random timestep dominates, it tracks what is being learned
-    (Voronov et al., "Is This Loss Informative?", NeurIPS 2023).
-    """
-    device = concept.latent_mean.device
-    generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION))
-    count = concept.num_images * per_photo
-    strata = torch.arange(per_photo, device=device).repeat(concept.num_images)
-    jitter = torch.rand(count, generator=generator, device=device)
-    timesteps = ((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1)
-    image = torch.arange(concept.num_images, device=device).repeat_interleave(per_photo)
-    return draw_batch(generator, image, concept, num_timesteps, bucket=None, timesteps=timesteps)
-
-
-@torch.no_grad()
-def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) -> float:
-    """Mean loss over the batch, bucket by bucket, in calls of exactly `chunk` samples (a
-    bucket's last call wraps around and its repeats are dropped), so a compiled UNet sees one
-    shape per bucket."""
-    bucket_of = torch.tensor(concept.bucket_of)[batch.image.cpu()]
-    total = 0.0
-    for bucket, (height, width) in enumerate(concept.bucket_sizes):
-        positions = (bucket_of == bucket).nonzero().flatten().to(batch.image.device)
-        n = len(positions)
-        for start in range(0, n, chunk):
-            index = positions[torch.arange(start, start + chunk, device=positions.device) % n]
-            part = batch[index].cropped(height, width)
-            total += float(denoising_loss(models, concept, part)[: n - start].sum())
-    return total / len(batch)
-
-
-def validation_pipeline(models: Models):
-    """A pipeline around the modules already in memory (no reload from disk)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    family = models.family
-    parts = {
-        **dict(zip(family.encoders, models.text_encoders)),
-        **dict(zip(family.tokenizers, models.tokenizers)),
-        "unet": models.unet,
-        "vae": models.vae,
-        "scheduler": DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-    }
-    pipe = family.pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def validation_images(
-    pipe,
-    prompts: list[str],
-    count: int,
-    seed: int,
-    size: int,
-    steps: int,
-    clip_skip: int = 0,
-) -> list[list]:
-    """`count` images per prompt in one batched call, each from its own fixed seed, so the
-    grids of different steps show the same noise and can be compared."""
-    device = pipe.unet.device
-    generators = [torch.Generator(device).manual_seed(s) for s in validation_seeds(seed, count)] * len(prompts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # SDXL's fp16 VAE upcast announces a deprecation
-        images = pipe(
-            prompt=[p for p in prompts for _ in range(count)],
-            generator=generators,
-            num_inference_steps=steps,
-            height=size,
-            width=size,
-            clip_skip=clip_skip or None,
-        ).images
-    return [images[i * count : (i + 1) * count] for i in range(len(prompts))]
-
-
-def validation_seeds(seed: int, count: int) -> list[int]:
-    """The seed of each column of the validation grid: the same at every step."""
-    return [derive_seed(seed, STREAM_VALIDATION, k) for k in range(count)]
-
-
-def validation_grid_settings(args: argparse.Namespace, models: Models, pipe, seed: int, step: int) -> dict:
-    """What a validation grid was made with, for its PNG: A1111's infotext (its PNG Info reads
-    the prompts, sampler, steps, CFG, seeds, size and model) and the whole, as JSON."""
-    return {
-        "prompts": list(args.validation_prompt),
-        "steps": args.validation_inference_steps,
-        "guidance_scale": infer.default_guidance_scale(pipe),
-        "scheduler": "dpm++",  # validation_pipeline's DPMSolverMultistepScheduler, as infer.py names it
-        **infer.a1111_sampler(pipe.scheduler),
-        "seeds": validation_seeds(seed, args.num_validation_images),
-        "width": args.resolution,
-        "height": args.resolution,
-        "model": args.pretrained_model_name_or_path,
-        "dtype": str(models.weight_dtype).removeprefix("torch."),
-        **({"clip_skip": models.clip_skip} if models.clip_skip else {}),
-        "token": args.placeholder_token,
-        "embedding_step": step,
-    }
-
-
-def validation_scoring(args: argparse.Namespace, accelerator) -> tuple[infer.Scorers, infer.References] | None:
-    """--validation_scores, on the main process: `infer.py eval`'s scorers and the training photos'
-    features, made once, before the models load (a scorer missing offline fails first)."""
-    if not (args.validation_scores and accelerator.is_main_process):
-        return None
-    scorers = infer.Scorers(args.clip_model, args.dino_model, accelerator.device)
-    photos = infer.read_photos(args.train_data_dir, "--train_data_dir")
-    logger.info(
-        "Validation scores: %s and %s against %s", args.clip_model, args.dino_model, infer.plural(len(photos), "photo")
-    )
-    return scorers, scorers.references(photos)
-
-
-def plot_run(history: list[dict], path: Path) -> bool:
-    """loss.png: training loss (raw and smoothed), validation loss, embedding norm, each panel's
-    legend beside it. Returns False when matplotlib is not installed (it is optional)."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    norms = [(h["step"], h["embedding_norm"], h["vocab_median_norm"]) for h in history if "embedding_norm" in h]
-    scored = [h for h in history if "clip_i" in h]
-    panels = 3 if scored else 2
-    made = infer.new_figure(panels, 1, figsize=(10, 3 * panels), sharex=True, height_ratios=[2, 1, 1][:panels])
-    if made is None:
-        return False
-    figure, axes = made
-    top, bottom = axes[0], axes[1]
-    if train:
-        steps, losses = zip(*train)
-        smooth, value = [], losses[0]
-        for loss in losses:
-            value = 0.9 * value + 0.1 * loss
-            smooth.append(value)
-        top.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1)
-        top.plot(steps, smooth, color="tab:blue", label="training loss (smoothed)")
-    if val:
-        top.plot(*zip(*val), "o-", color="tab:orange", label="validation loss (fixed noise)")
-    top.set_ylabel("loss")
-    top.legend(**infer.LEGEND_BESIDE)
-    if norms:
-        steps, norm, median = zip(*norms)
-        bottom.plot(steps, norm, color="tab:green", label="learned vectors' norm")
-        bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
-        bottom.legend(**infer.LEGEND_BESIDE)
-    bottom.set_ylabel("L2 norm")
-    if scored:  # --validation_scores: fidelity (CLIP-I, DINO) against editability (CLIP-T)
-        steps = [h["step"] for h in scored]
-        for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
-            axes[2].plot(steps, [h[key] for h in scored], "o-", label=label)
-        axes[2].set_ylabel("score (validation images)")
-        axes[2].legend(**infer.LEGEND_BESIDE)
-    axes[-1].set_xlabel("step")
-    infer.save_figure(figure, path)
-    return True
-
-
-class Watch:
-    """What a person follows during a run, observed and never steered: the progress bar; every
-    --logging_steps the training loss, lr, speed and embedding norm; every validation the
-    validation loss (which the run state judges) and, on the main process, validation images;
-    all of it in metrics.jsonl, the trackers and loss.png."""
-
-    def __init__(
-        self,
-        *,
-        args: argparse.Namespace,
-        plan: Plan,
-        models: Models,
-        placeholders: Placeholders,
-        accelerator,
-        state: RunState,
-        resumed: bool,
-        scoring: tuple[infer.Scorers, infer.References] | None = None,
-    ):
-        self.scoring = scoring  # --validation_scores, on the main process
-        self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
-        self.accelerator, self.seed = accelerator, state.seed
-        self.out = Path(args.output_dir)
-        self.main = accelerator.is_main_process
-        self.vocab_median_norm = [
-            float(e.get_input_embeddings().frozen.weight.float().norm(dim=1).median()) for e in models.text_encoders
-        ]
-        self.pipe = None
-        self.last_grid: Path | None = None
-        self.plotted = self.said_no_plot = False
-        self.history = self.read_history(state.step) if resumed else []
-        if self.main:  # a resumed run continues the log from its checkpoint's step
-            infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-        self.progress = None
-        self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
-
-    def read_history(self, step: int) -> list[dict]:
-        return [r for r in infer.read_jsonl(self.out / "metrics.jsonl") if r.get("step", 0) <= step]
-
-    def start(self, step: int) -> None:
-        from tqdm.auto import tqdm
-
-        enabled = self.accelerator.is_local_main_process
-        self.progress = tqdm(
-            total=self.plan.max_steps, initial=step, desc="Steps", disable=not enabled, dynamic_ncols=True
-        )
-        self.window_start, self.window_steps = time.perf_counter(), 0
-
-    def step_done(self, loss: torch.Tensor) -> None:
-        """One optimizer step: its loss stays on the device until the next logging step."""
-        self.loss_sum += loss
-        self.loss_count += 1
-        self.window_steps += 1
-        self.progress.update(1)
-
-    def training(self, lr: float) -> dict:
-        """The mean loss since the last logging step (the one host sync per interval), lr, speed, norms."""
-        loss = (self.loss_sum / self.loss_count).item()
-        now = time.perf_counter()
-        speed = self.window_steps * self.plan.global_batch / (now - self.window_start)
-        self.loss_sum.zero_()
-        self.loss_count, self.window_start, self.window_steps = 0, now, 0
-        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
-        record = {"loss": loss, "lr": lr, "samples_per_second": speed}
-        norms = [float(r.detach().norm(dim=1).mean()) for r in self.placeholders.rows]
-        for i, (norm, median) in enumerate(zip(norms, self.vocab_median_norm)):
-            suffix = f"_{i + 1}" if i else ""
-            record[f"embedding_norm{suffix}"] = norm
-            record[f"vocab_median_norm{suffix}"] = median
-        return record
-
-    def images(self, step: int) -> dict:
-        """Validation images (main process, with --validation_prompt): a grid and the trackers';
-        with --validation_scores, their mean CLIP-I, CLIP-T and DINO."""
-        args = self.args
-        if not (self.main and args.validation_prompt):
-            return {}
-        if self.pipe is None:
-            self.pipe = validation_pipeline(self.models)
-        rows = validation_images(
-            self.pipe,
-            args.validation_prompt,
-            args.num_validation_images,
-            self.seed,
-            args.resolution,
-            args.validation_inference_steps,
-            self.models.clip_skip,
-        )
-        folder = self.out / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = infer.labelled_grid(rows, args.validation_prompt, f"step {step}")
-        settings = validation_grid_settings(args, self.models, self.pipe, self.seed, step)
-        self.last_grid = infer.write_png(folder / f"step-{step}.png", grid, settings)
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                pixels = np.stack([np.asarray(image) for row in rows for image in row])
-                tracker.writer.add_images("validation", pixels, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                captioned = [wandb.Image(i, caption=p) for p, row in zip(args.validation_prompt, rows) for i in row]
-                tracker.log({"validation": captioned}, step=step)
-        if self.scoring is None:
-            return {}
-        scorers, photos = self.scoring
-        texts = [p.replace(args.placeholder_token, self.plan.class_word) for p in args.validation_prompt]
-        count = args.num_validation_images
-        scores = scorers.score([i for row in rows for i in row], [t for t in texts for _ in range(count)], photos)
-        return {key: float(values.double().mean()) for key, values in scores.items()}
-
-    def record(self, step: int, record: dict, plot: bool) -> None:
-        record = {"step": step, **record}
-        self.history.append(record)
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        if self.main:
-            infer.append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
-            if plot:
-                self.plot()
-
-    def plot(self) -> None:
-        if plot_run(self.history, self.out / "loss.png"):
-            self.plotted = True
-        elif not self.said_no_plot:
-            logger.info("matplotlib is not installed, so loss.png was skipped (pip install matplotlib)")
-            self.said_no_plot = True
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-
-
-# ----------------------------------------------------------------------------------------
-# Optimization: AdamW over the new rows alone, its lr schedule, the fp16 loss scaler, and
-# the fused micro-batches of a step.
-
-
-class Optimization:
-    """The optimizer, lr schedule and loss scaler of the new rows: all a checkpoint resumes."""
-
-    def __init__(self, rows: list[torch.Tensor], args: argparse.Namespace, plan: Plan, device_type: str):
-        from diffusers.optimization import get_scheduler
-
-        self.rows, self.max_norm = rows, args.max_embedding_norm
-        self.optimizer = torch.optim.AdamW(
-            rows,
-            lr=plan.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-        self.scheduler = get_scheduler(
-            args.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=plan.max_steps,
-            num_cycles=args.lr_num_cycles,
-        )
-        self.scaler = torch.amp.GradScaler(device_type, enabled=plan.weight_dtype == torch.float16)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def step(self, world: int) -> None:
-        """Average the rows' gradients over the processes, step, and keep the norms in bounds."""
-        if world > 1:
-            for rows in self.rows:
-                torch.distributed.all_reduce(rows.grad)
-                rows.grad /= world
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.max_norm:
-            clamp_norms(self.rows, self.max_norm)
-
-    def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "grad_scaler": self.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["grad_scaler"])
-
-
-@torch.no_grad()
-def clamp_norms(rows: list[torch.Tensor], max_norm: float) -> None:
-    """Project each learned vector back inside the ball of radius max_norm (no host sync)."""
-    for r in rows:
-        r.mul_((max_norm / r.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-
-
-def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: int, scaler) -> torch.Tensor:
-    """Backward the batch's mean loss in chunks of `chunk` samples; return the loss (on device).
-
-    Each chunk's loss is weighted by its share of the batch, so any chunking gives the
-    gradient of the mean over the whole batch: the same as gradient accumulation.
-    """
-    total = torch.zeros((), device=batch.image.device)
-    for start in range(0, len(batch), chunk):
-        part = batch[slice(start, start + chunk)]
-        loss = denoising_loss(models, concept, part).sum() / len(batch)
-        scaler.scale(loss).backward()
-        total += loss.detach()
-    return total
-
-
-class FusedBatches:
-    """A step's samples in as few UNet calls as memory allows: `chunk` at a time, halved for
-    the rest of the run whenever the GPU runs out of memory."""
-
-    def __init__(self, chunk: int):
-        self.chunk = chunk
-
-    def backward(self, models: Models, concept: Concept, batch: Batch, optimization: Optimization) -> torch.Tensor:
-        while True:
-            try:
-                return accumulate_gradients(models, concept, batch, self.chunk, optimization.scaler)
-            except torch.OutOfMemoryError:
-                if self.chunk == 1:
-                    raise
-                optimization.optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                self.chunk = (self.chunk + 1) // 2
-                logger.warning("Out of GPU memory; retrying with --micro_batch_size %d", self.chunk)
-
-
-@dataclass
-class CheckpointCadence:
-    """When a checkpoint is due: every --checkpointing_steps, and when --checkpointing_minutes
-    have passed since the last one (except at the last step, whose outputs are the result)."""
-
-    steps: int
-    minutes: float
-    saved_step: int
-    saved_at: float = field(default_factory=time.monotonic)
-
-    def due(self, step: int, last: bool) -> bool:
-        minutes = 0 if last else (time.monotonic() - self.saved_at) / 60
-        return step % self.steps == 0 or 0 < self.minutes <= minutes
-
-    def saved(self, step: int) -> None:
-        self.saved_step, self.saved_at = step, time.monotonic()
-
-
-# ----------------------------------------------------------------------------------------
-# The run: prepare, train, finish.
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    seconds: float
-    samples_per_second: float
-    first_step: int = 0  # the step this run started from (a resumed checkpoint's)
-
-
-@dataclass(kw_only=True)
-class Run:
-    """All that train() and finish() work on, made once by prepare()."""
-
-    args: argparse.Namespace
-    plan: Plan
-    accelerator: object
-    stop: StopSignals
-    models: Models
-    placeholders: Placeholders
-    concept: Concept
-    state: RunState
-    validation: Batch  # the fixed batch whose loss the state judges (best step, early stopping)
-    optimization: Optimization
-    fused: FusedBatches
-    watch: Watch
-    checkpoint: Path | None  # the one this run resumed from
-    repo_id: str | None  # with --push_to_hub
-    saved: dict[str, int]  # run.json: the step each embedding file in --output_dir holds
-
-    @property
-    def out(self) -> Path:
-        return Path(self.args.output_dir)
-
-
-def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
-    """Everything the loop reads, computed once. Everything that can fail on the user's input
-    fails here, and before a model is built where it can; nothing in --output_dir is written
-    before the models, the word and the photos are known to be good."""
-    quiet_libraries(accelerator)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    warn_if_one_cpu_thread(accelerator)
-    models_named = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name"]
-    for flag in models_named + (["clip_model", "dino_model"] if args.validation_scores else []):
-        infer.check_source(getattr(args, flag), f"--{flag}")  # a typo or an unreachable Hub: one line, at once
-    checkpoint = find_checkpoint(args)
-    initializer = read_initializer_embedding(args)
-    source = read_model_source(args)
-    photos = list_photos(infer.photos_folder(args.train_data_dir), args.caption_extension)
-    plan = make_plan(args, accelerator.num_processes, accelerator.mixed_precision, source, initializer, len(photos))
-
-    dataset = dataset_from_args(args, plan, photos)
-    examples = decode_images(dataset, args.dataloader_num_workers)
-    records = dataset.records(examples)
-    scoring = validation_scoring(args, accelerator)
-    models = load_models(args, accelerator.device, plan.weight_dtype, source)
-    placeholders = add_placeholder_tokens(models, plan.tokens, initializer or args.initializer_token)
-    concept = encode_concept(
-        examples,
-        dataset.photo_prompts,
-        models,
-        placeholders,
-        unmasked_weight=args.unmasked_weight,
-        sources=dataset.prompt_sources,
-    )
-    del examples
-    if args.compile:
-        compile_models(models, args.compile_backend)
-    if args.validation_prompt:
-        models.vae.to(plan.weight_dtype)  # kept for validation images, at the UNet's precision
-    else:
-        models.vae = None  # encoded once; the loop never needs it
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    optimization = Optimization(placeholders.rows, args, plan, accelerator.device.type)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, models, placeholders, args, optimization)
-        logger.info("Resuming from %s (step %d)", checkpoint, state.step)
-    else:
-        state = RunState(step=0, seed=resolve_seed(args, accelerator))
-    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    out = Path(args.output_dir)
-    if accelerator.is_main_process:
-        infer.remove_temp_files(out)
-        accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
-        infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    watch = Watch(
-        args=args, plan=plan, models=models, placeholders=placeholders, accelerator=accelerator, state=state,
-        resumed=checkpoint is not None, scoring=scoring,
-    )  # fmt: skip
-    run = Run(
-        args=args, plan=plan, accelerator=accelerator, stop=stop, models=models, placeholders=placeholders,
-        concept=concept, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
-        validation=validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps),
-        checkpoint=checkpoint, repo_id=repo_id, saved=read_saved_steps(out) if checkpoint is not None else {},
-    )  # fmt: skip
-    if accelerator.is_main_process:
-        write_run_record(run)
-    logger.info("%s", startup_text(plan, concept, records, placeholders, accelerator.device, state.seed))
-    if checkpoint is not None and state.step >= plan.max_steps:
-        logger.info(
-            "%s is at step %d and --max_train_steps is %d: nothing to train; writing the outputs from it",
-            checkpoint,
-            state.step,
-            plan.max_steps,
-        )
-    return run
-
-
-def startup_text(
-    plan: Plan, concept: Concept, records: list[dict], placeholders: Placeholders, device: torch.device, seed: int
-) -> str:
-    """The start-up line: what is trained, from what, how long, and on what hardware."""
-    plural = infer.plural
-    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    return (
-        f"{plan.family.name}: {plural(concept.num_images, 'photo')} "
-        f"({sum(r['caption'] is not None for r in records)} captioned, {sum(r['mask'] is not None for r in records)} "
-        f"masked, {plural(len(concept.bucket_sizes), 'bucket')}), {plural(len(concept.prompts), 'prompt')}, "
-        f"{plural(plan.num_vectors, 'vector')} of width {'+'.join(str(r.shape[1]) for r in placeholders.rows)}, "
-        f"{plural(plan.max_steps, 'step')} x {plural(plan.global_batch, 'sample')} "
-        f"({plural(plan.world, 'process', 'processes')}), seed {seed}; on {where}, "
-        f"precision {str(plan.weight_dtype).removeprefix('torch.')} (learned vectors float32), "
-        f"{plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if plan.world > 1 else "")
-    )
-
-
-def train(run: Run) -> TrainResult:
-    """The loop: one optimizer step per iteration; a stop signal ends it after the step, with a
-    checkpoint.
-
-    Accumulation and the gradient all-reduce are this script's own, with accelerate as the
-    launcher, precision and trackers: a step's samples go through the UNet in as few calls as
-    memory allows (FusedBatches: the gradient of accumulation, faster), and the only gradients
-    are the new rows' N x D numbers, averaged directly (Optimization.step) instead of wrapping
-    frozen models in DDP.
-    """
-    args, plan, state, watch, concept = run.args, run.plan, run.state, run.watch, run.concept
-    device, rank = run.accelerator.device, run.accelerator.process_index
-    generator = torch.Generator(device)
-    schedule = bucket_schedule(state.seed, plan.max_steps, concept)
-    num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
-    cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes, state.step)
-    run.stop.outcome = None  # from here on a stop waits for the end of the current step
-    watch.start(state.step)
-    first_step, started, stopped = state.step, time.perf_counter(), False
-    try:
-        if state.step == 0:  # the baseline: how well the initializer word already explains the photos
-            watch.record(0, validate(run, images=False), plot=False)
-        while state.step < plan.max_steps and not state.stopped_early:
-            # Every process draws the whole global batch and keeps its own slice: N processes
-            # compute exactly what one process would with N times the batch.
-            generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
-            images, bucket = step_images(
-                state.seed, state.step, plan.global_batch, concept, schedule, args.repeats, device
-            )
-            batch = draw_batch(generator, images, concept, num_timesteps, bucket)
-            batch = batch[slice(rank * plan.per_process, (rank + 1) * plan.per_process)]
-            loss = run.fused.backward(run.models, concept, batch, run.optimization)
-            run.optimization.step(plan.world)
-            state.step += 1
-            watch.step_done(loss)
-
-            last = state.step == plan.max_steps
-            record = watch.training(run.optimization.lr) if state.step % args.logging_steps == 0 or last else {}
-            validating = state.step % plan.validation_steps == 0 or last
-            if validating:
-                record.update(validate(run))
-            if record:
-                watch.record(state.step, record, plot=validating)
-            if run.accelerator.is_main_process:
-                save_on_cadence(run, cadence, last)
-            if last or state.stopped_early:
-                break  # finished: a signal during this step lets the run end normally
-            if run.stop.agreed(plan.world):
-                stopped = True
-                break
-    finally:
-        watch.close()
-    if stopped:
-        checkpoint_and_stop(run, cadence)
-    seconds = time.perf_counter() - started
-    speed = (state.step - first_step) * plan.global_batch / max(seconds, 1e-9)
-    return TrainResult(state.step, seconds, speed, first_step)
-
-
-def validate(run: Run, images: bool = True) -> dict:
-    """The fixed-noise validation loss, which the state judges (best step, early stopping), and
-    validation images (and their scores), which a stop drops at once, going on to the checkpoint."""
-    loss = validation_loss(run.models, run.concept, run.validation, run.fused.chunk)
-    run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
-    record = {"val_loss": loss}
-    if images and run.args.validation_prompt:
-        try:
-            with run.stop.at_once("while making validation images"):
-                record.update(run.watch.images(run.state.step))
-        except Stopped:
-            logger.info("Stopping: validation images of step %d dropped", run.state.step)
-    return record
-
-
-def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
-    """learned_embeds-steps-N every --save_steps, a checkpoint when one is due (main process)."""
-    step = run.state.step
-    if step % run.args.save_steps == 0:
-        save_embeddings(run, run.placeholders.rows, infer.steps_tag(step), step)
-    if cadence.due(step, last):
-        save_checkpoint(run)
-        cadence.saved(step)
-
-
-def checkpoint_and_stop(run: Run, cadence: CheckpointCadence) -> None:
-    """The stop all processes agreed on: one checkpoint of this step, then Stopped."""
-    step = run.state.step
-    if run.accelerator.is_main_process and cadence.saved_step != step:
-        save_checkpoint(run)
-    run.accelerator.wait_for_everyone()  # no process exits (and gets the others killed) before it is written
-    raise run.stop.stopped(
-        f"at step {step}; saved {run.out / infer.checkpoint_name(step)}; to continue, run the same command with "
-        "--resume_from_checkpoint latest"
-    )
-
-
-def finish(run: Run, result: TrainResult) -> None:
-    """The files users expect, the full pipeline and the Hub. A stop during the last step lets
-    the embedding be written; one during the full pipeline ends it, saying how to do the rest."""
-    args, out = run.args, run.out
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        written = save_outputs(run)
-        hub = prepare_hub_folder(run) if run.repo_id is not None else None
-        if args.save_as_full_pipeline:
-            later = f" and the Hub upload (push later with: hf upload {run.repo_id} {hub})" if hub else ""
-            with run.stop.at_once(
-                f"after the last step: the embedding is saved in {out}; skipped --save_as_full_pipeline{later}"
-            ):
-                save_full_pipeline(run)
-        logger.info(
-            "Done: %s in %.1f s (%.1f samples/s); the run is at step %d; kept %s; files in %s",
-            trained_steps_text(result.first_step, result.steps),
-            result.seconds,
-            result.samples_per_second,
-            result.steps,
-            run.state.kept(args.early_stopping_patience),
-            written[0].parent,
-        )
-        if hub is not None:
-            push_to_hub(run, hub)
-
-
-def trained_steps_text(first_step: int, last_step: int) -> str:
-    """What this run trained: all its steps, or the part after the checkpoint it resumed."""
-    if first_step == 0:
-        return infer.plural(last_step, "step")
-    if first_step >= last_step:
-        return "no steps (the checkpoint was already at the end)"
-    return (
-        f"steps {first_step + 1}-{last_step} ({infer.plural(last_step - first_step, 'step')}, resumed at {first_step})"
-    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -2506,115 +2282,341 @@ class StopSignals:
 
 
 # ----------------------------------------------------------------------------------------
-# accelerate (the launcher, the precision, the trackers), and the command.
+# Command line. Every flag of diffusers' textual_inversion.py is accepted with its meaning.
 
 
-def make_accelerator(args: argparse.Namespace):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    report_to = resolve_report_to(args.report_to)
-    config = ProjectConfiguration(
-        project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a Textual Inversion embedding for Stable Diffusion 1.x, 2.x or SDXL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, project_config=config)
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="Hub model id, local diffusers folder, or one original-layout .safetensors/.ckpt file (A1111, ComfyUI).",
+    )
+    g.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
+    g.add_argument("--variant", default=None, help="Weight file variant to load, e.g. fp16.")
+    g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or path, if not the model's own.")
+    infer.add_model_file_flags(g)
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE to use instead of the model's (folder, Hub id or single file), e.g. SDXL's fp16-fix VAE.",
+    )
+    g.add_argument(
+        "--train_data_dir",
+        required=True,
+        help="Folder with the concept's photos (3-5 are typical), or a Hub dataset of them, e.g. "
+        "diffusers/cat_toy_example (downloaded once into the Hugging Face cache).",
+    )
+    g.add_argument("--placeholder_token", required=True, help='The new word, e.g. "<cat-toy>".')
+    g.add_argument(
+        "--initializer_token",
+        default=None,
+        help="A word or phrase the new word starts from. With N vectors and a phrase of T tokens, vector i "
+        "starts from token i*T/N (N >= T), or from the mean of its share of the phrase (N < T).",
+    )
+    g.add_argument(
+        "--initializer_embedding",
+        default=None,
+        metavar="SRC",
+        help="Instead of --initializer_token, continue an existing embedding: anything infer.py reads (an "
+        "output folder, a diffusers, A1111, kohya, OneTrainer or SDXL file, a Hub id). It sets --num_vectors.",
+    )
+    g.add_argument(
+        "--clip_skip",
+        type=int,
+        default=0,
+        help="Condition on a CLIP layer this many before the one the model uses, as diffusers' "
+        "pipe(..., clip_skip=N): 1 is A1111's 'Clip skip: 2'. 0: off.",
+    )
+    g.add_argument("--learnable_property", default="object", choices=["object", "style"])
+    g.add_argument(
+        "--num_vectors",
+        type=int,
+        default=None,
+        help="Embedding vectors the new word is made of. Default: 1, or the --initializer_embedding's count.",
+    )
+    g.add_argument(
+        "--repeats", type=int, default=100, help="Passes over the photos per epoch (sets the shuffling period)."
+    )
+    g.add_argument("--resolution", type=int, default=512, help="Training size in pixels (a multiple of 8).")
+    g.add_argument("--center_crop", action="store_true", help="Crop each photo to its centre square first.")
+    g.add_argument(
+        "--caption_extension",
+        default=None,
+        help="Read each photo's caption from the file of the same stem with this extension (e.g. .txt); "
+        "[name] or the placeholder token in it marks where the new word goes.",
+    )
+    g.add_argument(
+        "--template_file",
+        default=None,
+        help="A1111-style prompt templates, one per line, replacing the built-in ones: [name] (or {}) for "
+        "the new word, [filewords] for the photo's caption (or its file name's words).",
+    )
+    g.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="Weight the loss by a mask per photo: NAME-masklabel.png beside NAME.jpg, or NAME.* in "
+        "--mask_dir; white is the subject.",
+    )
+    g.add_argument("--mask_dir", default=None, help="Folder of masks named like the photos (with --masked_loss).")
+    g.add_argument(
+        "--unmasked_weight", type=float, default=0.1, help="Loss weight of the background (black in the mask)."
+    )
+    g.add_argument(
+        "--aspect_buckets",
+        action="store_true",
+        help="Train each photo at the bucket size nearest its aspect ratio (area at most --resolution squared) "
+        "instead of a square.",
+    )
+    g.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (pixels).")
+    g.add_argument(
+        "--min_bucket_resolution", type=int, default=None, help="Shortest bucket side. Default: --resolution / 2."
+    )
+    g.add_argument(
+        "--max_bucket_resolution", type=int, default=None, help="Longest bucket side. Default: --resolution x 2."
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Threads decoding photos before training (no data loading happens during training).",
+    )
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run (random if unset).")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Samples per micro-batch per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument(
+        "--micro_batch_size",
+        type=int,
+        default=None,
+        help="Samples per UNet call. Default: a whole optimizer step's batch (train_batch_size x "
+        "gradient_accumulation_steps) in one call, the same gradient as accumulation but faster; "
+        "on a CUDA out-of-memory error it halves by itself.",
+    )
+    g.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help="Epochs (photos x repeats samples each) to train, if --max_train_steps is not given.",
+    )
+    g.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps to train. Default: 5000, or --num_train_epochs when that is given (the "
+        "diffusers script ignores --num_train_epochs unless you could unset this, which you cannot).",
+    )
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=[
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+        ],
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts for cosine_with_restarts.")
+    g.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="Accepted for diffusers' SDXL script; does nothing here: Adam's state covers only the new rows.",
+    )
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Less memory, slower steps.")
+    g.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Precision of the frozen models (trained rows stay fp32). Default: accelerate's config, else no.",
+    )
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and text encoder(s): a one-time compile, then faster steps on GPU.",
+    )
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile.")
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention if installed (PyTorch's SDPA, the default, is as fast).",
+    )
+    g.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; accelerate handles it.")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", default="text-inversion-model")
+    g.add_argument("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N every N steps.")
+    g.add_argument(
+        "--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the new word."
+    )
+    g.add_argument("--no_safe_serialization", action="store_true", help="Write .bin files instead of .safetensors.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N steps.")
+    g.add_argument(
+        "--checkpointing_minutes",
+        type=float,
+        default=10,
+        help="Also write a checkpoint when this many minutes have passed since the last one (0: off).",
+    )
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.')
+    g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
+    g.add_argument(
+        "--report_to",
+        default=None,
+        help="Tracker: tensorboard, wandb, comet_ml, all or none. Default: tensorboard if it is installed.",
+    )
+    g.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
+
+    g = p.add_argument_group("watching the run")
+    g.add_argument(
+        "--validation_prompt",
+        action="append",
+        default=None,
+        help="Prompt for validation images; repeat the flag for several. Images come from the models in "
+        "memory in one batched call, with fixed seeds, into output_dir/validation/step-N.png.",
+    )
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps per image.")
+    g.add_argument(
+        "--validation_steps",
+        type=int,
+        default=100,
+        help="Every N steps: the fixed-noise validation loss (always) and validation images (with a prompt).",
+    )
+    g.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
+    g.add_argument(
+        "--validation_scores",
+        action="store_true",
+        help="Score the validation images as `infer.py eval` does, into metrics.jsonl and loss.png: CLIP-T "
+        "against the prompt with --class_word for the new word, CLIP-I and DINO against the training photos.",
+    )
+    g.add_argument(
+        "--class_word",
+        default=None,
+        help="The word CLIP-T reads in place of the new one (default: --initializer_token), e.g. toy or dog.",
+    )
+    g.add_argument("--clip_model", default=infer.DEFAULT_CLIP_MODEL, help="CLIP for --validation_scores.")
+    g.add_argument("--dino_model", default=infer.DEFAULT_DINO_MODEL, help="DINO for --validation_scores.")
+    g.add_argument(
+        "--early_stopping_patience",
+        type=int,
+        default=None,
+        help="Stop when the validation loss has not improved in K evaluations, and save the best step's "
+        "embedding as learned_embeds (the last one as learned_embeds-last).",
+    )
+    g.add_argument(
+        "--max_embedding_norm",
+        type=float,
+        default=None,
+        help="After each step, scale any learned vector longer than this back to this L2 norm. Off by "
+        "default; an inflated norm makes the word drown the rest of the prompt.",
+    )
+
+    g = p.add_argument_group("the Hugging Face Hub")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the embedding files, loss.png, the last validation grid and a model card at the end.",
+    )
+    g.add_argument("--hub_model_id", default=None, help="Repo name (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: your `hf auth login`); never logged.")
+    g.add_argument("--hub_private", action="store_true", help="Create the repo as private.")
+    return p
 
 
-def resolve_report_to(value: str | None) -> list[str] | None:
-    """Tracker names; a named tracker that is not installed is a one-line error."""
-    import importlib.util
-
-    if value is None:  # not given: tensorboard if present, like the reference, else none
-        return (
-            ["tensorboard"]
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
-            else None
-        )
-    if value in ("none", ""):
-        return None
-    names = ["tensorboard", "wandb", "comet_ml"] if value == "all" else [v.strip() for v in value.split(",")]
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
-    for name in names:
-        if name not in packages:
-            raise UserError(f"--report_to {value}: unknown tracker {name!r} (tensorboard, wandb, comet_ml, all, none)")
-        if not any(importlib.util.find_spec(m) for m in packages[name]):
-            raise UserError(
-                f"--report_to {name}: {name} is not installed; pip install {name}, or pass --report_to none"
-            )
-    return names
-
-
-def tracker_config(args: argparse.Namespace, plan: Plan) -> dict:
-    """The run's settings for trackers: the flags' plain values (never the Hub token), with the
-    values the plan derived where a flag was left unset."""
-    flags = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
-    return {**flags, **plan.derived()}
-
-
-def quiet_libraries(accelerator) -> None:
-    """The script's own lines on the local main process; the libraries' warnings and bars off."""
-    import diffusers
-    import transformers
-
-    if not accelerator.is_local_main_process:
-        logger.setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-
-
-def warn_if_one_cpu_thread(accelerator) -> None:
-    """`accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise (even with --cpu where
-    psutil counts one physical core): on a CPU, training then uses one core per process however
-    many there are. The launcher keeps an OMP_NUM_THREADS it is given, and its own flag."""
-    cores = os.cpu_count() or 1
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    if accelerator.device.type == "cpu" and torch.get_num_threads() == 1 and cores > processes:
-        threads = cores // processes
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked on their own (what needs the model or the photos is checked by make_plan).
+    The result is never written to afterwards: derived values live in the Plan."""
+    args = build_parser().parse_args(argv)
+    checks = [
+        (
+            (args.initializer_token is None) != (args.initializer_embedding is None),
+            "give --initializer_token (a word or phrase to start from) or --initializer_embedding "
+            "(an embedding to continue), one of the two",
+        ),
+        (
+            args.initializer_token is None or args.initializer_token.strip() != "",
+            "--initializer_token is empty; give a word or phrase the new word starts from",
+        ),
+        (
+            args.num_vectors is None or args.num_vectors >= 1,
+            f"--num_vectors must be at least 1 (got {args.num_vectors})",
+        ),
+        (args.clip_skip >= 0, f"--clip_skip must be at least 0 (got {args.clip_skip})"),
+        (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
+        (args.repeats >= 1, "--repeats must be at least 1"),
+        (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
+        (args.num_train_epochs is None or args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
+        (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
+        (args.checkpointing_minutes >= 0, "--checkpointing_minutes must be 0 (off) or more"),
+        (args.logging_steps >= 1, "--logging_steps must be at least 1"),
+        (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (args.num_validation_images >= 1, "--num_validation_images must be at least 1"),
+        (args.validation_inference_steps >= 1, "--validation_inference_steps must be at least 1"),
+        (
+            args.early_stopping_patience is None or args.early_stopping_patience >= 1,
+            "--early_stopping_patience must be >= 1",
+        ),
+        (args.max_embedding_norm is None or args.max_embedding_norm > 0, "--max_embedding_norm must be positive"),
+        (
+            not args.validation_scores or bool(args.validation_prompt),
+            "--validation_scores scores the validation images: give --validation_prompt too",
+        ),
+        (
+            not args.validation_scores or bool(args.class_word or args.initializer_token),
+            "--validation_scores with --initializer_embedding needs --class_word: the word CLIP-T reads in place "
+            "of the new one (e.g. toy, dog)",
+        ),
+        (
+            args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
+            "--checkpoints_total_limit must be >= 1",
+        ),
+        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (
+            len(args.placeholder_token.split()) <= 1 and args.placeholder_token == args.placeholder_token.strip(),
+            f"--placeholder_token {args.placeholder_token!r} holds whitespace; a prompt word is one string without "
+            "spaces, such as <my-concept>",
+        ),
+        (0 <= args.unmasked_weight <= 1, f"--unmasked_weight must be between 0 and 1 (got {args.unmasked_weight})"),
+        (args.bucket_step >= 1, f"--bucket_step must be at least 1 (got {args.bucket_step})"),
+        (not args.mask_dir or args.masked_loss, "--mask_dir needs --masked_loss"),
+        (
+            args.caption_extension is None or bool(args.caption_extension.strip(". ")),
+            f"--caption_extension {args.caption_extension!r}: give an extension such as .txt",
+        ),
+        (
+            not Path(args.output_dir).exists() or Path(args.output_dir).is_dir(),
+            f"--output_dir {args.output_dir} is a file; give a folder path",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    infer.check_pixels("--resolution", args.resolution)
+    if args.validation_epochs is not None:
+        logger.warning("--validation_epochs is deprecated; use --validation_steps")
+    if args.use_8bit_adam:
         logger.warning(
-            "Training on the CPU with 1 thread per process while %d cores are free (OMP_NUM_THREADS=1); "
-            "launch with `accelerate launch --num_cpu_threads_per_process %d ...` (or OMP_NUM_THREADS=%d)",
-            cores,
-            threads,
-            threads,
+            "--use_8bit_adam does nothing here: Adam keeps state for the new word's rows only (kilobytes), "
+            "so 8 bits would save nothing"
         )
-
-
-def resolve_seed(args: argparse.Namespace, accelerator) -> int:
-    """--seed, or a fresh one shared by all processes (they must agree on the data order)."""
-    if args.seed is not None:
-        return args.seed
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
-    # Every file written before a failed write is intact, so the run goes on from its checkpoint.
-    infer.WRITE_FAILURE_ADVICE = "; once that is fixed, continue with --resume_from_checkpoint latest"
-    try:
-        run_training(parse_args(argv))
-    except (UserError, Stopped) as e:
-        if isinstance(e, UserError) or int(os.environ.get("RANK", "0")) == 0:  # one stop line per run
-            print(f"error: {e}", file=sys.stderr)
-        return e.status
-    return 0
-
-
-def run_training(args: argparse.Namespace) -> TrainResult:
-    """prepare, train and finish, holding --output_dir's lock, with stop signals turned into a
-    checkpoint (what main runs; tests run it in their own process)."""
-    with StopSignals() as stop:
-        accelerator = make_accelerator(args)
-        try:
-            with infer.OutputLock(Path(args.output_dir), accelerator.is_main_process):
-                run = prepare(args, accelerator, stop)
-                result = train(run)
-                finish(run, result)
-        finally:
-            accelerator.end_training()  # the trackers' last records, a stopped run's too
-    return result
+    return args
 
 
 if __name__ == "__main__":
