@@ -196,7 +196,7 @@ def test_seed_draws_another_set_the_same_at_every_step(evaluated, run, tiny_clip
             assert settings["seed"] == infer.eval_seed(template, k, 7)
             found[path.name] = settings["seed"]
         assert len(set(found.values())) == 4 and not set(found.values()) & default_seeds
-    assert {line["settings"]["seed"] for line in infer.read_eval_log(tmp_path / "eval.jsonl")} == {7}
+    assert {line["settings"]["seed"] for line in infer.read_jsonl(tmp_path / "eval.jsonl")} == {7}
     assert all("seed" not in line["settings"] for line in evaluated.lines)  # the default lines are as before
 
 
