@@ -424,6 +424,24 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step}"
 
 
+RUN_RECORD = "run.json"  # written by textual_inversion.py: what eval needs to rebuild the run
+CONCEPTS_FILE = "concepts.json"  # a run of several concepts (--concepts_list): their names, in order
+
+
+def concept_folders(folder: Path) -> list[Path]:
+    """The concept folders of a run that trained several concepts (--concepts_list): each
+    `folder/<name>/` holds the files a one-concept run writes in its --output_dir. [] for any other
+    folder. Checkpoints and Hub folders of such a run have the same layout."""
+    listing = folder / CONCEPTS_FILE
+    if not listing.is_file():
+        return []
+    try:
+        names = json.loads(listing.read_text(encoding="utf-8"))["concepts"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{listing}: not a list of concepts ({first_line(e)}); delete it or rewrite it") from None
+    return [folder / name for name in names]
+
+
 # The same names read back: any learned_embeds[_2][TAG].EXT (second, tag, extension); a run's own
 # embedding files (N of -steps-N); its -steps-N files alone (N, extension); its checkpoints (N).
 EMBEDS_NAME = re.compile(r"learned_embeds(_2)?(-[\w-]+)?(\.\w+)")
@@ -2290,7 +2308,6 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # the papers' CLIP
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 EVAL_PROMPTS = {"object": "dreambench_object.txt", "live": "dreambench_live.txt", "style": "eval_style.txt"}
-RUN_RECORD = "run.json"  # written by textual_inversion.py: what eval needs to rebuild the run
 RUN_FORMAT = "textual-inversion-run/1"
 PICK_RULES = ("balanced", "fidelity", "editability")
 
