@@ -18,7 +18,7 @@ into a checkpoint after the current step):
 The file reads core first: main and the stages (prepare, train, finish); the loss; randomness
 and the batches; the run state, which makes the run's decisions; optimization; watching (which
 decides nothing); then what the stages are made of: the plan (every derived number, once), the
-concept (what the loop reads, computed once), the new word, models (infer.py's model families
+data (what the loop reads, computed once), the new word, models (infer.py's model families
 hold all that differs between SD and SDXL), photos and prompts, files, the Hub, stopping, and
 last the command line. To change the loss, see denoising_loss; the
 sampling, draw_batch and step_images; what is saved, save_outputs and save_checkpoint. Every
@@ -213,7 +213,7 @@ class Run:
     stop: StopSignals
     models: Models
     placeholders: Placeholders
-    concept: Concept
+    data: TrainingData
     state: RunState
     validation: Batch  # the fixed batch whose loss the state judges (best step, early stopping)
     optimization: Optimization
@@ -252,7 +252,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     scoring = validation_scoring(args, accelerator)
     models = load_models(args, accelerator.device, plan.weight_dtype, source)
     placeholders = add_placeholder_tokens(models, plan.tokens, initializer or args.initializer_token)
-    concept = encode_concept(
+    data = encode_photos(
         examples,
         dataset.photo_prompts,
         models,
@@ -288,13 +288,13 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     )  # fmt: skip
     run = Run(
         args=args, plan=plan, accelerator=accelerator, stop=stop, models=models, placeholders=placeholders,
-        concept=concept, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
-        validation=validation_batch(state.seed, concept, models.noise_scheduler.config.num_train_timesteps),
+        data=data, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
+        validation=validation_batch(state.seed, data, models.noise_scheduler.config.num_train_timesteps),
         checkpoint=checkpoint, repo_id=repo_id, saved=read_saved_steps(out) if checkpoint is not None else {},
     )  # fmt: skip
     if accelerator.is_main_process:
         write_run_record(run)
-    logger.info("%s", startup_text(plan, concept, records, placeholders, accelerator.device, state.seed))
+    logger.info("%s", startup_text(plan, data, records, placeholders, accelerator.device, state.seed))
     if checkpoint is not None and state.step >= plan.max_steps:
         logger.info(
             "%s is at step %d and --max_train_steps is %d: nothing to train; writing the outputs from it",
@@ -306,15 +306,15 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
 
 
 def startup_text(
-    plan: Plan, concept: Concept, records: list[dict], placeholders: Placeholders, device: torch.device, seed: int
+    plan: Plan, data: TrainingData, records: list[dict], placeholders: Placeholders, device: torch.device, seed: int
 ) -> str:
     """The start-up line: what is trained, from what, how long, and on what hardware."""
     plural = infer.plural
     where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     return (
-        f"{plan.family.name}: {plural(concept.num_images, 'photo')} "
+        f"{plan.family.name}: {plural(data.num_images, 'photo')} "
         f"({sum(r['caption'] is not None for r in records)} captioned, {sum(r['mask'] is not None for r in records)} "
-        f"masked, {plural(len(concept.bucket_sizes), 'bucket')}), {plural(len(concept.prompts), 'prompt')}, "
+        f"masked, {plural(len(data.bucket_sizes), 'bucket')}), {plural(len(data.prompts), 'prompt')}, "
         f"{plural(plan.num_vectors, 'vector')} of width {'+'.join(str(r.shape[1]) for r in placeholders.rows)}, "
         f"{plural(plan.max_steps, 'step')} x {plural(plan.global_batch, 'sample')} "
         f"({plural(plan.world, 'process', 'processes')}), seed {seed}; on {where}, "
@@ -333,10 +333,10 @@ def train(run: Run) -> TrainResult:
     are the new rows' N x D numbers, averaged directly (Optimization.step) instead of wrapping
     frozen models in DDP.
     """
-    args, plan, state, watch, concept = run.args, run.plan, run.state, run.watch, run.concept
+    args, plan, state, watch, data = run.args, run.plan, run.state, run.watch, run.data
     device, rank = run.accelerator.device, run.accelerator.process_index
     generator = torch.Generator(device)
-    schedule = bucket_schedule(state.seed, plan.max_steps, concept)
+    schedule = bucket_schedule(state.seed, plan.max_steps, data)
     num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
     cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes, state.step)
     run.stop.outcome = None  # from here on a stop waits for the end of the current step
@@ -350,11 +350,11 @@ def train(run: Run) -> TrainResult:
             # compute exactly what one process would with N times the batch.
             generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
             images, bucket = step_images(
-                state.seed, state.step, plan.global_batch, concept, schedule, args.repeats, device
+                state.seed, state.step, plan.global_batch, data, schedule, args.repeats, device
             )
-            batch = draw_batch(generator, images, concept, num_timesteps, bucket)
+            batch = draw_batch(generator, images, data, num_timesteps, bucket)
             batch = batch[slice(rank * plan.per_process, (rank + 1) * plan.per_process)]
-            loss = run.fused.backward(run.models, concept, batch, run.optimization)
+            loss = run.fused.backward(run.models, data, batch, run.optimization)
             run.optimization.step(plan.world)
             state.step += 1
             watch.step_done(loss)
@@ -385,7 +385,7 @@ def train(run: Run) -> TrainResult:
 def validate(run: Run, images: bool = True) -> dict:
     """The fixed-noise validation loss, which the state judges (best step, early stopping), and
     validation images (and their scores), which a stop drops at once, going on to the checkpoint."""
-    loss = validation_loss(run.models, run.concept, run.validation, run.fused.chunk)
+    loss = validation_loss(run.models, run.data, run.validation, run.fused.chunk)
     run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
     record = {"val_loss": loss}
     if images and run.args.validation_prompt:
@@ -461,13 +461,13 @@ def trained_steps_text(first_step: int, last_step: int) -> str:
 # The loss.
 
 
-def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tensor:
+def denoising_loss(models: Models, data: TrainingData, batch: Batch) -> torch.Tensor:
     """Per-sample MSE of the UNet's prediction (epsilon or v, per the scheduler config),
     weighted per latent pixel by the photo's mask. All samples share one bucket."""
     height, width = batch.noise.shape[-2:]
     bucket = (slice(None), slice(None), slice(None), slice(0, height), slice(0, width))
-    latents = concept.latent_mean[bucket][batch.image, batch.flip]
-    latents = latents + concept.latent_std[bucket][batch.image, batch.flip] * batch.posterior_noise
+    latents = data.latent_mean[bucket][batch.image, batch.flip]
+    latents = latents + data.latent_std[bucket][batch.image, batch.flip] * batch.posterior_noise
     scheduler = models.noise_scheduler
     noisy = scheduler.add_noise(latents, batch.noise, batch.timesteps)
     prediction_type = scheduler.config.prediction_type
@@ -477,15 +477,15 @@ def denoising_loss(models: Models, concept: Concept, batch: Batch) -> torch.Tens
         target = scheduler.get_velocity(latents, batch.noise, batch.timesteps)
     else:
         raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-    prompt = concept.prompt_table[batch.image, batch.template]
-    prompt_ids = [ids[prompt] for ids in concept.prompt_ids]
-    time_ids = None if concept.time_ids is None else concept.time_ids[batch.image]
+    prompt = data.prompt_table[batch.image, batch.template]
+    prompt_ids = [ids[prompt] for ids in data.prompt_ids]
+    time_ids = None if data.time_ids is None else data.time_ids[batch.image]
     hidden, added = models.family.condition(models.text_encoder_forwards, prompt_ids, time_ids, models.clip_skip)
     prediction = models.unet_forward(
         noisy.to(models.weight_dtype), batch.timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added
     ).sample
     error = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    return (error * concept.loss_weight[bucket][batch.image, batch.flip]).mean(dim=(1, 2, 3))
+    return (error * data.loss_weight[bucket][batch.image, batch.flip]).mean(dim=(1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------------
@@ -532,8 +532,8 @@ class BucketSchedule:
     earlier: np.ndarray  # [steps]: how many earlier steps drew the same bucket
 
 
-def bucket_schedule(seed: int, steps: int, concept: Concept) -> BucketSchedule:
-    counts = np.array([len(m) for m in concept.bucket_members], dtype=np.float64)
+def bucket_schedule(seed: int, steps: int, data: TrainingData) -> BucketSchedule:
+    counts = np.array([len(m) for m in data.bucket_members], dtype=np.float64)
     draws = np.random.default_rng(derive_seed(seed, STREAM_BUCKET)).random(steps)  # a prefix never changes
     bucket = np.searchsorted(np.cumsum(counts) / counts.sum(), draws, side="right").clip(max=len(counts) - 1)
     earlier = np.zeros(steps, dtype=np.int64)
@@ -543,12 +543,12 @@ def bucket_schedule(seed: int, steps: int, concept: Concept) -> BucketSchedule:
 
 
 def step_images(
-    seed: int, step: int, count: int, concept: Concept, schedule: BucketSchedule, repeats: int, device
+    seed: int, step: int, count: int, data: TrainingData, schedule: BucketSchedule, repeats: int, device
 ) -> tuple[torch.Tensor, int]:
     """The photos of step `step`'s `count` samples, all from the step's bucket; and the bucket."""
     bucket = int(schedule.bucket[step])
-    members = concept.bucket_members[bucket]
-    stream = seed if len(concept.bucket_members) == 1 else derive_seed(seed, STREAM_BUCKET, bucket)
+    members = data.bucket_members[bucket]
+    stream = seed if len(data.bucket_members) == 1 else derive_seed(seed, STREAM_BUCKET, bucket)
     picks = sample_images(stream, int(schedule.earlier[step]) * count, count, len(members), repeats, device)
     return members[picks], bucket
 
@@ -578,7 +578,7 @@ class Batch:
 def draw_batch(
     generator: torch.Generator,
     image: torch.Tensor,
-    concept: Concept,
+    data: TrainingData,
     num_timesteps: int,
     bucket: int | None = 0,
     timesteps: torch.Tensor | None = None,
@@ -587,10 +587,10 @@ def draw_batch(
     timesteps (uniform, unless given) and noises of `bucket`'s size (None: the largest, which
     every bucket crops)."""
     device, b = image.device, image.shape[0]
-    size = concept.latent_mean.shape[3:] if bucket is None else concept.bucket_sizes[bucket]
-    shape = (b, concept.latent_mean.shape[2], *size)
+    size = data.latent_mean.shape[3:] if bucket is None else data.bucket_sizes[bucket]
+    shape = (b, data.latent_mean.shape[2], *size)
     flip = torch.randint(0, 2, (b,), generator=generator, device=device)
-    template = torch.randint(0, concept.prompt_table.shape[1], (b,), generator=generator, device=device)
+    template = torch.randint(0, data.prompt_table.shape[1], (b,), generator=generator, device=device)
     if timesteps is None:
         timesteps = torch.randint(0, num_timesteps, (b,), generator=generator, device=device)
     posterior_noise = torch.randn(shape, generator=generator, device=device)
@@ -711,7 +711,7 @@ def clamp_norms(rows: list[torch.Tensor], max_norm: float) -> None:
         r.mul_((max_norm / r.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
 
 
-def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: int, scaler) -> torch.Tensor:
+def accumulate_gradients(models: Models, data: TrainingData, batch: Batch, chunk: int, scaler) -> torch.Tensor:
     """Backward the batch's mean loss in chunks of `chunk` samples; return the loss (on device).
 
     Each chunk's loss is weighted by its share of the batch, so any chunking gives the
@@ -720,7 +720,7 @@ def accumulate_gradients(models: Models, concept: Concept, batch: Batch, chunk: 
     total = torch.zeros((), device=batch.image.device)
     for start in range(0, len(batch), chunk):
         part = batch[slice(start, start + chunk)]
-        loss = denoising_loss(models, concept, part).sum() / len(batch)
+        loss = denoising_loss(models, data, part).sum() / len(batch)
         scaler.scale(loss).backward()
         total += loss.detach()
     return total
@@ -733,10 +733,10 @@ class FusedBatches:
     def __init__(self, chunk: int):
         self.chunk = chunk
 
-    def backward(self, models: Models, concept: Concept, batch: Batch, optimization: Optimization) -> torch.Tensor:
+    def backward(self, models: Models, data: TrainingData, batch: Batch, optimization: Optimization) -> torch.Tensor:
         while True:
             try:
-                return accumulate_gradients(models, concept, batch, self.chunk, optimization.scaler)
+                return accumulate_gradients(models, data, batch, self.chunk, optimization.scaler)
             except torch.OutOfMemoryError:
                 if self.chunk == 1:
                     raise
@@ -768,7 +768,7 @@ class CheckpointCadence:
 # Watching a run: a validation loss that means something, validation images, metrics, a plot.
 
 
-def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo: int = 4) -> Batch:
+def validation_batch(seed: int, data: TrainingData, num_timesteps: int, per_photo: int = 4) -> Batch:
     """A fixed batch: every photo at `per_photo` timesteps spread evenly over the schedule,
     each with a flip, prompt and noise drawn once from the seed.
 
@@ -776,30 +776,30 @@ def validation_batch(seed: int, concept: Concept, num_timesteps: int, per_photo:
     training loss, which the random timestep dominates, it tracks what is being learned
     (Voronov et al., "Is This Loss Informative?", NeurIPS 2023).
     """
-    device = concept.latent_mean.device
+    device = data.latent_mean.device
     generator = torch.Generator(device).manual_seed(derive_seed(seed, STREAM_VALIDATION))
-    count = concept.num_images * per_photo
-    strata = torch.arange(per_photo, device=device).repeat(concept.num_images)
+    count = data.num_images * per_photo
+    strata = torch.arange(per_photo, device=device).repeat(data.num_images)
     jitter = torch.rand(count, generator=generator, device=device)
     timesteps = ((strata + jitter) * num_timesteps / per_photo).long().clamp(max=num_timesteps - 1)
-    image = torch.arange(concept.num_images, device=device).repeat_interleave(per_photo)
-    return draw_batch(generator, image, concept, num_timesteps, bucket=None, timesteps=timesteps)
+    image = torch.arange(data.num_images, device=device).repeat_interleave(per_photo)
+    return draw_batch(generator, image, data, num_timesteps, bucket=None, timesteps=timesteps)
 
 
 @torch.no_grad()
-def validation_loss(models: Models, concept: Concept, batch: Batch, chunk: int) -> float:
+def validation_loss(models: Models, data: TrainingData, batch: Batch, chunk: int) -> float:
     """Mean loss over the batch, bucket by bucket, in calls of exactly `chunk` samples (a
     bucket's last call wraps around and its repeats are dropped), so a compiled UNet sees one
     shape per bucket."""
-    bucket_of = torch.tensor(concept.bucket_of)[batch.image.cpu()]
+    bucket_of = torch.tensor(data.bucket_of)[batch.image.cpu()]
     total = 0.0
-    for bucket, (height, width) in enumerate(concept.bucket_sizes):
+    for bucket, (height, width) in enumerate(data.bucket_sizes):
         positions = (bucket_of == bucket).nonzero().flatten().to(batch.image.device)
         n = len(positions)
         for start in range(0, n, chunk):
             index = positions[torch.arange(start, start + chunk, device=positions.device) % n]
             part = batch[index].cropped(height, width)
-            total += float(denoising_loss(models, concept, part)[: n - start].sum())
+            total += float(denoising_loss(models, data, part)[: n - start].sum())
     return total / len(batch)
 
 
@@ -1161,11 +1161,11 @@ def make_plan(
 
 
 # ----------------------------------------------------------------------------------------
-# The concept: what the loop reads each step, computed once.
+# The training data: what the loop reads each step, computed once (every photo of every concept).
 
 
 @dataclass
-class Concept:
+class TrainingData:
     # [images, 2 (as-is, mirrored), C, h, w], in the UNet's latent scale. With aspect buckets
     # h, w are the largest bucket's and each photo's latents sit at the top left.
     latent_mean: torch.Tensor
@@ -1210,7 +1210,7 @@ def top_left_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_concept(
+def encode_photos(
     examples: list[dict],
     prompts: list[str] | list[list[str]],
     models: Models,
@@ -1218,7 +1218,7 @@ def encode_concept(
     *,
     unmasked_weight: float = 0.1,
     sources: dict[str, str] | None = None,
-) -> Concept:
+) -> TrainingData:
     """VAE posteriors of every photo and its mirror, their masks on the latent grid, and the
     prompts' token ids, on device. `prompts` are each photo's (or one list for all);
     `sources` names the file a prompt came from, for messages.
@@ -1264,7 +1264,7 @@ def encode_concept(
 
     time_ids = [models.family.time_ids(e["original_size"], e["crop_top_left"], e["target_size"]) for e in examples]
     time_ids = None if time_ids[0] is None else torch.tensor(time_ids, dtype=torch.float32, device=device)
-    return Concept(
+    return TrainingData(
         latent_mean,
         latent_std,
         [ids.to(device) for ids in prompt_ids],

@@ -30,7 +30,7 @@ def stages(model: Path, data: Path, tmp_path: Path, **flags):
     images = ti.dataset_from_args(args, plan)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
     placeholders = ti.add_placeholder_tokens(models, plan.tokens, "toy")
-    concept = ti.encode_concept(
+    concept = ti.encode_photos(
         ti.decode_images(images, 0),
         images.photo_prompts,
         models,

@@ -75,7 +75,7 @@ def teach(models, pictures_per_concept: int = 24) -> None:
         latents = torch.stack([models.vae.encode(e["pixel_values"]).latent_dist.mean for e in examples])
     latents = latents * models.vae.config.scaling_factor
     time_ids = [models.family.time_ids((SIZE, SIZE), (0, 0), (SIZE, SIZE)) for _ in examples]
-    concept = ti.Concept(
+    concept = ti.TrainingData(
         latent_mean=latents,
         latent_std=torch.zeros_like(latents),
         prompt_ids=[tok(prompts, padding="max_length", return_tensors="pt").input_ids for tok in models.tokenizers],
@@ -139,7 +139,7 @@ def held_out_scorer(model, photos, tmp_path):
     prompts) with a seed the training run never used; also returns the initializer's rows."""
     models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>")
-    concept = ti.encode_concept(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders)
+    concept = ti.encode_photos(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders)
     batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
     initializer = [r.detach().clone() for r in placeholders.rows]
 
@@ -200,7 +200,7 @@ def subject_scorer(model, photos, tmp_path):
     models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>", masked=True)
     examples = ti.decode_images(dataset, 0)
-    concept = ti.encode_concept(examples, dataset.prompts, models, placeholders, unmasked_weight=0.0)
+    concept = ti.encode_photos(examples, dataset.prompts, models, placeholders, unmasked_weight=0.0)
     batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
 
     def loss(rows: list[torch.Tensor]) -> float:

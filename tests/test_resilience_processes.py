@@ -302,11 +302,11 @@ AT_LATENT_CACHING = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 import textual_inversion as ti
-encode_concept = ti.encode_concept
+encode_photos = ti.encode_photos
 def encode_after_reading(*args, **kwargs):
     open(sys.argv[1], "rb").read()
-    return encode_concept(*args, **kwargs)
-ti.encode_concept = encode_after_reading
+    return encode_photos(*args, **kwargs)
+ti.encode_photos = encode_after_reading
 sys.exit(ti.main(sys.argv[2:]))
 """
 

@@ -45,7 +45,7 @@ def test_each_encoder_starts_from_its_own_initializer_row(tiny_sdxl, photos, tmp
 def test_both_encoders_rows_are_trained(tiny_sdxl, photos, tmp_path):
     s = build_stages(tiny_sdxl, photos, tmp_path)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ti.accumulate_gradients(s.models, s.concept, a_batch(s), 4, scaler)
+    ti.accumulate_gradients(s.models, s.data, a_batch(s), 4, scaler)
     assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in s.placeholders.rows)
 
 
@@ -90,7 +90,7 @@ def test_training_conditioning_equals_the_pipelines_at_inference(tiny_sdxl, phot
 def test_time_ids_hold_each_photos_original_size_and_crop(tiny_sdxl, tmp_path):
     make_photo(tmp_path / "data" / "wide.png", (120, 60))
     s = build_stages(tiny_sdxl, tmp_path / "data", tmp_path, center_crop=True)
-    assert s.concept.time_ids.tolist() == [[60, 120, 0, 32, RESOLUTION, RESOLUTION]]
+    assert s.data.time_ids.tolist() == [[60, 120, 0, 32, RESOLUTION, RESOLUTION]]
 
 
 @pytest.mark.parametrize("batch", [2, 5])

@@ -176,8 +176,8 @@ def test_the_override_vae_encodes_the_photos(other_vae, tiny_sd1_layout, photos,
     plain = build_stages(tiny_sd1_layout, photos, tmp_path)
     swapped = build_stages(tiny_sd1_layout, photos, tmp_path, pretrained_vae_model_name_or_path=other_vae / "vae")
     own = build_stages(other_vae, photos, tmp_path)
-    assert torch.equal(swapped.concept.latent_mean, own.concept.latent_mean)
-    assert not torch.equal(plain.concept.latent_mean, swapped.concept.latent_mean)
+    assert torch.equal(swapped.data.latent_mean, own.data.latent_mean)
+    assert not torch.equal(plain.data.latent_mean, swapped.data.latent_mean)
 
 
 # ----------------------------------------------------------------------------------------

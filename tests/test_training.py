@@ -20,14 +20,14 @@ def build_stages(model, photos, tmp_path, num_vectors=1, dtype=torch.float32, **
     models = ti.load_models(args, torch.device("cpu"), dtype)
     placeholders = ti.add_placeholder_tokens(models, infer.vector_tokens("<concept>", num_vectors), "toy")
     prompts = [t.replace("{}", " ".join(placeholders.tokens)) for t in dataset.templates]
-    concept = ti.encode_concept(ti.decode_images(dataset, 0), prompts, models, placeholders)
-    return SimpleNamespace(args=args, models=models, placeholders=placeholders, concept=concept)
+    concept = ti.encode_photos(ti.decode_images(dataset, 0), prompts, models, placeholders)
+    return SimpleNamespace(args=args, models=models, placeholders=placeholders, data=concept)
 
 
 def a_batch(stages, size=4, seed=123):
     generator = torch.Generator().manual_seed(seed)
-    images = torch.arange(size) % stages.concept.num_images
-    return ti.draw_batch(generator, images, stages.concept, 1000)
+    images = torch.arange(size) % stages.data.num_images
+    return ti.draw_batch(generator, images, stages.data, 1000)
 
 
 def test_frozen_models_have_no_trainable_weights(tiny_sd, photos, tmp_path):
@@ -66,14 +66,14 @@ def test_the_encoder_reads_the_new_rows_for_placeholder_ids(tiny_sd, photos, tmp
 def test_latents_are_cached_for_every_photo_and_its_mirror(tiny_sd, photos, tmp_path):
     s = build_stages(tiny_sd, photos, tmp_path)
     latent = RESOLUTION // 8
-    assert s.concept.latent_mean.shape == (3, 2, 4, latent, latent)
-    assert (s.concept.latent_std > 0).all()
-    assert not torch.equal(s.concept.latent_mean[:, 0], s.concept.latent_mean[:, 1])
+    assert s.data.latent_mean.shape == (3, 2, 4, latent, latent)
+    assert (s.data.latent_std > 0).all()
+    assert not torch.equal(s.data.latent_mean[:, 0], s.data.latent_mean[:, 1])
 
 
 def test_prompts_are_tokenized_once_with_the_placeholder_ids(tiny_sd, photos, tmp_path):
     s = build_stages(tiny_sd, photos, tmp_path, num_vectors=2)
-    ids = s.concept.prompt_ids[0]
+    ids = s.data.prompt_ids[0]
     assert ids.shape == (27, 77)
     for placeholder_id in s.placeholders.ids[0]:
         assert ((ids == placeholder_id).sum(dim=1) == 1).all()
@@ -87,7 +87,7 @@ def test_one_fused_call_gives_the_gradient_of_accumulation(tiny_sd, photos, tmp_
     grads, losses = [], []
     for chunk in (4, 1, 3):  # fused, classic accumulation 4 x 1, uneven chunks
         rows.grad = None
-        losses.append(ti.accumulate_gradients(s.models, s.concept, batch, chunk, scaler))
+        losses.append(ti.accumulate_gradients(s.models, s.data, batch, chunk, scaler))
         grads.append(rows.grad.clone())
     assert grads[0].abs().sum() > 0
     for grad, loss in zip(grads[1:], losses[1:]):
@@ -99,14 +99,13 @@ def test_the_loss_is_mse_on_epsilon(tiny_sd, photos, tmp_path):
     s = build_stages(tiny_sd, photos, tmp_path)
     batch = a_batch(s, size=2)
     latents = (
-        s.concept.latent_mean[batch.image, batch.flip]
-        + s.concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+        s.data.latent_mean[batch.image, batch.flip] + s.data.latent_std[batch.image, batch.flip] * batch.posterior_noise
     )
     noisy = s.models.noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
     with torch.no_grad():
-        hidden = s.models.text_encoders[0](s.concept.prompt_ids[0][batch.template])[0]
+        hidden = s.models.text_encoders[0](s.data.prompt_ids[0][batch.template])[0]
         expected = ((s.models.unet(noisy, batch.timesteps, hidden).sample - batch.noise) ** 2).mean(dim=(1, 2, 3))
-        torch.testing.assert_close(ti.denoising_loss(s.models, s.concept, batch), expected)
+        torch.testing.assert_close(ti.denoising_loss(s.models, s.data, batch), expected)
 
 
 def test_v_prediction_models_are_trained_on_velocity(tiny_sd_v, photos, tmp_path):
@@ -114,16 +113,15 @@ def test_v_prediction_models_are_trained_on_velocity(tiny_sd_v, photos, tmp_path
     assert s.models.noise_scheduler.config.prediction_type == "v_prediction"
     batch = a_batch(s, size=2)
     latents = (
-        s.concept.latent_mean[batch.image, batch.flip]
-        + s.concept.latent_std[batch.image, batch.flip] * batch.posterior_noise
+        s.data.latent_mean[batch.image, batch.flip] + s.data.latent_std[batch.image, batch.flip] * batch.posterior_noise
     )
     scheduler = s.models.noise_scheduler
     noisy = scheduler.add_noise(latents, batch.noise, batch.timesteps)
     velocity = scheduler.get_velocity(latents, batch.noise, batch.timesteps)
     with torch.no_grad():
-        hidden = s.models.text_encoders[0](s.concept.prompt_ids[0][batch.template])[0]
+        hidden = s.models.text_encoders[0](s.data.prompt_ids[0][batch.template])[0]
         expected = ((s.models.unet(noisy, batch.timesteps, hidden).sample - velocity) ** 2).mean(dim=(1, 2, 3))
-        torch.testing.assert_close(ti.denoising_loss(s.models, s.concept, batch), expected)
+        torch.testing.assert_close(ti.denoising_loss(s.models, s.data, batch), expected)
 
 
 def test_sample_order_shows_each_photo_repeats_times_per_epoch():

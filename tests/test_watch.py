@@ -147,12 +147,12 @@ def test_validation_loss_is_bit_identical_when_evaluated_twice(tiny_sd, photos, 
     from test_training import build_stages
 
     s = build_stages(tiny_sd, photos, tmp_path)
-    batch = ti.validation_batch(seed=3, concept=s.concept, num_timesteps=1000)
-    assert len(batch) == s.concept.num_images * 4  # every photo at 4 timesteps
-    first = ti.validation_loss(s.models, s.concept, batch, chunk=8)
-    assert ti.validation_loss(s.models, s.concept, batch, chunk=8) == first
-    assert ti.validation_loss(s.models, s.concept, batch, chunk=5) == pytest.approx(first, rel=1e-6)
-    again = ti.validation_batch(seed=3, concept=s.concept, num_timesteps=1000)
+    batch = ti.validation_batch(seed=3, data=s.data, num_timesteps=1000)
+    assert len(batch) == s.data.num_images * 4  # every photo at 4 timesteps
+    first = ti.validation_loss(s.models, s.data, batch, chunk=8)
+    assert ti.validation_loss(s.models, s.data, batch, chunk=8) == first
+    assert ti.validation_loss(s.models, s.data, batch, chunk=5) == pytest.approx(first, rel=1e-6)
+    again = ti.validation_batch(seed=3, data=s.data, num_timesteps=1000)
     assert torch.equal(again.noise, batch.noise) and torch.equal(again.timesteps, batch.timesteps)
 
 
@@ -160,7 +160,7 @@ def test_validation_timesteps_cover_the_schedule_evenly(tiny_sd, photos, tmp_pat
     from test_training import build_stages
 
     s = build_stages(tiny_sd, photos, tmp_path)
-    timesteps = ti.validation_batch(seed=0, concept=s.concept, num_timesteps=1000).timesteps.view(-1, 4)
+    timesteps = ti.validation_batch(seed=0, data=s.data, num_timesteps=1000).timesteps.view(-1, 4)
     for quarter, column in enumerate(timesteps.T):
         assert ((column >= 250 * quarter) & (column < 250 * (quarter + 1))).all()
 
