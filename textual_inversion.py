@@ -212,7 +212,7 @@ class Run:
     accelerator: object
     stop: StopSignals
     models: Models
-    placeholders: Placeholders
+    placeholders: list[Placeholders]  # one per concept, in plan.concepts' order
     data: TrainingData
     state: RunState
     validation: Batch  # the fixed batch whose loss the state judges (best step, early stopping)
@@ -221,11 +221,15 @@ class Run:
     watch: Watch
     checkpoint: Path | None  # the one this run resumed from
     repo_id: str | None  # with --push_to_hub
-    saved: dict[str, int]  # run.json: the step each embedding file in --output_dir holds
+    saved: dict[str, dict[str, int]]  # per concept, its run.json's record: the step each embedding file holds
 
     @property
     def out(self) -> Path:
         return Path(self.args.output_dir)
+
+    def folder(self, concept: Concept) -> Path:
+        """Where a concept's files go: --output_dir, or its own folder in it with --concepts_list."""
+        return self.out / concept.name
 
 
 def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
@@ -240,27 +244,44 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     models_named = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name"]
     for flag in models_named + (["clip_model", "dino_model"] if args.validation_scores else []):
         infer.check_source(getattr(args, flag), f"--{flag}")  # a typo or an unreachable Hub: one line, at once
+    entries = read_concepts(args)
     checkpoint = find_checkpoint(args)
-    initializer = read_initializer_embedding(args)
+    initializers = [read_initializer_embedding(flags) for _, flags in entries]
     source = read_model_source(args)
-    photos = list_photos(infer.photos_folder(args.train_data_dir), args.caption_extension)
-    plan = make_plan(args, accelerator.num_processes, accelerator.mixed_precision, source, initializer, len(photos))
+    photos = [list_photos(infer.photos_folder(flags.train_data_dir), flags.caption_extension) for _, flags in entries]
+    plan = make_plan(
+        args,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+        source,
+        initializers,
+        [len(p) for p in photos],
+        entries,
+    )
 
-    dataset = dataset_from_args(args, plan, photos)
-    examples = decode_images(dataset, args.dataloader_num_workers)
-    records = dataset.records(examples)
-    scoring = validation_scoring(args, accelerator)
+    datasets = [dataset_from_args(concept, plan, p) for concept, p in zip(plan.concepts, photos)]
+    decoded = [decode_images(dataset, args.dataloader_num_workers) for dataset in datasets]
+    records = [
+        {**record, "concept": concept.name} if concept.name else record
+        for concept, dataset, examples in zip(plan.concepts, datasets, decoded)
+        for record in dataset.records(examples)
+    ]
+    scoring = validation_scoring(args, accelerator, plan)
     models = load_models(args, accelerator.device, plan.weight_dtype, source)
-    placeholders = add_placeholder_tokens(models, plan.tokens, initializer or args.initializer_token)
+    placeholders = [
+        add_placeholder_tokens(models, concept.tokens, initializer or concept.args.initializer_token)
+        for concept, initializer in zip(plan.concepts, initializers)
+    ]
     data = encode_photos(
-        examples,
-        dataset.photo_prompts,
+        [example for examples in decoded for example in examples],
+        [prompts for dataset in datasets for prompts in dataset.photo_prompts],
         models,
         placeholders,
         unmasked_weight=args.unmasked_weight,
-        sources=dataset.prompt_sources,
+        sources={k: v for dataset in datasets for k, v in dataset.prompt_sources.items()},
+        concept_of=[k for k, dataset in enumerate(datasets) for _ in range(len(dataset))],
     )
-    del examples
+    del decoded
     if args.compile:
         compile_models(models, args.compile_backend)
     if args.validation_prompt:
@@ -270,18 +291,23 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
 
-    optimization = Optimization(placeholders.rows, args, plan, accelerator.device.type)
+    optimization = Optimization([rows for p in placeholders for rows in p.rows], args, plan, accelerator.device.type)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, models, placeholders, args, optimization)
         logger.info("Resuming from %s (step %d)", checkpoint, state.step)
+        freeze_stopped(state, placeholders)
     else:
-        state = RunState(step=0, seed=resolve_seed(args, accelerator))
+        concepts = [ConceptState() for _ in plan.concepts]
+        state = RunState(step=0, seed=resolve_seed(args, accelerator), concepts=concepts)
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         infer.remove_temp_files(out)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
         infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if plan.concepts[0].name:  # what tells infer.py (and people) that the run learned several
+            names = {"concepts": [concept.name for concept in plan.concepts]}
+            infer.write_text(out / infer.CONCEPTS_FILE, json.dumps(names, indent=1) + "\n")
     watch = Watch(
         args=args, plan=plan, models=models, placeholders=placeholders, accelerator=accelerator, state=state,
         resumed=checkpoint is not None, scoring=scoring,
@@ -290,10 +316,12 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
         args=args, plan=plan, accelerator=accelerator, stop=stop, models=models, placeholders=placeholders,
         data=data, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
         validation=validation_batch(state.seed, data, models.noise_scheduler.config.num_train_timesteps),
-        checkpoint=checkpoint, repo_id=repo_id, saved=read_saved_steps(out) if checkpoint is not None else {},
+        checkpoint=checkpoint, repo_id=repo_id,
+        saved={c.name: read_saved_steps(out / c.name) if checkpoint is not None else {} for c in plan.concepts},
     )  # fmt: skip
     if accelerator.is_main_process:
-        write_run_record(run)
+        for concept in plan.concepts:
+            write_run_record(run, concept)
     logger.info("%s", startup_text(plan, data, records, placeholders, accelerator.device, state.seed))
     if checkpoint is not None and state.step >= plan.max_steps:
         logger.info(
@@ -306,16 +334,23 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
 
 
 def startup_text(
-    plan: Plan, data: TrainingData, records: list[dict], placeholders: Placeholders, device: torch.device, seed: int
+    plan: Plan,
+    data: TrainingData,
+    records: list[dict],
+    placeholders: list[Placeholders],
+    device: torch.device,
+    seed: int,
 ) -> str:
     """The start-up line: what is trained, from what, how long, and on what hardware."""
     plural = infer.plural
     where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    concepts = plan.concepts
+    several = f"{len(concepts)} concepts ({', '.join(c.tokens[0] for c in concepts)}), " if len(concepts) > 1 else ""
     return (
-        f"{plan.family.name}: {plural(data.num_images, 'photo')} "
+        f"{plan.family.name}: {several}{plural(data.num_images, 'photo')} "
         f"({sum(r['caption'] is not None for r in records)} captioned, {sum(r['mask'] is not None for r in records)} "
         f"masked, {plural(len(data.bucket_sizes), 'bucket')}), {plural(len(data.prompts), 'prompt')}, "
-        f"{plural(plan.num_vectors, 'vector')} of width {'+'.join(str(r.shape[1]) for r in placeholders.rows)}, "
+        f"{plural(plan.num_vectors, 'vector')} of width {'+'.join(str(r.shape[1]) for r in placeholders[0].rows)}, "
         f"{plural(plan.max_steps, 'step')} x {plural(plan.global_batch, 'sample')} "
         f"({plural(plan.world, 'process', 'processes')}), seed {seed}; on {where}, "
         f"precision {str(plan.weight_dtype).removeprefix('torch.')} (learned vectors float32), "
@@ -336,7 +371,7 @@ def train(run: Run) -> TrainResult:
     args, plan, state, watch, data = run.args, run.plan, run.state, run.watch, run.data
     device, rank = run.accelerator.device, run.accelerator.process_index
     generator = torch.Generator(device)
-    schedule = bucket_schedule(state.seed, plan.max_steps, data)
+    balanced, stream = args.concept_sampling == "balanced", None
     num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
     cadence = CheckpointCadence(args.checkpointing_steps, args.checkpointing_minutes, state.step)
     run.stop.outcome = None  # from here on a stop waits for the end of the current step
@@ -346,12 +381,12 @@ def train(run: Run) -> TrainResult:
         if state.step == 0:  # the baseline: how well the initializer word already explains the photos
             watch.record(0, validate(run, images=False), plot=False)
         while state.step < plan.max_steps and not state.stopped_early:
+            if stream is None or stream.start != state.sampling_since:  # a concept stopped: the rest share the batch
+                stream = sample_stream(state, plan.max_steps, data, plan.concepts, balanced)
             # Every process draws the whole global batch and keeps its own slice: N processes
             # compute exactly what one process would with N times the batch.
             generator.manual_seed(derive_seed(state.seed, STREAM_STEP, state.step))
-            images, bucket = step_images(
-                state.seed, state.step, plan.global_batch, data, schedule, args.repeats, device
-            )
+            images, bucket = step_images(stream, state.step, plan.global_batch, device)
             batch = draw_batch(generator, images, data, num_timesteps, bucket)
             batch = batch[slice(rank * plan.per_process, (rank + 1) * plan.per_process)]
             loss = run.fused.backward(run.models, data, batch, run.optimization)
@@ -383,12 +418,18 @@ def train(run: Run) -> TrainResult:
 
 
 def validate(run: Run, images: bool = True) -> dict:
-    """The fixed-noise validation loss, which the state judges (best step, early stopping), and
-    validation images (and their scores), which a stop drops at once, going on to the checkpoint."""
-    loss = validation_loss(run.models, run.data, run.validation, run.fused.chunk)
-    run.state.judge(loss, run.placeholders.rows, run.args.early_stopping_patience)
-    record = {"val_loss": loss}
-    if images and run.args.validation_prompt:
+    """The fixed-noise validation loss of each concept still training, which the state judges
+    (best step, early stopping), and validation images (and their scores), which a stop drops at
+    once, going on to the checkpoint."""
+    batch, training = run.validation, torch.tensor([not c.stopped_early for c in run.state.concepts])
+    if not training.all():  # a stopped concept's rows are frozen: its loss no longer moves
+        batch = batch[training.to(batch.image.device)[run.data.concept_of[batch.image]]]
+    losses = validation_loss(run.models, run.data, batch, run.fused.chunk)
+    run.state.judge(losses, [p.rows for p in run.placeholders], run.args.early_stopping_patience)
+    freeze_stopped(run.state, run.placeholders)
+    concepts = run.plan.concepts
+    record = {concept_key("val_loss", c): loss for c, loss in zip(concepts, losses) if loss is not None}
+    if images and any(c.args.validation_prompt for c in concepts):
         try:
             with run.stop.at_once("while making validation images"):
                 record.update(run.watch.images(run.state.step))
@@ -401,7 +442,9 @@ def save_on_cadence(run: Run, cadence: CheckpointCadence, last: bool) -> None:
     """learned_embeds-steps-N every --save_steps, a checkpoint when one is due (main process)."""
     step = run.state.step
     if step % run.args.save_steps == 0:
-        save_embeddings(run, run.placeholders.rows, infer.steps_tag(step), step)
+        for concept, placeholders, state in zip(run.plan.concepts, run.placeholders, run.state.concepts):
+            if not state.stopped_early or state.stopped_at == step:
+                save_embeddings(run, concept, placeholders.rows, infer.steps_tag(step), step)
     if cadence.due(step, last):
         save_checkpoint(run)
         cadence.saved(step)
@@ -433,14 +476,19 @@ def finish(run: Run, result: TrainResult) -> None:
                 f"after the last step: the embedding is saved in {out}; skipped --save_as_full_pipeline{later}"
             ):
                 save_full_pipeline(run)
+        patience, concepts, states = args.early_stopping_patience, run.plan.concepts, run.state.concepts
+        kept = "; ".join(
+            (f"{c.tokens[0]} " if len(concepts) > 1 else "") + s.kept(run.state.step, patience)
+            for c, s in zip(concepts, states)
+        )
         logger.info(
             "Done: %s in %.1f s (%.1f samples/s); the run is at step %d; kept %s; files in %s",
             trained_steps_text(result.first_step, result.steps),
             result.seconds,
             result.samples_per_second,
             result.steps,
-            run.state.kept(args.early_stopping_patience),
-            written[0].parent,
+            kept,
+            written[0].parent if len(concepts) == 1 else out,
         )
         if hub is not None:
             push_to_hub(run, hub)
@@ -498,7 +546,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-STREAM_ORDER, STREAM_STEP, STREAM_VALIDATION, STREAM_BUCKET = 1, 2, 3, 4
+STREAM_ORDER, STREAM_STEP, STREAM_VALIDATION, STREAM_BUCKET, STREAM_RESAMPLE = 1, 2, 3, 4, 5
 
 
 @lru_cache(maxsize=4)
@@ -507,50 +555,64 @@ def epoch_order(seed: int, epoch: int, length: int, device: torch.device) -> tor
     return torch.randperm(length, generator=generator, device=device)
 
 
-def sample_images(seed: int, start: int, count: int, num_images: int, repeats: int, device) -> torch.Tensor:
-    """Image index of samples start..start+count of the run's sample stream.
-
-    The stream is a sequence of epochs; each epoch shows every image `repeats` times in a
-    shuffled order, as a shuffled DataLoader over images x repeats would.
-    """
-    length = num_images * repeats
+def sample_positions(seed: int, start: int, count: int, length: int, device) -> torch.Tensor:
+    """Samples start..start+count of a stream of epochs over `length` slots: each epoch visits
+    every slot once in a shuffled order, as a shuffled DataLoader would."""
     parts, position = [], start
     while position < start + count:
         epoch, offset = divmod(position, length)
         take = min(length - offset, start + count - position)
         parts.append(epoch_order(seed, epoch, length, device)[offset : offset + take])
         position += take
-    return torch.cat(parts) % num_images
+    return torch.cat(parts)
 
 
 @dataclass
-class BucketSchedule:
-    """Which aspect bucket each step trains, drawn once for the whole run, weighted by photo
-    count, so every UNet call sees one shape. Each bucket has its own sample stream."""
+class SampleStream:
+    """Which photos the steps from `start` on train. Each step's samples come from one aspect
+    bucket (so every UNet call sees one shape), drawn once for all steps, weighted by the
+    bucket's slots; each bucket is its own stream of epochs over its slots: every photo of each
+    concept still training, its concept's --repeats times (with balanced sampling, as many
+    times as gives every concept the same number of slots)."""
 
-    bucket: np.ndarray  # [steps]
-    earlier: np.ndarray  # [steps]: how many earlier steps drew the same bucket
+    start: int  # 0, or the step a concept stopped early from which the others share the batch
+    seed: int
+    slots: list[torch.Tensor]  # per bucket: the photo of each slot
+    bucket: np.ndarray  # [steps - start]
+    earlier: np.ndarray  # [steps - start]: how many earlier steps drew the same bucket
 
 
-def bucket_schedule(seed: int, steps: int, data: TrainingData) -> BucketSchedule:
-    counts = np.array([len(m) for m in data.bucket_members], dtype=np.float64)
-    draws = np.random.default_rng(derive_seed(seed, STREAM_BUCKET)).random(steps)  # a prefix never changes
+def sample_stream(
+    state: RunState, steps: int, data: TrainingData, concepts: list[Concept], balanced: bool
+) -> SampleStream:
+    start = state.sampling_since
+    seed = state.seed if start == 0 else derive_seed(state.seed, STREAM_RESAMPLE, start)
+    training = [k for k, c in enumerate(state.concepts) if not c.stopped_early]
+    repeats = [c.args.repeats for c in concepts]
+    if balanced:  # every concept as many slots as the others: its photos x repeats scaled up to a common multiple
+        shares = [n * r for n, r in zip(data.photos_per_concept, repeats)]
+        common = math.lcm(*(shares[k] for k in training))
+        repeats = [r * common // share for r, share in zip(repeats, shares)]
+    slots = [
+        torch.cat([members[data.concept_of[members] == k].repeat(repeats[k]) for k in training])
+        for members in data.bucket_members
+    ]
+    counts = np.array([len(s) for s in slots], dtype=np.float64)
+    draws = np.random.default_rng(derive_seed(seed, STREAM_BUCKET)).random(steps - start)  # a prefix never changes
     bucket = np.searchsorted(np.cumsum(counts) / counts.sum(), draws, side="right").clip(max=len(counts) - 1)
-    earlier = np.zeros(steps, dtype=np.int64)
+    earlier = np.zeros(steps - start, dtype=np.int64)
     for b in range(len(counts)):
         earlier[bucket == b] = np.arange(int((bucket == b).sum()))
-    return BucketSchedule(bucket, earlier)
+    return SampleStream(start, seed, slots, bucket, earlier)
 
 
-def step_images(
-    seed: int, step: int, count: int, data: TrainingData, schedule: BucketSchedule, repeats: int, device
-) -> tuple[torch.Tensor, int]:
+def step_images(stream: SampleStream, step: int, count: int, device) -> tuple[torch.Tensor, int]:
     """The photos of step `step`'s `count` samples, all from the step's bucket; and the bucket."""
-    bucket = int(schedule.bucket[step])
-    members = data.bucket_members[bucket]
-    stream = seed if len(data.bucket_members) == 1 else derive_seed(seed, STREAM_BUCKET, bucket)
-    picks = sample_images(stream, int(schedule.earlier[step]) * count, count, len(members), repeats, device)
-    return members[picks], bucket
+    bucket = int(stream.bucket[step - stream.start])
+    slots = stream.slots[bucket]
+    seed = stream.seed if len(stream.slots) == 1 else derive_seed(stream.seed, STREAM_BUCKET, bucket)
+    start = int(stream.earlier[step - stream.start]) * count
+    return slots[sample_positions(seed, start, count, len(slots), device)], bucket
 
 
 @dataclass
@@ -604,46 +666,90 @@ def draw_batch(
 
 
 @dataclass
-class RunState:
-    """Where a run stands. A checkpoint holds all of it, so a resumed run continues bit for bit."""
+class ConceptState:
+    """A concept's part of the run state: its best step so far and whether it stopped early."""
 
-    step: int
-    seed: int
     best_loss: float | None = None  # the lowest validation loss so far, and when
     best_step: int | None = None
     best_rows: list[torch.Tensor] | None = None  # the rows at best_step (with --early_stopping_patience)
     evals_since_best: int = 0
-    stopped_early: bool = False
+    stopped_at: int | None = None  # the step early stopping froze its rows
 
-    def judge(self, loss: float, rows: list[torch.Tensor], patience: int | None) -> None:
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_at is not None
+
+    def judge(self, step: int, loss: float, rows: list[torch.Tensor], patience: int | None) -> None:
         """A validation loss: the best step so far (its rows kept with `patience`), and whether
-        `patience` evaluations without a better one stop the run."""
+        `patience` evaluations without a better one stop the concept."""
         if self.best_loss is None or loss < self.best_loss:
-            self.best_loss, self.best_step, self.evals_since_best = loss, self.step, 0
+            self.best_loss, self.best_step, self.evals_since_best = loss, step, 0
             if patience:
                 self.best_rows = [r.detach().clone() for r in rows]
         else:
             self.evals_since_best += 1
-            self.stopped_early = bool(patience) and self.evals_since_best >= patience
+            if patience and self.evals_since_best >= patience:
+                self.stopped_at = step
 
     def kept_rows(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The rows the run's result holds: the best step's with early stopping, else the last."""
+        """The rows the concept's result holds: the best step's with early stopping, else the last."""
         return rows if self.best_rows is None else self.best_rows
 
-    @property
-    def kept_step(self) -> int:
-        return self.step if self.best_rows is None else self.best_step
+    def kept_step(self, step: int) -> int:
+        return step if self.best_rows is None else self.best_step
 
-    def kept(self, patience: int | None) -> str:
+    def kept(self, step: int, patience: int | None) -> str:
         """Which step the result holds, and why, in words."""
         if self.best_rows is None:
-            return f"the last step {self.step}"
+            return f"the last step {step}"
         why = (
             f"stopped early: no better validation loss in {infer.plural(patience, 'evaluation')}"
             if self.stopped_early
             else "the lowest validation loss"
         )
         return f"step {self.best_step} ({why}, {self.best_loss:.4f})"
+
+
+@dataclass
+class RunState:
+    """Where a run stands. A checkpoint holds all of it, so a resumed run continues bit for bit."""
+
+    step: int
+    seed: int
+    concepts: list[ConceptState] = field(default_factory=lambda: [ConceptState()])  # in plan.concepts' order
+    sampling_since: int = 0  # the step the set of concepts still training last changed
+
+    @property
+    def stopped_early(self) -> bool:
+        """Every concept stopped early: the run is over."""
+        return all(c.stopped_early for c in self.concepts)
+
+    def judge(self, losses: list[float | None], rows: list[list[torch.Tensor]], patience: int | None) -> None:
+        """Each training concept's validation loss (see ConceptState.judge). When one stops while
+        others train on, they share the batch from the next step on (sample_stream)."""
+        before = [c.stopped_early for c in self.concepts]
+        for concept, loss, concept_rows in zip(self.concepts, losses, rows):
+            if loss is not None and not concept.stopped_early:
+                concept.judge(self.step, loss, concept_rows, patience)
+        if not self.stopped_early and [c.stopped_early for c in self.concepts] != before:
+            self.sampling_since = self.step
+
+    def as_dict(self) -> dict:
+        concepts = [dict(vars(c), best_rows=c.best_rows and [r.cpu() for r in c.best_rows]) for c in self.concepts]
+        return {"step": self.step, "seed": self.seed, "sampling_since": self.sampling_since, "concepts": concepts}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> RunState:
+        return cls(**{**saved, "concepts": [ConceptState(**c) for c in saved["concepts"]]})
+
+
+def freeze_stopped(state: RunState, placeholders: list[Placeholders]) -> None:
+    """A concept that stopped early keeps its rows: no gradient reaches them, so no optimizer
+    step moves them, even from another concept's captions that name its word."""
+    for concept, words in zip(state.concepts, placeholders):
+        if concept.stopped_early:
+            for rows in words.rows:
+                rows.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -680,8 +786,9 @@ class Optimization:
 
     def step(self, world: int) -> None:
         """Average the rows' gradients over the processes, step, and keep the norms in bounds."""
+        training = [rows for rows in self.rows if rows.requires_grad]  # a concept stopped early: frozen
         if world > 1:
-            for rows in self.rows:
+            for rows in training:
                 torch.distributed.all_reduce(rows.grad)
                 rows.grad /= world
         self.scaler.step(self.optimizer)
@@ -689,7 +796,7 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.max_norm:
-            clamp_norms(self.rows, self.max_norm)
+            clamp_norms(training, self.max_norm)
 
     def state_dict(self) -> dict:
         return {
@@ -787,20 +894,24 @@ def validation_batch(seed: int, data: TrainingData, num_timesteps: int, per_phot
 
 
 @torch.no_grad()
-def validation_loss(models: Models, data: TrainingData, batch: Batch, chunk: int) -> float:
-    """Mean loss over the batch, bucket by bucket, in calls of exactly `chunk` samples (a
-    bucket's last call wraps around and its repeats are dropped), so a compiled UNet sees one
-    shape per bucket."""
+def validation_loss(models: Models, data: TrainingData, batch: Batch, chunk: int) -> list[float | None]:
+    """Each concept's mean loss over its samples in the batch (None: it has none), bucket by
+    bucket, in calls of exactly `chunk` samples (a bucket's last call wraps around and its
+    repeats are dropped), so a compiled UNet sees one shape per bucket."""
     bucket_of = torch.tensor(data.bucket_of)[batch.image.cpu()]
-    total = 0.0
+    concept_of = data.concept_of[batch.image]
+    totals = [0.0] * len(data.photos_per_concept)
     for bucket, (height, width) in enumerate(data.bucket_sizes):
         positions = (bucket_of == bucket).nonzero().flatten().to(batch.image.device)
         n = len(positions)
         for start in range(0, n, chunk):
             index = positions[torch.arange(start, start + chunk, device=positions.device) % n]
             part = batch[index].cropped(height, width)
-            total += float(denoising_loss(models, data, part)[: n - start].sum())
-    return total / len(batch)
+            losses, owners = denoising_loss(models, data, part)[: n - start], concept_of[index[: n - start]]
+            for k in range(len(totals)):
+                totals[k] += float(losses[owners == k].sum())
+    counts = torch.bincount(concept_of, minlength=len(totals)).tolist()
+    return [total / count if count else None for total, count in zip(totals, counts)]
 
 
 def validation_pipeline(models: Models):
@@ -872,26 +983,40 @@ def validation_grid_settings(args: argparse.Namespace, models: Models, pipe, see
     }
 
 
-def validation_scoring(args: argparse.Namespace, accelerator) -> tuple[infer.Scorers, infer.References] | None:
-    """--validation_scores, on the main process: `infer.py eval`'s scorers and the training photos'
-    features, made once, before the models load (a scorer missing offline fails first)."""
+def validation_scoring(
+    args: argparse.Namespace, accelerator, plan: Plan
+) -> tuple[infer.Scorers, list[infer.References]] | None:
+    """--validation_scores, on the main process: `infer.py eval`'s scorers and each concept's
+    photos' features, made once, before the models load (a scorer missing offline fails first)."""
     if not (args.validation_scores and accelerator.is_main_process):
         return None
     scorers = infer.Scorers(args.clip_model, args.dino_model, accelerator.device)
-    photos = infer.read_photos(args.train_data_dir, "--train_data_dir")
+    photos = [infer.read_photos(c.args.train_data_dir, "--train_data_dir") for c in plan.concepts]
     logger.info(
-        "Validation scores: %s and %s against %s", args.clip_model, args.dino_model, infer.plural(len(photos), "photo")
+        "Validation scores: %s and %s against %s",
+        args.clip_model,
+        args.dino_model,
+        infer.plural(sum(map(len, photos)), "photo"),
     )
-    return scorers, scorers.references(photos)
+    return scorers, [scorers.references(p) for p in photos]
 
 
 def plot_run(history: list[dict], path: Path) -> bool:
-    """loss.png: training loss (raw and smoothed), validation loss, embedding norm, each panel's
-    legend beside it. Returns False when matplotlib is not installed (it is optional)."""
+    """loss.png: training loss (raw and smoothed), validation loss and embedding norm (each
+    concept's), each panel's legend beside it. Returns False when matplotlib is not installed
+    (it is optional)."""
+
+    def series(key: str) -> list[tuple[str, tuple, tuple]]:
+        """(concept name, steps, values) of `key`: one series in a one-concept run, else one per concept."""
+        keys = dict.fromkeys(k for h in history for k in h if k.partition("/")[0] == key)
+        return [(k.partition("/")[2], *zip(*[(h["step"], h[k]) for h in history if k in h])) for k in keys]
+
+    def label(text: str, name: str) -> str:
+        return f"{text}, {name}" if name else text
+
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    norms = [(h["step"], h["embedding_norm"], h["vocab_median_norm"]) for h in history if "embedding_norm" in h]
-    scored = [h for h in history if "clip_i" in h]
+    val, norms, medians = series("val_loss"), series("embedding_norm"), series("vocab_median_norm")
+    scored = series("clip_i")
     panels = 3 if scored else 2
     made = infer.new_figure(panels, 1, figsize=(10, 3 * panels), sharex=True, height_ratios=[2, 1, 1][:panels])
     if made is None:
@@ -906,20 +1031,24 @@ def plot_run(history: list[dict], path: Path) -> bool:
             smooth.append(value)
         top.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1)
         top.plot(steps, smooth, color="tab:blue", label="training loss (smoothed)")
-    if val:
-        top.plot(*zip(*val), "o-", color="tab:orange", label="validation loss (fixed noise)")
+    for name, steps, losses in val:
+        color = "tab:orange" if len(val) == 1 else None
+        top.plot(steps, losses, "o-", color=color, label=label("validation loss (fixed noise)", name))
     top.set_ylabel("loss")
     top.legend(**infer.LEGEND_BESIDE)
-    if norms:
-        steps, norm, median = zip(*norms)
-        bottom.plot(steps, norm, color="tab:green", label="learned vectors' norm")
+    for name, steps, norm in norms:
+        bottom.plot(
+            steps, norm, color="tab:green" if len(norms) == 1 else None, label=label("learned vectors' norm", name)
+        )
+    for _, steps, median in medians:
         bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
+    if norms:
         bottom.legend(**infer.LEGEND_BESIDE)
     bottom.set_ylabel("L2 norm")
     if scored:  # --validation_scores: fidelity (CLIP-I, DINO) against editability (CLIP-T)
-        steps = [h["step"] for h in scored]
-        for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
-            axes[2].plot(steps, [h[key] for h in scored], "o-", label=label)
+        for key, text in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
+            for name, steps, values in series(key):
+                axes[2].plot(steps, values, "o-", label=label(text, name))
         axes[2].set_ylabel("score (validation images)")
         axes[2].legend(**infer.LEGEND_BESIDE)
     axes[-1].set_xlabel("step")
@@ -939,11 +1068,11 @@ class Watch:
         args: argparse.Namespace,
         plan: Plan,
         models: Models,
-        placeholders: Placeholders,
+        placeholders: list[Placeholders],
         accelerator,
         state: RunState,
         resumed: bool,
-        scoring: tuple[infer.Scorers, infer.References] | None = None,
+        scoring: tuple[infer.Scorers, list[infer.References]] | None = None,
     ):
         self.scoring = scoring  # --validation_scores, on the main process
         self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
@@ -951,10 +1080,10 @@ class Watch:
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
         self.vocab_median_norm = [
-            float(e.get_input_embeddings().frozen.weight.float().norm(dim=1).median()) for e in models.text_encoders
+            float(vocabulary(e).weight.float().norm(dim=1).median()) for e in models.text_encoders
         ]
         self.pipe = None
-        self.last_grid: Path | None = None
+        self.last_grids: dict[str, Path] = {}  # each concept's newest validation grid
         self.plotted = self.said_no_plot = False
         self.history = self.read_history(state.step) if resumed else []
         if self.main:  # a resumed run continues the log from its checkpoint's step
@@ -990,19 +1119,29 @@ class Watch:
         self.loss_count, self.window_start, self.window_steps = 0, now, 0
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
         record = {"loss": loss, "lr": lr, "samples_per_second": speed}
-        norms = [float(r.detach().norm(dim=1).mean()) for r in self.placeholders.rows]
-        for i, (norm, median) in enumerate(zip(norms, self.vocab_median_norm)):
-            suffix = f"_{i + 1}" if i else ""
-            record[f"embedding_norm{suffix}"] = norm
-            record[f"vocab_median_norm{suffix}"] = median
+        for concept, placeholders in zip(self.plan.concepts, self.placeholders):
+            for i, (rows, median) in enumerate(zip(placeholders.rows, self.vocab_median_norm)):
+                suffix = f"_{i + 1}" if i else ""
+                record[concept_key(f"embedding_norm{suffix}", concept)] = float(rows.detach().norm(dim=1).mean())
+                record[f"vocab_median_norm{suffix}"] = median
         return record
 
     def images(self, step: int) -> dict:
-        """Validation images (main process, with --validation_prompt): a grid and the trackers';
-        with --validation_scores, their mean CLIP-I, CLIP-T and DINO."""
-        args = self.args
-        if not (self.main and args.validation_prompt):
+        """Validation images of each concept with --validation_prompt (main process): a grid in its
+        folder and the trackers'; with --validation_scores, their mean CLIP-I, CLIP-T and DINO
+        against the concept's photos."""
+        if not self.main:
             return {}
+        record = {}
+        for k, concept in enumerate(self.plan.concepts):
+            if concept.args.validation_prompt:
+                references = self.scoring[1][k] if self.scoring else None
+                scores = self.concept_images(concept, step, references)
+                record.update((concept_key(key, concept), value) for key, value in scores.items())
+        return record
+
+    def concept_images(self, concept: Concept, step: int, references: infer.References | None) -> dict:
+        args = concept.args
         if self.pipe is None:
             self.pipe = validation_pipeline(self.models)
         rows = validation_images(
@@ -1014,26 +1153,28 @@ class Watch:
             args.validation_inference_steps,
             self.models.clip_skip,
         )
-        folder = self.out / "validation"
+        folder = self.out / concept.name / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid = infer.labelled_grid(rows, args.validation_prompt, f"step {step}")
         settings = validation_grid_settings(args, self.models, self.pipe, self.seed, step)
-        self.last_grid = infer.write_png(folder / f"step-{step}.png", grid, settings)
+        self.last_grids[concept.name] = infer.write_png(folder / f"step-{step}.png", grid, settings)
+        tag = concept_key("validation", concept)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 pixels = np.stack([np.asarray(image) for row in rows for image in row])
-                tracker.writer.add_images("validation", pixels, step, dataformats="NHWC")
+                tracker.writer.add_images(tag, pixels, step, dataformats="NHWC")
             elif tracker.name == "wandb":
                 import wandb
 
                 captioned = [wandb.Image(i, caption=p) for p, row in zip(args.validation_prompt, rows) for i in row]
-                tracker.log({"validation": captioned}, step=step)
-        if self.scoring is None:
+                tracker.log({tag: captioned}, step=step)
+        if references is None:
             return {}
-        scorers, photos = self.scoring
-        texts = [p.replace(args.placeholder_token, self.plan.class_word) for p in args.validation_prompt]
+        texts = [p.replace(args.placeholder_token, concept.class_word) for p in args.validation_prompt]
         count = args.num_validation_images
-        scores = scorers.score([i for row in rows for i in row], [t for t in texts for _ in range(count)], photos)
+        scores = self.scoring[0].score(
+            [i for row in rows for i in row], [t for t in texts for _ in range(count)], references
+        )
         return {key: float(values.double().mean()) for key, values in scores.items()}
 
     def record(self, step: int, record: dict, plot: bool) -> None:
@@ -1065,9 +1206,34 @@ DEFAULT_STEPS = 5000
 
 
 @dataclass(frozen=True)
+class Concept:
+    """One concept the run learns: its flags (the command line's, under its --concepts_list
+    entry), its new word's tokens and its folder in --output_dir."""
+
+    name: str  # its folder in --output_dir; "" without --concepts_list (the folder itself)
+    args: argparse.Namespace
+    tokens: list[str]  # one per vector
+
+    @property
+    def word(self) -> str:
+        """The new word as prompts hold it: all its vector tokens."""
+        return " ".join(self.tokens)
+
+    @property
+    def class_word(self) -> str | None:
+        """What stands in for the new word in CLIP-T's text: --class_word, else the initializer."""
+        return self.args.class_word or self.args.initializer_token
+
+
+def concept_key(key: str, concept: Concept) -> str:
+    """A metric's name for one concept: as it is in a one-concept run, else key/name."""
+    return f"{key}/{concept.name}" if concept.name else key
+
+
+@dataclass(frozen=True)
 class Plan:
     family: type[infer.ModelFamily]
-    tokens: list[str]  # one per vector
+    concepts: list[Concept]
     max_steps: int
     world: int  # processes
     per_process: int  # samples per optimizer step and process: batch x accumulation
@@ -1077,20 +1243,14 @@ class Plan:
     buckets: list[tuple[int, int]] | None  # (w, h) in pixels, with --aspect_buckets
     weight_dtype: torch.dtype  # of the frozen models; the trained rows stay fp32
     extension: str  # of the embedding files: .safetensors, or .bin with --no_safe_serialization
-    class_word: str | None  # stands in for the new word in CLIP-T's text: --class_word, else the initializer
 
     @property
     def num_vectors(self) -> int:
-        return len(self.tokens)
+        return sum(len(c.tokens) for c in self.concepts)
 
     @property
     def global_batch(self) -> int:
         return self.per_process * self.world
-
-    @property
-    def word(self) -> str:
-        """The new word as prompts hold it: all its vector tokens."""
-        return " ".join(self.tokens)
 
     def derived(self) -> dict:
         """The plan's values for trackers (what the run really uses, where a flag was left unset)."""
@@ -1105,6 +1265,7 @@ class Plan:
             "buckets": len(self.buckets) if self.buckets else 0,
             "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
             "family": self.family.name,
+            **({"concepts": len(self.concepts)} if len(self.concepts) > 1 else {}),
         }
 
 
@@ -1113,16 +1274,22 @@ def make_plan(
     world: int,
     mixed_precision: str,
     source: infer.ModelSource,
-    initializer: infer.Embedding | None,
-    num_images: int,
+    initializers: list[infer.Embedding | None],
+    photo_counts: list[int],
+    entries: list[tuple[str, argparse.Namespace]] | None = None,
 ) -> Plan:
-    """The run's numbers, with a one-line error for every flag that does not fit the model."""
-    num_vectors = args.num_vectors or (initializer.num_vectors if initializer is not None else 1)
-    if initializer is not None and num_vectors != initializer.num_vectors:
-        raise UserError(
-            f"--num_vectors {args.num_vectors}: the --initializer_embedding {args.initializer_embedding} has "
-            f"{initializer.num_vectors}; leave --num_vectors out, or give {initializer.num_vectors}"
-        )
+    """The run's numbers, with a one-line error for every flag that does not fit the model.
+    `entries` are the concepts (read_concepts; default: the command line's one), each with its
+    initializer embedding (or None) and photo count."""
+    concepts = []
+    for (name, flags), initializer in zip(entries or [("", args)], initializers):
+        num_vectors = flags.num_vectors or (initializer.num_vectors if initializer is not None else 1)
+        if initializer is not None and num_vectors != initializer.num_vectors:
+            raise UserError(
+                f"--num_vectors {flags.num_vectors}: the --initializer_embedding {flags.initializer_embedding} has "
+                f"{initializer.num_vectors}; leave --num_vectors out, or give {initializer.num_vectors}"
+            )
+        concepts.append(Concept(name, flags, infer.vector_tokens(flags.placeholder_token, num_vectors)))
     infer.check_clip_skip(args.clip_skip, source.text_layers)
     buckets = None
     if args.aspect_buckets:
@@ -1137,14 +1304,15 @@ def make_plan(
             raise UserError(f"--min_bucket_resolution {smallest} is more than --max_bucket_resolution {largest}")
         buckets = bucket_sizes(args.resolution, args.bucket_step, smallest, largest)
     per_process = args.train_batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(num_images * args.repeats / (per_process * world))
+    slots = sum(count * c.args.repeats for count, c in zip(photo_counts, concepts))  # an epoch's samples
+    steps_per_epoch = math.ceil(slots / (per_process * world))
     if args.max_train_steps is not None:
         max_steps = args.max_train_steps
     else:  # the reference can never use its epochs flag: here it counts when the steps are not given
         max_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else DEFAULT_STEPS
     return Plan(
         family=source.family,
-        tokens=infer.vector_tokens(args.placeholder_token, num_vectors),
+        concepts=concepts,
         max_steps=max_steps,
         world=world,
         per_process=per_process,
@@ -1156,7 +1324,6 @@ def make_plan(
         buckets=buckets,
         weight_dtype={"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision],
         extension=".bin" if args.no_safe_serialization else ".safetensors",
-        class_word=args.class_word or args.initializer_token,
     )
 
 
@@ -1180,7 +1347,9 @@ class TrainingData:
     loss_weight: torch.Tensor | None = None
     bucket_sizes: list[tuple[int, int]] | None = None  # latent (h, w) per bucket. Default: one, h x w
     bucket_of: list[int] | None = None  # each photo's bucket
+    concept_of: torch.Tensor | None = None  # [images]: each photo's concept. Default: all the first
     bucket_members: list[torch.Tensor] = field(init=False)  # the photos of each bucket
+    photos_per_concept: list[int] = field(init=False)
 
     def __post_init__(self):
         images, device = self.latent_mean.shape[0], self.latent_mean.device
@@ -1190,6 +1359,9 @@ class TrainingData:
             self.loss_weight = torch.ones(images, 2, 1, *self.latent_mean.shape[3:], device=device)
         if self.bucket_sizes is None:
             self.bucket_sizes, self.bucket_of = [tuple(self.latent_mean.shape[3:])], [0] * images
+        if self.concept_of is None:
+            self.concept_of = torch.zeros(images, dtype=torch.long, device=device)
+        self.photos_per_concept = torch.bincount(self.concept_of).tolist()
         self.bucket_members = [
             torch.tensor([i for i, b in enumerate(self.bucket_of) if b == k], dtype=torch.long, device=device)
             for k in range(len(self.bucket_sizes))
@@ -1214,14 +1386,16 @@ def encode_photos(
     examples: list[dict],
     prompts: list[str] | list[list[str]],
     models: Models,
-    placeholders: Placeholders,
+    placeholders: Placeholders | list[Placeholders],
     *,
     unmasked_weight: float = 0.1,
     sources: dict[str, str] | None = None,
+    concept_of: list[int] | None = None,
 ) -> TrainingData:
     """VAE posteriors of every photo and its mirror, their masks on the latent grid, and the
     prompts' token ids, on device. `prompts` are each photo's (or one list for all);
-    `sources` names the file a prompt came from, for messages.
+    `sources` names the file a prompt came from, for messages; `concept_of` is each photo's
+    concept (an index into `placeholders`, one per concept).
 
     Sampling mean + std * noise each step draws from the same distribution as encoding the
     photo every step, as the reference script does, at none of the cost.
@@ -1257,9 +1431,10 @@ def encode_photos(
     prompt_table = torch.tensor(
         [[first_row[photo] + i for i in range(len(photo))] * (width // len(photo)) for photo in per_photo]
     )
+    words = placeholders if isinstance(placeholders, list) else [placeholders]
     prompt_ids = [
-        tokenize_prompts(unique, tokenizer, ids, placeholders.token, sources or {})
-        for tokenizer, ids in zip(models.tokenizers, placeholders.ids)
+        tokenize_prompts(unique, tokenizer, {w.token: w.ids[i] for w in words}, sources or {})
+        for i, tokenizer in enumerate(models.tokenizers)
     ]
 
     time_ids = [models.family.time_ids(e["original_size"], e["crop_top_left"], e["target_size"]) for e in examples]
@@ -1274,6 +1449,7 @@ def encode_photos(
         top_left_padded(weights),
         bucket_sizes,
         [bucket_sizes.index(tuple(m.shape[2:])) for m in means],
+        None if concept_of is None else torch.tensor(concept_of, dtype=torch.long, device=device),
     )
 
 
@@ -1285,20 +1461,23 @@ def word_occurrences(ids: list[int], word: list[int]) -> tuple[int, bool]:
     return len(starts), all(i in covered for i, t in enumerate(ids) if t in word)
 
 
-def tokenize_prompts(prompts: list[str], tokenizer, ids: list[int], token: str, sources: dict) -> torch.Tensor:
-    """[prompts, 77] token ids; each prompt holds the new word (all its vector tokens, in order)
-    once or more, as diffusers' loader expands it at inference. A prompt longer than the
-    tokenizer's limit is cut, with a warning naming its file."""
+def tokenize_prompts(prompts: list[str], tokenizer, words: dict[str, list[int]], sources: dict) -> torch.Tensor:
+    """[prompts, 77] token ids; each prompt holds a new word (`words`: each placeholder token's
+    ids, all its vector tokens in order) once or more, as diffusers' loader expands it at
+    inference, and every new word it holds whole. A prompt longer than the tokenizer's limit is
+    cut, with a warning naming its file."""
     limit = tokenizer.model_max_length
     tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     for prompt, row, full in zip(prompts, tokens, tokenizer(prompts).input_ids):
         source = sources.get(prompt) or f"the prompt {prompt!r}"
-        (whole, intact), (kept, _) = word_occurrences(full, ids), word_occurrences(row.tolist(), ids)
-        if not whole or not intact:
+        found = {token: word_occurrences(full, ids) for token, ids in words.items()}
+        split = [token for token, (_, intact) in found.items() if not intact]
+        if split or not any(whole for whole, _ in found.values()):
             raise UserError(
-                f"--placeholder_token {token!r} does not tokenize as its own new token(s) in the prompt {prompt!r}; "
-                "use a distinctive lowercase string such as <my-concept>"
+                f"--placeholder_token {(split or list(words))[0]!r} does not tokenize as its own new token(s) in the "
+                f"prompt {prompt!r}; use a distinctive lowercase string such as <my-concept>"
             )
+        kept = any(word_occurrences(row.tolist(), ids)[0] for ids in words.values())
         if len(full) > limit and not kept:
             raise UserError(
                 f"{source}: {len(full)} tokens, more than the tokenizer's {limit}, and the cut removes the new "
@@ -1326,14 +1505,26 @@ class PlaceholderEmbedding(nn.Module):
         super().__init__()
         self.frozen = frozen
         self.first_id = first_id
-        self.rows = rows
+        self.words = [rows]  # each concept's rows, in the order of their ids
+
+    def add(self, first_id: int, rows: torch.Tensor) -> None:
+        """Another concept's rows, whose ids follow the last ones'."""
+        assert first_id == self.first_id + sum(r.shape[0] for r in self.words), first_id
+        self.words.append(rows)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = self.rows.shape[0]
+        rows = self.words[0] if len(self.words) == 1 else torch.cat(self.words)
+        n = rows.shape[0]
         is_new = (input_ids >= self.first_id) & (input_ids < self.first_id + n)
         known = self.frozen(input_ids.clamp(max=self.frozen.num_embeddings - 1))
-        new = F.embedding((input_ids - self.first_id).clamp(0, n - 1), self.rows).to(known.dtype)
+        new = F.embedding((input_ids - self.first_id).clamp(0, n - 1), rows).to(known.dtype)
         return torch.where(is_new.unsqueeze(-1), new, known)
+
+
+def vocabulary(encoder: nn.Module) -> nn.Embedding:
+    """A text encoder's own token embedding, without the new words' rows."""
+    embedding = encoder.get_input_embeddings()
+    return embedding.frozen if isinstance(embedding, PlaceholderEmbedding) else embedding
 
 
 @dataclass
@@ -1375,7 +1566,7 @@ def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str |
     embedding's own vectors (fitted to the encoders as infer.py loads it)."""
     placeholder, num_vectors = tokens[0], len(tokens)
     slots = models.family.slots
-    weights = [encoder.get_input_embeddings().weight for encoder in models.text_encoders]
+    weights = [vocabulary(encoder).weight for encoder in models.text_encoders]
     if isinstance(initializer, infer.Embedding):
         fitted = infer.fit_to_base(initializer, {slot: w.shape[1] for slot, w in zip(slots, weights)})
         start = [fitted[slot] for slot in slots]
@@ -1405,9 +1596,12 @@ def add_placeholder_tokens(models: Models, tokens: list[str], initializer: str |
             )
         ids = tokenizer.convert_tokens_to_ids(tokens)
         assert ids == list(range(ids[0], ids[0] + num_vectors)), ids
-        frozen = encoder.get_input_embeddings()
-        rows = initial.to(frozen.weight.device, torch.float32).detach().clone().requires_grad_(True)
-        encoder.set_input_embeddings(PlaceholderEmbedding(frozen, ids[0], rows))
+        rows = initial.to(vocabulary(encoder).weight.device, torch.float32).detach().clone().requires_grad_(True)
+        embedding = encoder.get_input_embeddings()
+        if isinstance(embedding, PlaceholderEmbedding):  # another concept of the same run
+            embedding.add(ids[0], rows)
+        else:
+            encoder.set_input_embeddings(PlaceholderEmbedding(embedding, ids[0], rows))
         all_ids.append(ids)
         all_rows.append(rows)
     return Placeholders(tokens, all_ids, all_rows)
@@ -1604,17 +1798,26 @@ def fill_template(template: str, word: str, filewords: str) -> str:
     return re.sub(r"\[name\]|\{\}|\[filewords\]", lambda m: filewords if m[0] == "[filewords]" else word, template)
 
 
-def mark_word(caption: str, token: str, word: str) -> tuple[str, int]:
+def mark_word(caption: str, token: str, word: str, others: dict[str, str] | None = None) -> tuple[str, int]:
     """The caption with every [name] and every placeholder token as typed replaced by the new
-    word (all its vector tokens); and how many there were."""
-    return re.subn("|".join(map(re.escape, ("[name]", token))), lambda _: word, caption)
+    word (all its vector tokens), and every other concept's token (`others`: token -> word) by
+    that concept's word; and how many marks of the new word there were."""
+    words = {"[name]": word, token: word, **(others or {})}
+    marks = 0
+
+    def put(match: re.Match) -> str:
+        nonlocal marks
+        marks += words[match[0]] == word
+        return words[match[0]]
+
+    return re.sub("|".join(map(re.escape, sorted(words, key=len, reverse=True))), put, caption), marks
 
 
-def caption_prompt(caption: str, token: str, word: str) -> tuple[str, bool]:
+def caption_prompt(caption: str, token: str, word: str, others: dict[str, str] | None = None) -> tuple[str, bool]:
     """The caption with the new word wherever it marks it (see mark_word), or "<word>, " in front
     when it marks it nowhere; and whether it was put in front."""
-    prompt, marked = mark_word(caption, token, word)
-    return (prompt, False) if marked else (f"{word}, {caption}", True)
+    prompt, marked = mark_word(caption, token, word, others)
+    return (prompt, False) if marked else (f"{word}, {prompt}", True)
 
 
 def find_mask(photo: Path, mask_dir: Path | None) -> Path | None:
@@ -1654,7 +1857,8 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     `target_size` (h, w). `photo_prompts[i]` are the prompts photo i is trained with: its
     caption, or the templates (built-in per --learnable_property, or --template_file) with the
     placeholder string in them. `prompts` are all of them, each once. `data_root` is the
-    folder, or its photos as list_photos lists them.
+    folder, or its photos as list_photos lists them. `other_words` are the other concepts' words
+    that captions may name (token as typed -> all its vector tokens).
     """
 
     def __init__(
@@ -1669,6 +1873,7 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         masked: bool = False,
         mask_dir: str | Path | None = None,
         buckets: list[tuple[int, int]] | None = None,
+        other_words: dict[str, str] | None = None,
     ):
         extension = caption_suffix(caption_extension)
         self.image_paths = data_root if isinstance(data_root, list) else list_photos(data_root, caption_extension)
@@ -1685,11 +1890,15 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         self.photo_prompts, self.prompt_sources, prefixed = [], {}, 0
         for path, caption in zip(self.image_paths, self.captions):
             if caption is None or filewords:
-                words = mark_word(caption, token, placeholder_token)[0] if caption is not None else file_words(path)
+                words = (
+                    mark_word(caption, token, placeholder_token, other_words)[0]
+                    if caption is not None
+                    else file_words(path)
+                )
                 source = str(path.with_suffix(extension)) if caption is not None else template_file
                 prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
             else:
-                prompt, front = caption_prompt(caption, token, placeholder_token)
+                prompt, front = caption_prompt(caption, token, placeholder_token, other_words)
                 prompts, source, prefixed = [prompt], str(path.with_suffix(extension)), prefixed + front
             self.photo_prompts.append(prompts)
             self.prompt_sources.update((p, source) for p in prompts if source)
@@ -1786,20 +1995,20 @@ def caption_suffix(caption_extension: str | None) -> str | None:
     return None if caption_extension is None else "." + caption_extension.lstrip(".")
 
 
-def dataset_from_args(
-    args: argparse.Namespace, plan: Plan, photos: list[Path] | None = None
-) -> TextualInversionDataset:
+def dataset_from_args(concept: Concept, plan: Plan, photos: list[Path] | None = None) -> TextualInversionDataset:
+    args = concept.args
     return TextualInversionDataset(
         args.train_data_dir if photos is None else photos,
         args.resolution,
         args.center_crop,
         args.learnable_property,
-        plan.word,
+        concept.word,
         caption_extension=args.caption_extension,
         template_file=args.template_file,
         masked=args.masked_loss,
         mask_dir=args.mask_dir,
         buckets=plan.buckets,
+        other_words={c.tokens[0]: c.word for c in plan.concepts if c is not concept},
     )
 
 
@@ -1814,40 +2023,43 @@ def decode_images(dataset: TextualInversionDataset, workers: int) -> list[dict]:
 # atomically, through infer.py.
 
 
-def save_embeddings(run: Run, rows: list[torch.Tensor], suffix: str, step: int) -> list[Path]:
+def save_embeddings(run: Run, concept: Concept, rows: list[torch.Tensor], suffix: str, step: int) -> list[Path]:
     """learned_embeds{suffix} in the family's diffusers layout, recorded in run.json as `step`."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    files = run.plan.family.embedding_files(rows, run.plan.tokens[0], run.plan.extension, suffix)
-    written = [infer.write_tensors(run.out / name, tensors) for name, tensors in files.items()]
-    return record_saved(run, written, step)
+    folder = run.folder(concept)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = run.plan.family.embedding_files(rows, concept.tokens[0], run.plan.extension, suffix)
+    written = [infer.write_tensors(folder / name, tensors) for name, tensors in files.items()]
+    return record_saved(run, concept, written, step)
 
 
 def save_outputs(run: Run) -> list[Path]:
-    """The files users expect: learned_embeds (the kept step), token_identifier.txt,
+    """Each concept's files users expect: learned_embeds (the kept step), token_identifier.txt,
     type_of_concept.txt, the family's files for other tools, and learned_embeds-last when early
     stopping kept an earlier step."""
-    state, rows, token = run.state, run.placeholders.rows, run.plan.tokens[0]
-    kept = state.kept_rows(rows)
-    written = save_embeddings(run, kept, "", state.kept_step)
-    if kept is not rows:
-        written += save_embeddings(run, rows, infer.LAST, state.step)
-    tools = run.plan.family.tool_files(run.out, token, kept, run.plan.extension)
-    written += record_saved(run, tools, state.kept_step)
-    written.append(infer.write_text(run.out / infer.TOKEN_FILE, token))
-    written.append(infer.write_text(run.out / "type_of_concept.txt", run.args.learnable_property))
+    written = []
+    for concept, placeholders, state in zip(run.plan.concepts, run.placeholders, run.state.concepts):
+        rows, token, folder, step = placeholders.rows, concept.tokens[0], run.folder(concept), run.state.step
+        kept = state.kept_rows(rows)
+        written += save_embeddings(run, concept, kept, "", state.kept_step(step))
+        if kept is not rows:
+            written += save_embeddings(run, concept, rows, infer.LAST, step)
+        tools = run.plan.family.tool_files(folder, token, kept, run.plan.extension)
+        written += record_saved(run, concept, tools, state.kept_step(step))
+        written.append(infer.write_text(folder / infer.TOKEN_FILE, token))
+        written.append(infer.write_text(folder / "type_of_concept.txt", concept.args.learnable_property))
     return written
 
 
-def record_saved(run: Run, files: list[Path], step: int) -> list[Path]:
-    run.saved.update((file.name, step) for file in files)
-    write_run_record(run)
+def record_saved(run: Run, concept: Concept, files: list[Path], step: int) -> list[Path]:
+    run.saved[concept.name].update((file.name, step) for file in files)
+    write_run_record(run, concept)
     return files
 
 
-def write_run_record(run: Run) -> Path:
-    """--output_dir/run.json: what `infer.py eval` needs to rebuild this run's pipeline and
-    photos, and the step each embedding file in the folder holds."""
-    args = run.args
+def write_run_record(run: Run, concept: Concept) -> Path:
+    """run.json in the concept's folder: what `infer.py eval` needs to rebuild this run's
+    pipeline and the concept's photos, and the step each embedding file in the folder holds."""
+    args = concept.args
 
     def local(name: str | None) -> str | None:  # absolute when it is a local path, else as given (a Hub id)
         return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().exists() else name
@@ -1867,12 +2079,12 @@ def write_run_record(run: Run) -> Path:
         "initializer_token": args.initializer_token,
         "class_word": args.class_word,
         "initializer_embedding": local(args.initializer_embedding),
-        "num_vectors": run.plan.num_vectors,
+        "num_vectors": len(concept.tokens),
         "learnable_property": args.learnable_property,
         "family": run.plan.family.name,
-        "saved": run.saved,
+        "saved": run.saved[concept.name],
     }
-    return infer.write_text(run.out / infer.RUN_RECORD, json.dumps(record, indent=1) + "\n")
+    return infer.write_text(run.folder(concept) / infer.RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
 def read_saved_steps(out: Path) -> dict[str, int]:
@@ -1884,28 +2096,34 @@ def read_saved_steps(out: Path) -> dict[str, int]:
         return {}
 
 
+CHECKPOINT_FORMAT = "textual-inversion-checkpoint/2"  # /1 (one concept, a flat state) still resumes
+
+
 def save_checkpoint(run: Run) -> Path:
-    """checkpoint-N/: the rows, optimizer, lr schedule and RunState (kilobytes), plus the
-    embedding as it stands, loadable like any output folder."""
-    state, placeholders, plan = run.state, run.placeholders, run.plan
-    run_state = {f: getattr(state, f) for f in RunState.__dataclass_fields__}
-    if state.best_rows is not None:
-        run_state["best_rows"] = [r.cpu() for r in state.best_rows]
+    """checkpoint-N/: every concept's rows, the optimizer, lr schedule and RunState (kilobytes),
+    plus the embeddings as they stand, loadable like any output folder (with --concepts_list,
+    one folder per concept and concepts.json, as in --output_dir)."""
+    state, plan = run.state, run.plan
     payload = {
-        "format": "textual-inversion-checkpoint/1",
+        "format": CHECKPOINT_FORMAT,
         "family": plan.family.name,  # what a resume checks the model against, with the rows' widths
-        "tokens": placeholders.tokens,
-        "rows": [r.detach().cpu() for r in placeholders.rows],
+        "tokens": [c.tokens for c in plan.concepts],
+        "rows": [[r.detach().cpu() for r in p.rows] for p in run.placeholders],
         "batch": [run.args.train_batch_size, run.args.gradient_accumulation_steps],
-        "state": run_state,
+        "state": state.as_dict(),
         **run.optimization.state_dict(),
     }
 
     def fill(folder: Path) -> None:
         infer.write_torch(folder / CHECKPOINT_STATE, payload)
-        for name, tensors in plan.family.embedding_files(placeholders.rows, plan.tokens[0], plan.extension).items():
-            infer.write_tensors(folder / name, tensors)
-        infer.write_text(folder / infer.TOKEN_FILE, plan.tokens[0])
+        if plan.concepts[0].name:
+            shutil.copyfile(run.out / infer.CONCEPTS_FILE, folder / infer.CONCEPTS_FILE)
+        for concept, placeholders in zip(plan.concepts, run.placeholders):
+            (folder / concept.name).mkdir(exist_ok=True)
+            files = plan.family.embedding_files(placeholders.rows, concept.tokens[0], plan.extension)
+            for name, tensors in files.items():
+                infer.write_tensors(folder / concept.name / name, tensors)
+            infer.write_text(folder / concept.name / infer.TOKEN_FILE, concept.tokens[0])
 
     # Complete or absent: `latest` never sees a half-written checkpoint.
     final = infer.atomic_folder(run.out / infer.checkpoint_name(state.step), fill)
@@ -1976,7 +2194,13 @@ def read_checkpoint(path: Path, value: str | None = None) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if k not in payload] if isinstance(payload, dict) else CHECKPOINT_KEYS
     if missing:
         raise UserError(f"{where} is incomplete: {CHECKPOINT_STATE} lacks {', '.join(missing)}{then}")
-    rows = payload["rows"]
+    if payload.get("format") != CHECKPOINT_FORMAT:  # /1: one concept, its state's fields flat
+        state = dict(payload["state"])
+        stopped = state.pop("stopped_early", False)
+        concept = {k: state.pop(k) for k in list(state) if k not in ("step", "seed")}
+        state["concepts"] = [{**concept, "stopped_at": state["step"] if stopped else None}]
+        payload.update(tokens=[payload["tokens"]], rows=[payload["rows"]], state=state)
+    rows = [r for concept in payload["rows"] for r in concept]
     if not rows or not all(isinstance(r, torch.Tensor) and r.ndim == 2 and r.isfinite().all() for r in rows):
         raise UserError(
             f"{where} is corrupt: the rows in {CHECKPOINT_STATE} are not finite [vectors, width] tensors{then}"
@@ -1984,53 +2208,63 @@ def read_checkpoint(path: Path, value: str | None = None) -> dict:
     return payload
 
 
-def check_resumable(path: Path, payload: dict, models: Models, placeholders: Placeholders) -> None:
-    """One line naming what differs between the checkpoint and this run's model and word."""
+def check_resumable(path: Path, payload: dict, models: Models, placeholders: list[Placeholders]) -> None:
+    """One line naming what differs between the checkpoint and this run's model and words."""
     family, name = payload.get("family"), models.source.name  # older checkpoints record no family
     where = f"--resume_from_checkpoint {path}"
-    if family not in (None, models.family.name) or len(payload["rows"]) != len(placeholders.rows):
+    if family not in (None, models.family.name) or len(payload["rows"][0]) != len(placeholders[0].rows):
         raise UserError(
             f"{where}: it was trained on a {family or 'different'} model, but {name} is {models.family.name}; "
             "resume with the model it was trained on"
         )
-    saved = payload["tokens"]
-    if len(saved) != len(placeholders.tokens):
+    if len(payload["tokens"]) != len(placeholders):
         raise UserError(
-            f"{where}: it has {infer.plural(len(saved), 'vector')}, --num_vectors is {len(placeholders.tokens)}; "
-            f"use --num_vectors {len(saved)}"
+            f"{where}: it trained {infer.plural(len(payload['tokens']), 'concept')}, this run "
+            f"{len(placeholders)}; resume with the same --concepts_list"
         )
-    if saved != placeholders.tokens:
-        raise UserError(
-            f"{where}: it trained {saved[0]!r}, not {placeholders.token!r}; use the same --placeholder_token"
-        )
-    for i, (rows, new) in enumerate(zip(payload["rows"], placeholders.rows)):
-        if rows.shape[1] != new.shape[1]:
-            encoder = models.family.encoders[i]
+    for saved, words, saved_rows in zip(payload["tokens"], placeholders, payload["rows"]):
+        if len(saved) != len(words.tokens):
             raise UserError(
-                f"{where}: its {encoder} rows are {rows.shape[1]} wide, but {name}'s are {new.shape[1]} "
-                "(another model); resume with the model it was trained on"
+                f"{where}: {'it' if len(placeholders) == 1 else saved[0]} has {infer.plural(len(saved), 'vector')}, "
+                f"--num_vectors is {len(words.tokens)}; "
+                f"use --num_vectors {len(saved)}"
             )
+        if saved != words.tokens:
+            raise UserError(f"{where}: it trained {saved[0]!r}, not {words.token!r}; use the same --placeholder_token")
+        for i, (rows, new) in enumerate(zip(saved_rows, words.rows)):
+            if rows.shape[1] != new.shape[1]:
+                encoder = models.family.encoders[i]
+                raise UserError(
+                    f"{where}: its {encoder} rows are {rows.shape[1]} wide, but {name}'s are {new.shape[1]} "
+                    "(another model); resume with the model it was trained on"
+                )
 
 
 def load_checkpoint(
-    path: Path, models: Models, placeholders: Placeholders, args: argparse.Namespace, optimization: Optimization
+    path: Path,
+    models: Models,
+    placeholders: list[Placeholders],
+    args: argparse.Namespace,
+    optimization: Optimization,
 ) -> RunState:
-    """The checkpoint's rows into the new word, its optimizer state into `optimization`; its RunState."""
+    """The checkpoint's rows into the new words, its optimizer state into `optimization`; its RunState."""
     payload = read_checkpoint(path)
     check_resumable(path, payload, models, placeholders)
     if payload["batch"] != [args.train_batch_size, args.gradient_accumulation_steps]:
         logger.warning("Resuming with a different batch size than %s was trained with; the run will differ", path)
-    state = RunState(**payload["state"])
+    state = RunState.from_dict(payload["state"])
     if args.seed is not None and args.seed != state.seed:
         logger.warning("Resuming with the checkpoint's seed %d, not --seed %d", state.seed, args.seed)
     with torch.no_grad():
-        for rows, saved in zip(placeholders.rows, payload["rows"]):
-            rows.copy_(saved)
-    # The best rows are the result only under --early_stopping_patience (resumed without it: the last).
-    if state.best_rows is not None:
-        state.best_rows = [r.to(placeholders.rows[0].device) for r in state.best_rows]
-        if not args.early_stopping_patience:
-            state.best_rows = None
+        for words, saved in zip(placeholders, payload["rows"]):
+            for rows, saved_rows in zip(words.rows, saved):
+                rows.copy_(saved_rows)
+    for concept, words in zip(state.concepts, placeholders):
+        # The best rows are the result only under --early_stopping_patience (resumed without it: the last).
+        if concept.best_rows is not None:
+            concept.best_rows = [r.to(words.rows[0].device) for r in concept.best_rows]
+            if not args.early_stopping_patience:
+                concept.best_rows = None
     optimization.load_state_dict(payload)
     return state
 
@@ -2083,7 +2317,10 @@ def create_hub_repo(args: argparse.Namespace) -> str:
 
 
 def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunState, files: list[str]) -> str:
-    token, family = args.placeholder_token, plan.family
+    """README.md of the Hub repo: what the embedding is for, how it was trained, how to load it;
+    with several concepts, each one's folder, word and kept step."""
+    concepts, family = plan.concepts, plan.family
+    token = " and ".join(c.tokens[0] for c in concepts)
     base = args.pretrained_model_name_or_path
     if infer.is_model_file(base):  # a local file: the card names it; it has no Hub id to link
         base, metadata, pipeline_class = Path(base).name, [], family.pipeline_class
@@ -2092,17 +2329,24 @@ def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunSta
         metadata, pipeline_class = [f"base_model: {base}"], "AutoPipelineForText2Image"
         load_base = f'AutoPipelineForText2Image.from_pretrained("{base}")'
     tags = ["textual-inversion", "text-to-image", "diffusers", family.tag]
-    load, other_tools = family.card_use(repo_id, token)
+    loads = []
+    for concept in concepts:  # diffusers loads a concept's folder of a repo with subfolder=
+        load, other_tools = family.card_use(repo_id, concept.tokens[0])
+        where = f'"{repo_id}", subfolder="{concept.name}"' if concept.name else f'"{repo_id}"'
+        loads.append(load.replace(f'"{repo_id}"', where))
     settings = {
         "steps": state.step,
         "batch": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
         "learning rate": f"{args.learning_rate} ({args.lr_scheduler})",
-        "vectors": plan.num_vectors,
-        "initializer": args.initializer_token or f"the embedding {args.initializer_embedding}",
-        "resolution": args.resolution,
-        "seed": state.seed,
-        "kept": state.kept(args.early_stopping_patience),
     }
+    for concept in concepts:
+        flags, of = concept.args, f" ({concept.tokens[0]})" if concept.name else ""
+        settings[f"vectors{of}"] = len(concept.tokens)
+        settings[f"initializer{of}"] = flags.initializer_token or f"the embedding {flags.initializer_embedding}"
+    settings |= {"resolution": args.resolution, "seed": state.seed}
+    for concept, concept_state in zip(concepts, state.concepts):
+        of = f" ({concept.tokens[0]})" if concept.name else ""
+        settings[f"kept{of}"] = concept_state.kept(state.step, args.early_stopping_patience)
     clip_skip = args.clip_skip  # images come out best from the layer it was trained on
     if clip_skip:
         settings["clip skip"] = f"{clip_skip} (generate with clip_skip={clip_skip})"
@@ -2118,9 +2362,20 @@ def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunSta
         "",
         f"# {token}",
         "",
-        f"A Textual Inversion embedding of a{'' if args.learnable_property == 'object' else ' style'} concept "
-        f"({args.learnable_property}) for `{base}`. "
-        f"Write `{token}` in a prompt to use it.",
+        *(
+            [
+                f"A Textual Inversion embedding of a{'' if args.learnable_property == 'object' else ' style'} concept "
+                f"({args.learnable_property}) for `{base}`. "
+                f"Write `{token}` in a prompt to use it."
+            ]
+            if len(concepts) == 1
+            else [
+                f"Textual Inversion embeddings of {len(concepts)} concepts for `{base}`, trained together, each in "
+                "its own folder. Write their words in a prompt to use them:",
+                "",
+                *[f"- `{c.tokens[0]}` ({c.args.learnable_property}): `{c.name}/`" for c in concepts],
+            ]
+        ),
         "",
         "| setting | value |",
         "|---|---|",
@@ -2132,7 +2387,7 @@ def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunSta
         f"from diffusers import {pipeline_class}",
         "",
         f"pipe = {load_base}",
-        load,
+        *loads,
         f'image = pipe("a {token} on the beach"{pipe_clip_skip}).images[0]',
         "```",
         "",
@@ -2146,9 +2401,12 @@ def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunSta
         other_tools,
         "",
     ]
-    if "validation.png" in files:
-        prompts = "; ".join(args.validation_prompt)
-        lines += ["## Validation images", "", f"Prompts: {prompts}", "", "![validation](validation.png)", ""]
+    for concept in concepts:
+        grid = f"{concept.name}/validation.png" if concept.name else "validation.png"
+        if grid in files:
+            prompts = "; ".join(concept.args.validation_prompt)
+            title = f"## Validation images, {concept.tokens[0]}" if concept.name else "## Validation images"
+            lines += [title, "", f"Prompts: {prompts}", "", f"![validation]({grid})", ""]
     if "loss.png" in files:
         lines += ["## Training", "", "![loss](loss.png)", ""]
     return "\n".join(lines)
@@ -2157,22 +2415,27 @@ def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunSta
 def prepare_hub_folder(run: Run) -> Path:
     """output_dir/hub/: exactly what is uploaded (the final embedding files, token and concept
     type, loss.png, the last validation grid, README.md). Checkpoints and logs stay local."""
-    out, watch = run.out, run.watch
-    names = [
-        p.name
-        for p in sorted(out.iterdir())
-        if p.is_file() and p.suffix in (".safetensors", ".bin") and not infer.is_steps_file(p.name)
-    ]
-    names += [infer.TOKEN_FILE, "type_of_concept.txt"]
+    out, watch, copies = run.out, run.watch, {}
+    for concept in run.plan.concepts:  # with --concepts_list, each in its folder, as in --output_dir
+        folder, prefix = run.folder(concept), f"{concept.name}/" if concept.name else ""
+        names = [
+            p.name
+            for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix in (".safetensors", ".bin") and not infer.is_steps_file(p.name)
+        ]
+        names += [infer.TOKEN_FILE, "type_of_concept.txt"]
+        copies |= {prefix + name: folder / name for name in names}
+        if concept.name in watch.last_grids:
+            copies[prefix + "validation.png"] = watch.last_grids[concept.name]
+    if run.plan.concepts[0].name:
+        copies[infer.CONCEPTS_FILE] = out / infer.CONCEPTS_FILE
     if watch.plotted:
-        names.append("loss.png")
-    copies = {name: out / name for name in names}
-    if watch.last_grid is not None:
-        copies["validation.png"] = watch.last_grid
+        copies["loss.png"] = out / "loss.png"
     card = model_card(run.repo_id, run.args, run.plan, run.state, list(copies))
 
     def fill(folder: Path) -> None:
         for name, source in copies.items():
+            (folder / name).parent.mkdir(exist_ok=True)
             infer.atomic_write(folder / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
         infer.write_text(folder / "README.md", card)
 
@@ -2307,11 +2570,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--train_data_dir",
-        required=True,
         help="Folder with the concept's photos (3-5 are typical), or a Hub dataset of them, e.g. "
         "diffusers/cat_toy_example (downloaded once into the Hugging Face cache).",
     )
-    g.add_argument("--placeholder_token", required=True, help='The new word, e.g. "<cat-toy>".')
+    g.add_argument("--placeholder_token", help='The new word, e.g. "<cat-toy>".')
+    g.add_argument(
+        "--concepts_list",
+        metavar="FILE",
+        help="Several concepts in one run: a JSON list of objects, one per concept, whose keys are this script's "
+        f"flags ({', '.join(CONCEPT_KEYS)}); the command line gives every concept's defaults. Each concept's "
+        "files go to output_dir/<name>/ (name: the token without <>).",
+    )
+    g.add_argument(
+        "--concept_sampling",
+        choices=["proportional", "balanced"],
+        default="proportional",
+        help="With --concepts_list: each step's samples drawn in proportion to each concept's photos x repeats, "
+        "as if their folders were one; or an equal share per concept.",
+    )
     g.add_argument(
         "--initializer_token",
         default=None,
@@ -2538,29 +2814,95 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a --concepts_list entry may set, with its JSON type: the flags that describe one concept.
+CONCEPT_KEYS = {
+    "name": str,
+    "placeholder_token": str,
+    "initializer_token": str,
+    "initializer_embedding": str,
+    "num_vectors": int,
+    "class_word": str,
+    "learnable_property": str,
+    "train_data_dir": str,
+    "caption_extension": str,
+    "template_file": str,
+    "mask_dir": str,
+    "repeats": int,
+    "validation_prompt": list,
+}
+
+
+def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """The concepts the run learns, each (its folder's name, its flags): the command line's
+    alone (name ""), or each --concepts_list entry over the command line's values."""
+    if args.concepts_list is None:
+        return [("", args)]
+    path = Path(args.concepts_list)
+    where = f"--concepts_list {path}"
+    if not path.is_file():
+        raise UserError(f"{where}: no such file")
+    try:
+        entries = json.loads(read_utf8(path, "--concepts_list"))
+    except ValueError as e:
+        raise UserError(f"{where}: not JSON ({e}); fix the file") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise UserError(
+            f'{where}: give a JSON list with an object per concept, e.g. [{{"placeholder_token": "<anna>", '
+            '"train_data_dir": "anna", "initializer_token": "woman"}]'
+        )
+    concepts, seen = [], {}
+    for number, entry in enumerate(entries, 1):
+        at = f"{where}, concept {number}"
+        for key, value in entry.items():
+            kind = CONCEPT_KEYS.get(key)
+            if kind is None:
+                raise UserError(f"{at}: unknown key {key!r}; a concept sets {', '.join(CONCEPT_KEYS)}")
+            prompts = key == "validation_prompt" and (
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value))
+            )
+            if not (value is None or prompts or type(value) is kind):  # type(): true is no int here
+                wanted = "a string or a list of strings" if kind is list else f"a JSON {kind.__name__}"
+                raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(value)}")
+        values = {k: [v] if k == "validation_prompt" and isinstance(v, str) else v for k, v in entry.items()}
+        flags = argparse.Namespace(**{**vars(args), **values})
+        del flags.name
+        for key in ("placeholder_token", "train_data_dir"):
+            if getattr(flags, key) is None:
+                raise UserError(f"{at}: no {key}; give it in the entry (or --{key} for every concept)")
+        if flags.learnable_property not in ("object", "style"):
+            raise UserError(f"{at}: learnable_property must be object or style, not {flags.learnable_property!r}")
+        if problem := concept_problem(flags):
+            raise UserError(f"{at}: {problem}")
+        name = entry.get("name") or infer.file_name_for_token(flags.placeholder_token)
+        if (
+            name != infer.file_name_for_token(name)
+            or name in ("hub", args.logging_dir)
+            or name.startswith("checkpoint-")
+        ):
+            raise UserError(f"{at}: {name!r} cannot name a folder in --output_dir; give a plain name, such as anna")
+        for key, value in (("placeholder_token", flags.placeholder_token), ("name", name)):
+            if (key, value) in seen:
+                raise UserError(f"{at}: {key} {value!r} is concept {seen[key, value]}'s too; give each concept its own")
+            seen[key, value] = number
+        concepts.append((name, flags))
+    return concepts
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, checked on their own (what needs the model or the photos is checked by make_plan).
     The result is never written to afterwards: derived values live in the Plan."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.concepts_list is None:  # else each concept's entry is checked when read (read_concepts)
+        missing = [f"--{k}" for k in ("train_data_dir", "placeholder_token") if getattr(args, k) is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+        if problem := concept_problem(args):
+            raise UserError(problem)
     checks = [
-        (
-            (args.initializer_token is None) != (args.initializer_embedding is None),
-            "give --initializer_token (a word or phrase to start from) or --initializer_embedding "
-            "(an embedding to continue), one of the two",
-        ),
-        (
-            args.initializer_token is None or args.initializer_token.strip() != "",
-            "--initializer_token is empty; give a word or phrase the new word starts from",
-        ),
-        (
-            args.num_vectors is None or args.num_vectors >= 1,
-            f"--num_vectors must be at least 1 (got {args.num_vectors})",
-        ),
         (args.clip_skip >= 0, f"--clip_skip must be at least 0 (got {args.clip_skip})"),
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
-        (args.repeats >= 1, "--repeats must be at least 1"),
         (args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.num_train_epochs is None or args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
         (args.save_steps >= 1 and args.checkpointing_steps >= 1, "--save_steps and --checkpointing_steps must be >= 1"),
@@ -2574,32 +2916,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--early_stopping_patience must be >= 1",
         ),
         (args.max_embedding_norm is None or args.max_embedding_norm > 0, "--max_embedding_norm must be positive"),
-        (
-            not args.validation_scores or bool(args.validation_prompt),
-            "--validation_scores scores the validation images: give --validation_prompt too",
-        ),
-        (
-            not args.validation_scores or bool(args.class_word or args.initializer_token),
-            "--validation_scores with --initializer_embedding needs --class_word: the word CLIP-T reads in place "
-            "of the new one (e.g. toy, dog)",
-        ),
+        (0 <= args.unmasked_weight <= 1, f"--unmasked_weight must be between 0 and 1 (got {args.unmasked_weight})"),
+        (args.micro_batch_size is None or args.micro_batch_size >= 1, "--micro_batch_size must be at least 1"),
         (
             args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
             "--checkpoints_total_limit must be >= 1",
         ),
-        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
-        (
-            len(args.placeholder_token.split()) <= 1 and args.placeholder_token == args.placeholder_token.strip(),
-            f"--placeholder_token {args.placeholder_token!r} holds whitespace; a prompt word is one string without "
-            "spaces, such as <my-concept>",
-        ),
-        (0 <= args.unmasked_weight <= 1, f"--unmasked_weight must be between 0 and 1 (got {args.unmasked_weight})"),
         (args.bucket_step >= 1, f"--bucket_step must be at least 1 (got {args.bucket_step})"),
-        (not args.mask_dir or args.masked_loss, "--mask_dir needs --masked_loss"),
-        (
-            args.caption_extension is None or bool(args.caption_extension.strip(". ")),
-            f"--caption_extension {args.caption_extension!r}: give an extension such as .txt",
-        ),
         (
             not Path(args.output_dir).exists() or Path(args.output_dir).is_dir(),
             f"--output_dir {args.output_dir} is a file; give a folder path",
@@ -2617,6 +2940,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "so 8 bits would save nothing"
         )
     return args
+
+
+def concept_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags that describe one concept (the command line's, or a
+    --concepts_list entry over them), in one line; None if nothing."""
+    checks = [
+        (
+            (args.initializer_token is None) != (args.initializer_embedding is None),
+            "give --initializer_token (a word or phrase to start from) or --initializer_embedding "
+            "(an embedding to continue), one of the two",
+        ),
+        (
+            args.initializer_token is None or args.initializer_token.strip() != "",
+            "--initializer_token is empty; give a word or phrase the new word starts from",
+        ),
+        (
+            args.num_vectors is None or args.num_vectors >= 1,
+            f"--num_vectors must be at least 1 (got {args.num_vectors})",
+        ),
+        (
+            not args.validation_scores or bool(args.validation_prompt),
+            "--validation_scores scores the validation images: give --validation_prompt too",
+        ),
+        (
+            not args.validation_scores or bool(args.class_word or args.initializer_token),
+            "--validation_scores with --initializer_embedding needs --class_word: the word CLIP-T reads in place "
+            "of the new one (e.g. toy, dog)",
+        ),
+        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (
+            len(args.placeholder_token.split()) <= 1 and args.placeholder_token == args.placeholder_token.strip(),
+            f"--placeholder_token {args.placeholder_token!r} holds whitespace; a prompt word is one string without "
+            "spaces, such as <my-concept>",
+        ),
+        (
+            args.caption_extension is None or bool(args.caption_extension.strip(". ")),
+            f"--caption_extension {args.caption_extension!r}: give an extension such as .txt",
+        ),
+        (args.repeats >= 1, "--repeats must be at least 1"),
+        (not args.mask_dir or args.masked_loss, "--mask_dir needs --masked_loss"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def plan_for(args, family=None, num_images: int = 3, world: int = 1, initializer
     else:
         family = family or infer.StableDiffusion
         source = infer.ModelSource(str(model), ti.MODEL_FLAG, family, str(model), None, None, vae_scale, 12)
-    return ti.make_plan(args, world, "no", source, initializer, num_images)
+    return ti.make_plan(args, world, "no", source, [initializer], [num_images])
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str, **flags) -> list[str]:

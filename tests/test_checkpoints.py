@@ -24,7 +24,7 @@ def test_a_checkpoint_holds_the_run_state_in_kilobytes(tiny_sd, photos, tmp_path
     size = sum(p.stat().st_size for p in folder.iterdir())
     assert size < 20_000
     state = torch.load(folder / ti.CHECKPOINT_STATE, weights_only=True)
-    assert state["state"]["step"] == 2 and state["state"]["seed"] == 0 and state["tokens"] == ["<concept>"]
+    assert state["state"]["step"] == 2 and state["state"]["seed"] == 0 and state["tokens"] == [["<concept>"]]
     # The optimizer holds the new rows and nothing else: one tensor, [N, D].
     assert list(state["optimizer"]["state"]) == [0]
     assert state["optimizer"]["state"][0]["exp_avg"].shape == (1, 32)

@@ -38,7 +38,9 @@ def trainer_conditioning(model, photos, trained, tmp_path, clip_skip: int):
     args = ti.parse_args([*argv, "--initializer_embedding", str(trained)])
     embedding = ti.read_initializer_embedding(args)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    placeholders = ti.add_placeholder_tokens(models, plan_for(args, initializer=embedding).tokens, embedding)
+    placeholders = ti.add_placeholder_tokens(
+        models, plan_for(args, initializer=embedding).concepts[0].tokens, embedding
+    )
     prompt = PROMPT.replace("<concept>", " ".join(placeholders.tokens))
     ids = [tok([prompt], padding="max_length", return_tensors="pt").input_ids for tok in models.tokenizers]
     time_ids = models.family.time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION))

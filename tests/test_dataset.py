@@ -20,16 +20,17 @@ BUCKETS = dict(aspect_buckets=True, bucket_step=16)  # at 64 px: 32x128 ... 64x6
 
 def dataset(data: Path, tmp_path: Path, **flags) -> ti.TextualInversionDataset:
     args = ti.parse_args(train_args("model", data, tmp_path / "out", **flags))
-    return ti.dataset_from_args(args, plan_for(args))
+    plan = plan_for(args)
+    return ti.dataset_from_args(plan.concepts[0], plan)
 
 
 def stages(model: Path, data: Path, tmp_path: Path, **flags):
     """(models, placeholders, concept) through the trainer's own stages, as run() calls them."""
     args = ti.parse_args(train_args(model, data, tmp_path / "out", **flags))
     plan = plan_for(args)
-    images = ti.dataset_from_args(args, plan)
+    images = ti.dataset_from_args(plan.concepts[0], plan)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    placeholders = ti.add_placeholder_tokens(models, plan.tokens, "toy")
+    placeholders = ti.add_placeholder_tokens(models, plan.concepts[0].tokens, "toy")
     concept = ti.encode_photos(
         ti.decode_images(images, 0),
         images.photo_prompts,
@@ -170,7 +171,7 @@ def test_a_vector_token_standing_without_the_word_is_still_refused(tiny_sd, tmp_
     assert ti.word_occurrences([1, *ids, 2, *ids], ids) == (2, True)
     assert ti.word_occurrences([1, ids[1], 2], ids) == (0, False)
     with pytest.raises(ti.UserError, match="does not tokenize as its own new token"):
-        ti.tokenize_prompts(["a <concept>_1 alone"], tokenizer, ids, "<concept>", {})
+        ti.tokenize_prompts(["a <concept>_1 alone"], tokenizer, {"<concept>": ids}, {})
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def test_the_validation_loss_is_weighted_by_the_same_masks(tiny_sd, tmp_path, mo
         noise = batch.noise[i, :, :height, :width]
         weight = concept.loss_weight[batch.image[i], batch.flip[i], :, :height, :width]
         expected.append(float((noise**2 * weight).mean()))
-    assert ti.validation_loss(models, concept, batch, chunk=3) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert ti.validation_loss(models, concept, batch, chunk=3) == [pytest.approx(np.mean(expected), rel=1e-5)]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ def start(model, photos, tmp_path, **flags):
     embedding = ti.read_initializer_embedding(args)
     plan = plan_for(args, initializer=embedding)
     models = ti.load_models(args, torch.device("cpu"), torch.float32)
-    return models, ti.add_placeholder_tokens(models, plan.tokens, embedding or args.initializer_token)
+    return models, ti.add_placeholder_tokens(models, plan.concepts[0].tokens, embedding or args.initializer_token)
 
 
 def phrase_token_rows(models, phrase: str) -> list[torch.Tensor]:

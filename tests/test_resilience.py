@@ -281,7 +281,7 @@ def test_resuming_with_another_vector_count_names_it(tiny_sd, photos, two_checkp
 def test_resuming_into_an_encoder_of_another_width_names_both_widths(tiny_sd, photos, two_checkpoints, capsys):
     state = two_checkpoints / "checkpoint-2" / ti.CHECKPOINT_STATE
     payload = torch.load(state, weights_only=True)
-    payload["rows"] = [torch.zeros(1, 48)]  # as a model with 48-wide token embeddings records it
+    payload["rows"] = [[torch.zeros(1, 48)]]  # as a model with 48-wide token embeddings records it
     torch.save(payload, state)
     argv = train_args(tiny_sd, photos, two_checkpoints, resume_from_checkpoint="latest")
     assert ti.main(argv) == 2

@@ -124,10 +124,10 @@ def test_v_prediction_models_are_trained_on_velocity(tiny_sd_v, photos, tmp_path
         torch.testing.assert_close(ti.denoising_loss(s.models, s.data, batch), expected)
 
 
-def test_sample_order_shows_each_photo_repeats_times_per_epoch():
-    order = ti.sample_images(seed=7, start=0, count=3 * 5, num_images=3, repeats=5, device=torch.device("cpu"))
-    assert sorted(order.tolist()) == sorted([0, 1, 2] * 5)
-    again = ti.sample_images(seed=7, start=4, count=6, num_images=3, repeats=5, device=torch.device("cpu"))
+def test_sample_order_visits_every_slot_once_per_epoch():
+    order = ti.sample_positions(seed=7, start=0, count=15, length=15, device=torch.device("cpu"))
+    assert sorted(order.tolist()) == list(range(15))
+    again = ti.sample_positions(seed=7, start=4, count=6, length=15, device=torch.device("cpu"))
     assert torch.equal(again, order[4:10])  # any window of the stream, the same samples
 
 

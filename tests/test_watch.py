@@ -200,7 +200,7 @@ def test_sdxl_metrics_watch_both_encoders(tiny_sdxl, photos, tmp_path, run_train
 
 def scripted_validation_loss(monkeypatch, losses):
     sequence = iter(losses)
-    monkeypatch.setattr(ti, "validation_loss", lambda *a, **k: next(sequence))
+    monkeypatch.setattr(ti, "validation_loss", lambda *a, **k: [next(sequence)])
 
 
 def test_early_stopping_can_keep_the_initializer_when_nothing_beats_it(
@@ -240,10 +240,10 @@ def test_counts_are_printed_with_their_noun_in_the_right_number():
 
 
 def test_early_stopping_after_one_evaluation_says_one_evaluation():
-    state = ti.RunState(step=2, seed=0)
+    state = ti.ConceptState()
     for loss in (0.5, 0.9):
-        state.judge(loss, [torch.zeros(1, 4)], patience=1)
-    assert state.kept(1) == "step 2 (stopped early: no better validation loss in 1 evaluation, 0.5000)"
+        state.judge(2, loss, [torch.zeros(1, 4)], patience=1)
+    assert state.kept(2, 1) == "step 2 (stopped early: no better validation loss in 1 evaluation, 0.5000)"
 
 
 def test_without_early_stopping_the_last_step_is_kept(tiny_sd, photos, tmp_path, run_trainer, monkeypatch):
