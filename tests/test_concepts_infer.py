@@ -324,3 +324,22 @@ def test_a_flag_naming_one_concepts_things_says_to_point_eval_at_its_folder(conc
         f"error: {flag} belongs to one concept, and {concepts_run} is a run of 2 concepts (anna, coat); "
         f"point eval at that concept's folder, e.g. infer.py eval {concepts_run / 'anna'} {flag} ..."
     )
+
+
+def test_out_gives_each_concept_its_own_folder_under_it(concepts_run, scoring, tmp_path):
+    done = run_cli("eval", concepts_run, *scoring, "--out", tmp_path / "scores")
+
+    assert done.code == 0, done.err
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == list(CONCEPTS)
+    assert [infer.read_jsonl(tmp_path / "scores" / n / "eval.jsonl")[0]["images"] for n in CONCEPTS] == [3, 2]
+    assert not any((concepts_run / n / "eval.jsonl").exists() for n in CONCEPTS)
+
+
+def test_a_concept_without_its_run_record_says_to_score_it_on_its_own(concepts_run, scoring, tmp_path):
+    folder = Path(shutil.copytree(concepts_run, tmp_path / "out"))
+    (folder / "coat" / infer.RUN_RECORD).unlink()
+
+    error = one_line_error(run_cli("eval", folder, *scoring))
+
+    coat = folder / "coat"
+    assert error == f"error: {coat}: no run.json; score it on its own: infer.py eval {coat} --train_data_dir ..."
