@@ -437,9 +437,70 @@ def concept_folders(folder: Path) -> list[Path]:
         return []
     try:
         names = json.loads(listing.read_text(encoding="utf-8"))["concepts"]
+        if not isinstance(names, list) or not names:
+            raise ValueError("'concepts' is not a list of folder names")
+        for name in names:  # a folder right here, never a path elsewhere
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise ValueError(f"{name!r} is not a folder name")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{listing}: not a list of concepts ({first_line(e)}); delete it or rewrite it") from None
     return [folder / name for name in names]
+
+
+def present_concepts(folder: Path) -> list[Path]:
+    """concept_folders(folder), each checked to be there: a folder listed but missing must not be
+    taken for a Hub repo id (out/anna) by the readers."""
+    folders = concept_folders(folder)
+    for concept in folders:
+        if not concept.is_dir():
+            raise UserError(f"{folder / CONCEPTS_FILE}: lists {concept.name!r}, but {concept} is not a folder")
+    return folders
+
+
+def read_embeddings(src: str | Path, token: str | None = None, flag: str | None = None) -> list[Embedding]:
+    """What SRC holds, read: every concept of a run of several concepts (its folder, a checkpoint-N
+    of it, or its Hub repo), one Embedding each in training order, each under the token its own
+    folder gives; else [read_embedding(src, token, flag)]."""
+    name = str(src)
+    path = Path(name).expanduser()
+    label = f"{flag} {name}" if flag else name
+    if path.is_dir():
+        folders = present_concepts(path)
+    elif hub_repo(name) == name:  # a repo id, not one file of a repo
+        snapshot = hub_concepts(name, label)
+        folders = present_concepts(snapshot) if snapshot is not None else []
+    else:
+        folders = []
+    if not folders:
+        return [read_embedding(src, token, flag)]
+    if token is not None:
+        raise UserError(
+            f"{label}: a run of {plural(len(folders), 'concept')}, each with its own token; to load one under "
+            f"another word, give its folder (e.g. {path / folders[0].name}) with --token (token= in Python)"
+        )
+    # Each named as SRC/<concept>: for a Hub repo that is repo/<concept>, not the cache's path.
+    return [replace(read_embedding(concept, flag=flag), source=f"{label}/{concept.name}") for concept in folders]
+
+
+def hub_concepts(repo: str, label: str) -> Path | None:
+    """The Hub repo's files of a run of several concepts (concepts.json and each concept's final
+    embedding files and token), downloaded once into the Hugging Face cache; None when the repo
+    has no concepts.json (or the Hub cannot say: files_from_hub then reads it, or says why not)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    check_source(repo, "")
+    try:
+        listing = Path(hf_hub_download(repo, CONCEPTS_FILE))
+    except Exception:
+        return None
+    names = [concept.name for concept in concept_folders(listing.parent)]
+    wanted = [f"{EMBEDS}.*", f"{EMBEDS}_2.*", TOKEN_FILE]
+    try:
+        return Path(
+            snapshot_download(repo, allow_patterns=[CONCEPTS_FILE, *(f"{n}/{w}" for n in names for w in wanted)])
+        )
+    except Exception as e:
+        raise UserError(f"{label}: the Hugging Face Hub could not provide its concepts ({first_line(e)})") from None
 
 
 # The same names read back: any learned_embeds[_2][TAG].EXT (second, tag, extension); a run's own
@@ -513,6 +574,9 @@ def read_embedding(src: str | Path, token: str | None = None, flag: str | None =
     name = str(src)
     source = f"{flag} {name}" if flag else name
     path = Path(name).expanduser()
+    if path.is_dir() and (concepts := concept_folders(path)):
+        names = ", ".join(str(concept) for concept in concepts)
+        raise UserError(f"{source}: a run of {len(concepts)} concepts; give each concept's folder on its own: {names}")
     if path.is_dir():
         files = embedding_files_in_folder(path, source)
     elif path.is_file():
@@ -1129,14 +1193,15 @@ def load_embedding(pipe, src: str | Path | Embedding, token: str | None = None) 
     """Load any embedding (folder, file, Hub id, or an Embedding already read) into `pipe`.
 
     Returns the tokens it added, [token, token_1, ..., token_{N-1}]; write the first one in
-    prompts and the pipeline expands it to all N. `token` renames the embedding. Raises
+    prompts and the pipeline expands it to all N. `token` renames the embedding. A run of several
+    concepts loads every concept, its tokens returned concept after concept. Raises
     UserError, with a one-line message, for anything the user has to fix.
     """
     if isinstance(src, Embedding):
-        emb = replace(src, token=token) if token else src
+        embeddings = [replace(src, token=token) if token else src]
     else:
-        emb = read_embedding(src, token)
-    return install_embedding(pipe, emb)
+        embeddings = read_embeddings(src, token)
+    return [added for emb in embeddings for added in install_embedding(pipe, emb)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -2936,29 +3001,17 @@ class EvalSetup:
     png_settings: dict  # the settings every image's PNG records (each adds its prompt, seed and rows)
 
 
-def load_eval_models(args: argparse.Namespace, inputs: EvalInputs) -> EvalSetup:
-    """Load the scorers and the pipeline, add step 0 and settle the generation settings; an
-    embedding or a --clip_skip that does not fit the model fails here, before any image is made."""
+def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalSetup | None = None) -> EvalSetup:
+    """Load the scorers and the pipeline (or take `shared`'s: another concept of the same run, on
+    the same base model), add step 0 and settle the generation settings; an embedding or a
+    --clip_skip that does not fit the model fails here, before any image is made."""
     known = inputs.known
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
-    scorers = Scorers(args.clip_model, args.dino_model, device)
-    # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
-    # --model names another one.
-    same = args.model is None
-    print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = load_pipeline(
-        inputs.model,
-        dtype,
-        device,
-        args.single_file_config or (known.get("single_file_config") if same else None),
-        args.prediction_type or (known.get("prediction_type") if same else None),
-        vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
-        revision=known.get("revision") if same else None,
-        variant=known.get("variant") if same else None,
-    )
-    set_scheduler(pipe, args.scheduler)
+    if shared is not None:
+        scorers, pipe = shared.scorers, shared.pipe
+    else:
+        scorers, pipe = load_scorers_and_pipeline(args, inputs, device, dtype)
     entries = list(inputs.entries)
     initial = initializer_entry(pipe, inputs.record) if inputs.record is not None else None
     if initial is not None and all(
@@ -2986,6 +3039,31 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs) -> EvalSetup:
         **({"clip_skip": clip_skip} if clip_skip else {}),
     }
     return EvalSetup(scorers, pipe, initial, entries, words, clip_skip, size, guidance, png_settings)
+
+
+def load_scorers_and_pipeline(
+    args: argparse.Namespace, inputs: EvalInputs, device: torch.device, dtype: torch.dtype
+) -> tuple[Scorers, object]:
+    """The scorers, and the pipeline to generate with, its scheduler set."""
+    known = inputs.known
+    print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
+    scorers = Scorers(args.clip_model, args.dino_model, device)
+    # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
+    # --model names another one.
+    same = args.model is None
+    print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    pipe = load_pipeline(
+        inputs.model,
+        dtype,
+        device,
+        args.single_file_config or (known.get("single_file_config") if same else None),
+        args.prediction_type or (known.get("prediction_type") if same else None),
+        vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
+        revision=known.get("revision") if same else None,
+        variant=known.get("variant") if same else None,
+    )
+    set_scheduler(pipe, args.scheduler)
+    return scorers, pipe
 
 
 PlannedImage = tuple[Path, dict, bool]  # where its PNG goes, its settings, whether that PNG is made already
@@ -3153,7 +3231,10 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
     if current and all(rows_digest(emb.vectors) == wanted for emb in current):
         print(f"--keep_best: learned_embeds already holds {label}; nothing rewritten", file=sys.stderr)
         return
-    with OutputLock(inputs.run, flag="OUTPUT_DIR"):  # never while a run trains into the folder
+    # Never while a run trains into the folder: for a concept of a run of several, the run's folder.
+    run = inputs.run.resolve()
+    top = run.parent if run in concept_folders(run.parent) else inputs.run
+    with OutputLock(top, flag="OUTPUT_DIR"):
         rewritten = keep_best(inputs.run, chosen, token, inputs.record)
     for path in rewritten:
         print(
@@ -3164,13 +3245,62 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> list[dict]:
     """`infer.py eval`: generate (or reuse) the images of every entry, score them, write
-    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines."""
+    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines (a run of
+    several concepts: see run_concepts_eval)."""
+    run = Path(args.output_dir).expanduser() if args.output_dir else None
+    concepts = present_concepts(run) if run is not None and run.is_dir() else []
+    if concepts:
+        return run_concepts_eval(args, run, concepts)
     inputs = read_eval_inputs(args)  # the user's input is all checked before a model loads
     setup = load_eval_models(args, inputs)
     plan = plan_eval_images(args, inputs, setup)
     lines, scored = score_eval_images(args, inputs, setup, plan)
     report_eval(args, inputs, lines, scored)
     return lines
+
+
+def run_concepts_eval(args: argparse.Namespace, run: Path, concepts: list[Path]) -> list[dict]:
+    """`infer.py eval OUTPUT_DIR` on a run of several concepts: each concept scored as `infer.py
+    eval OUTPUT_DIR/<name>` scores it (its own photos, prompts, class word and pick, its eval files
+    in its folder, or in OUT/<name> with --out), the scorers and the base model loaded once; one
+    summary line per concept at the end. Returns every concept's eval.jsonl lines, in order."""
+    for flag, given in (
+        ("--train_data_dir", args.train_data_dir),
+        ("--class_word", args.class_word),
+        ("--embeddings", args.embeddings),
+    ):
+        if given:
+            raise UserError(
+                f"{flag} belongs to one concept, and {run} is a run of {plural(len(concepts), 'concept')} "
+                f"({', '.join(c.name for c in concepts)}); point eval at that concept's folder, e.g. "
+                f"infer.py eval {concepts[0]} {flag} ..."
+            )
+    each = []
+    for folder in concepts:  # every concept's input is checked before a model loads
+        if not (folder / RUN_RECORD).is_file():
+            raise UserError(
+                f"{folder}: no {RUN_RECORD}; score it on its own: infer.py eval {folder} --train_data_dir ..."
+            )
+        out = str(Path(args.out) / folder.name) if args.out else None
+        each.append(read_eval_inputs(argparse.Namespace(**{**vars(args), "output_dir": str(folder), "out": out})))
+    setup = None
+    every_line, summary = [], []
+    for number, inputs in enumerate(each, 1):
+        print(f"\n{inputs.run.name} ({number} of {len(each)}): {inputs.run}")
+        setup = load_eval_models(args, inputs, shared=setup)
+        plan = plan_eval_images(args, inputs, setup)
+        lines, scored = score_eval_images(args, inputs, setup, plan)
+        report_eval(args, inputs, lines, scored)
+        every_line += lines
+        pick = next((line for line in lines if line.get("pick")), None)
+        scores = ", ".join(f"{SCORE_NAMES[key]} {_score_text(pick, key)}" for key in SCORE_NAMES) if pick else ""
+        summary.append(
+            f"{inputs.run.name}: "
+            + (f"{pick['label']} ({scores})" if pick else "no step to pick")
+            + f"; {inputs.out / 'eval.jsonl'}"
+        )
+    print(f"\npicks ({args.pick}), one per concept:\n" + "\n".join(summary))
+    return every_line
 
 
 def score_entry(
@@ -3419,7 +3549,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
     # Read every embedding before loading the model: a bad file fails in a second, not a minute.
     renames = args.token + [""] * (len(args.embedding) - len(args.token))
-    embeddings = [read_embedding(src, token or None) for src, token in zip(args.embedding, renames)]
+    embeddings = [emb for src, token in zip(args.embedding, renames) for emb in read_embeddings(src, token or None)]
     print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     pipe = load_pipeline(args.model, dtype, device, args.single_file_config, args.prediction_type)
     set_scheduler(pipe, args.scheduler)
