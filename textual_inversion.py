@@ -2084,6 +2084,7 @@ def write_run_record(run: Run, concept: Concept) -> Path:
         "family": run.plan.family.name,
         "saved": run.saved[concept.name],
     }
+    run.folder(concept).mkdir(parents=True, exist_ok=True)
     return infer.write_text(run.folder(concept) / infer.RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
@@ -2864,8 +2865,8 @@ def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
                 wanted = "a string or a list of strings" if kind is list else f"a JSON {kind.__name__}"
                 raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(value)}")
         values = {k: [v] if k == "validation_prompt" and isinstance(v, str) else v for k, v in entry.items()}
+        values.pop("name", None)
         flags = argparse.Namespace(**{**vars(args), **values})
-        del flags.name
         for key in ("placeholder_token", "train_data_dir"):
             if getattr(flags, key) is None:
                 raise UserError(f"{at}: no {key}; give it in the entry (or --{key} for every concept)")

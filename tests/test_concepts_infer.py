@@ -3,8 +3,8 @@ concept folders, each holding what a one-concept run writes. Generating with --e
 loads every concept; `eval OUTPUT_DIR` scores each against its own photos, into its own folder;
 single-embedding readers (convert) name the folders to give instead.
 
-The run is built here from two one-concept runs of the real trainer on conftest's tiny pipeline,
-placed as OUTPUT_DIR/anna and OUTPUT_DIR/coat, on different photos, with concepts.json beside them.
+The run is one run of the real trainer on conftest's tiny pipeline with --concepts_list: anna and
+coat, on different photos.
 """
 
 from __future__ import annotations
@@ -58,15 +58,20 @@ def coat_photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def concepts_run(tiny_sd, photos, coat_photos, tmp_path_factory) -> Path:
-    """OUTPUT_DIR of a run of two concepts: anna (2 vectors, 3 photos) and coat (1 vector, 2
-    photos), each saving step 2 and its final step 4."""
-    out = tmp_path_factory.mktemp("concepts") / "out"
-    common = dict(max_train_steps=4, save_steps=2)
-    train_once(train_args(tiny_sd, photos, out / "anna", placeholder_token="<anna>", initializer_token="person",
-                          num_vectors=2, **common))  # fmt: skip
-    train_once(train_args(tiny_sd, coat_photos, out / "coat", placeholder_token="<coat>",
-                          initializer_token="backpack", **common))  # fmt: skip
-    (out / infer.CONCEPTS_FILE).write_text(json.dumps({"concepts": list(CONCEPTS)}))
+    """OUTPUT_DIR of one run of two concepts (--concepts_list): anna (2 vectors, 3 photos) and
+    coat (1 vector, 2 photos), each saving step 2 and its final step 4."""
+    folder = tmp_path_factory.mktemp("concepts")
+    listing = folder / "concepts.json"
+    listing.write_text(json.dumps([
+        {"name": "anna", "placeholder_token": "<anna>", "initializer_token": "person", "num_vectors": 2,
+         "train_data_dir": str(photos)},
+        {"name": "coat", "placeholder_token": "<coat>", "initializer_token": "backpack",
+         "train_data_dir": str(coat_photos)},
+    ]))  # fmt: skip
+    out = folder / "out"
+    train_once(train_args(tiny_sd, None, out, placeholder_token=None, concepts_list=listing, max_train_steps=4,
+                          save_steps=2))  # fmt: skip
+    assert json.loads((out / infer.CONCEPTS_FILE).read_text())["concepts"] == list(CONCEPTS)
     return out
 
 

@@ -1,0 +1,221 @@
+"""Several concepts in one run (--concepts_list): each its own word, photos, rows, validation loss,
+early stopping and folder; one model, one photo bank, each step's samples in one UNet call."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_photo, train_args, train_once
+from safetensors.torch import load_file
+
+import infer
+import textual_inversion as ti
+
+
+@pytest.fixture(scope="module")
+def hat_photos(tmp_path_factory) -> Path:
+    """Two photos, none of them among conftest's three."""
+    folder = tmp_path_factory.mktemp("hat_photos")
+    make_photo(folder / "left.png", (80, 80), 21)
+    make_photo(folder / "right.png", (64, 72), 22)
+    return folder
+
+
+def listing(folder: Path, entries: list[dict]) -> Path:
+    path = folder / "concepts.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def two_concepts(photos: Path, hat_photos: Path, **extra) -> list[dict]:
+    return [
+        {"placeholder_token": "<dog>", "train_data_dir": str(photos), "initializer_token": "dog", **extra},
+        {"placeholder_token": "<hat>", "train_data_dir": str(hat_photos), "initializer_token": "hat", "num_vectors": 2},
+    ]
+
+
+def joint_args(model: Path, out: Path, concepts: Path, **flags) -> list[str]:
+    """train_args with the concepts from the file: no --train_data_dir or --placeholder_token."""
+    return train_args(model, None, out, placeholder_token=None, concepts_list=concepts, **flags)
+
+
+def rows(folder: Path, token: str) -> torch.Tensor:
+    return load_file(folder / "learned_embeds.safetensors")[token]
+
+
+def prepared(model: Path, out: Path, concepts: Path, **flags) -> ti.Run:
+    """The trainer's prepare stage on its own: models, words, the photo bank, the state."""
+    args = ti.parse_args(joint_args(model, out, concepts, **flags))
+    out.mkdir(parents=True)  # as run_training's lock on --output_dir makes it
+    return ti.prepare(args, ti.make_accelerator(args), ti.StopSignals())
+
+
+# ----------------------------------------------------------------------------------------
+# The concepts file.
+
+
+def test_a_list_of_one_concept_trains_bit_for_bit_what_the_same_flags_train(tiny_sd, photos, tmp_path):
+    train_once(train_args(tiny_sd, photos, tmp_path / "plain"))
+    entry = {"placeholder_token": "<concept>", "train_data_dir": str(photos)}
+    train_once(joint_args(tiny_sd, tmp_path / "listed", listing(tmp_path, [entry])))
+    assert torch.equal(rows(tmp_path / "listed" / "concept", "<concept>"), rows(tmp_path / "plain", "<concept>"))
+    metrics = [infer.read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("plain", "listed")]
+    assert [r.get("val_loss") for r in metrics[0]] == [r.get("val_loss/concept") for r in metrics[1]]
+
+
+def test_the_command_line_gives_every_concept_its_defaults(tiny_sd, photos, tmp_path):
+    concepts = listing(tmp_path, [{"placeholder_token": "<a>"}, {"placeholder_token": "<b>", "repeats": 3}])
+    args = ti.parse_args(train_args(tiny_sd, photos, tmp_path / "out", placeholder_token=None, concepts_list=concepts))
+    (a, first), (b, second) = ti.read_concepts(args)
+    assert (a, b) == ("a", "b")
+    assert first.train_data_dir == second.train_data_dir == str(photos)
+    assert (first.repeats, second.repeats, first.initializer_token) == (100, 3, "toy")
+    assert args.placeholder_token is None  # the flags themselves are never rewritten
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ("[{", "not JSON"),
+        ('{"placeholder_token": "<a>"}', "give a JSON list with an object per concept"),
+        ('[{"placeholder_token": "<a>", "colour": "red"}]', "concept 1: unknown key 'colour'"),
+        ('[{"placeholder_token": "<a>"}, {"placeholder_token": "<a>"}]', "placeholder_token '<a>' is concept 1's"),
+        ('[{"placeholder_token": "<a>", "num_vectors": "2"}]', "concept 1: num_vectors must be a JSON int"),
+        ('[{"placeholder_token": "<a>", "repeats": 0}]', "concept 1: --repeats must be at least 1"),
+        ('[{"placeholder_token": "<a>", "name": "../a"}]', "concept 1: '../a' cannot name a folder"),
+        ('[{"train_data_dir": "x"}]', "concept 1: no placeholder_token"),
+    ],
+)  # fmt: skip
+def test_a_bad_concepts_file_is_one_line_naming_the_file_and_the_entry(
+    tiny_sd, photos, tmp_path, capsys, entries, message
+):
+    path = tmp_path / "concepts.json"
+    path.write_text(entries)
+    argv = train_args(tiny_sd, photos, tmp_path / "out", placeholder_token=None, concepts_list=path)
+    assert ti.main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert f"--concepts_list {path}" in line and message in line
+
+
+# ----------------------------------------------------------------------------------------
+# What trains what.
+
+
+def test_a_word_gets_no_gradient_from_samples_whose_prompts_never_name_it(tiny_sd, photos, hat_photos, tmp_path):
+    run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, two_concepts(photos, hat_photos)))
+    dog, hat = (p.rows[0] for p in run.placeholders)
+    images = (run.data.concept_of == 0).nonzero().flatten()  # the dog's photos only
+    batch = ti.draw_batch(torch.Generator().manual_seed(0), images, run.data, 1000)
+    ti.denoising_loss(run.models, run.data, batch).mean().backward()
+    assert dog.grad.abs().sum() > 0
+    assert hat.grad is None or torch.count_nonzero(hat.grad) == 0
+
+
+def test_a_caption_naming_two_words_trains_both(tiny_sd, photos, hat_photos, tmp_path):
+    captioned = Path(shutil.copytree(photos, tmp_path / "captioned"))
+    for photo in captioned.iterdir():
+        photo.with_suffix(".txt").write_text("a photo of <dog> wearing <hat>")
+    concepts = two_concepts(captioned, hat_photos, caption_extension=".txt")
+    run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, concepts))
+    records = infer.read_jsonl(tmp_path / "out" / "dataset.jsonl")
+    assert records[0]["concept"] == "dog" and records[0]["prompts"] == ["a photo of <dog> wearing <hat> <hat>_1"]
+    assert {r["concept"] for r in records} == {"dog", "hat"}
+    dog, hat = (p.rows[0] for p in run.placeholders)
+    images = (run.data.concept_of == 0).nonzero().flatten()
+    batch = ti.draw_batch(torch.Generator().manual_seed(0), images, run.data, 1000)
+    ti.denoising_loss(run.models, run.data, batch).mean().backward()
+    assert dog.grad.abs().sum() > 0 and hat.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("balanced, steps, shares", [(False, 10, [12, 8]), (True, 12, [12, 12])])
+def test_each_steps_batch_is_drawn_across_concepts_in_proportion_or_balanced(
+    tiny_sd, photos, hat_photos, tmp_path, balanced, steps, shares
+):
+    """3 dog photos and 2 hat photos, one pass each per epoch, 2 samples a step: in proportion, 10
+    steps are 4 epochs of 5 slots; balanced, 12 steps are 2 epochs of 12 (each dog photo twice,
+    each hat photo 3 times)."""
+    concepts = two_concepts(photos, hat_photos)
+    for entry in concepts:
+        entry["repeats"] = 1
+    run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, concepts), max_train_steps=steps)
+    stream = ti.sample_stream(run.state, steps, run.data, run.plan.concepts, balanced)
+    drawn = torch.cat([ti.step_images(stream, step, 2, torch.device("cpu"))[0] for step in range(steps)])
+    assert torch.bincount(run.data.concept_of[drawn]).tolist() == shares
+
+
+# ----------------------------------------------------------------------------------------
+# Each concept its own result.
+
+
+def test_each_concept_gets_the_files_of_a_one_concept_run_and_loads_in_diffusers(tiny_sd, photos, hat_photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, hat_photos)), save_steps=2))
+    assert json.loads((out / infer.CONCEPTS_FILE).read_text()) == {"concepts": ["dog", "hat"]}
+    for name, token in (("dog", "<dog>"), ("hat", "<hat>")):
+        names = {p.name for p in (out / name).iterdir()}
+        assert {"learned_embeds.safetensors", "learned_embeds-steps-2.safetensors", "token_identifier.txt",
+                "type_of_concept.txt", "run.json"} <= names  # fmt: skip
+        assert (out / name / "token_identifier.txt").read_text() == token
+        assert json.loads((out / name / "run.json").read_text())["placeholder_token"] == token
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_textual_inversion(out / "dog")
+    pipe.load_textual_inversion(out / "hat")
+    encoder = pipe.text_encoder.get_input_embeddings().weight
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<dog>", "<hat>", "<hat>_1"])
+    assert torch.equal(encoder[ids[0]], rows(out / "dog", "<dog>")[0])
+    assert torch.equal(encoder[ids[1:]], rows(out / "hat", "<hat>"))
+    metrics = infer.read_jsonl(out / "metrics.jsonl")
+    assert {"val_loss/dog", "val_loss/hat", "embedding_norm/dog", "embedding_norm/hat"} <= set(metrics[-1])
+
+
+def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_other_trains_on(
+    tiny_sd, photos, hat_photos, tmp_path, monkeypatch, caplog
+):
+    scripted = iter([[1.0, 1.0], [0.9, 0.9], [0.95, 0.8], [0.97, 0.7], [None, 0.6], [None, 0.5], [None, 0.4]])
+    monkeypatch.setattr(ti, "validation_loss", lambda *a, **k: next(scripted))
+    out = tmp_path / "out"
+    flags = dict(validation_steps=1, early_stopping_patience=2, save_steps=1, max_train_steps=6)
+    with caplog.at_level("INFO", logger="textual_inversion"):
+        train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, hat_photos)), **flags))
+    dog = json.loads((out / "dog" / "run.json").read_text())["saved"]
+    assert dog["learned_embeds.safetensors"] == 1  # its best step; it stopped at step 3
+    assert torch.equal(
+        rows(out / "dog", "<dog>"), load_file(out / "dog" / "learned_embeds-steps-1.safetensors")["<dog>"]
+    )
+    frozen = load_file(out / "dog" / "learned_embeds-last.safetensors")["<dog>"]
+    assert torch.equal(frozen, load_file(out / "dog" / "learned_embeds-steps-3.safetensors")["<dog>"])
+    assert not (out / "dog" / "learned_embeds-steps-4.safetensors").exists()
+    assert json.loads((out / "hat" / "run.json").read_text())["saved"]["learned_embeds.safetensors"] == 6
+    done = next(r.message for r in caplog.records if r.message.startswith("Done"))
+    assert "kept <dog> step 1 (stopped early" in done and "<hat> step 6 (the lowest validation loss" in done
+
+
+def test_a_resumed_run_of_several_concepts_continues_bit_for_bit(tiny_sd, photos, hat_photos, tmp_path):
+    concepts = listing(tmp_path, two_concepts(photos, hat_photos))
+    flags = dict(max_train_steps=6, checkpointing_steps=3, validation_steps=2, early_stopping_patience=5)
+    train_once(joint_args(tiny_sd, tmp_path / "straight", concepts, **flags))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(tmp_path / "straight" / infer.CONCEPTS_FILE, resumed)
+    train_once(joint_args(tiny_sd, resumed, concepts, resume_from_checkpoint="latest", **flags))
+    for name, token in (("dog", "<dog>"), ("hat", "<hat>")):
+        assert torch.equal(rows(resumed / name, token), rows(tmp_path / "straight" / name, token))
+
+
+def test_sdxl_trains_several_concepts_into_both_encoders(tiny_sdxl, photos, hat_photos, tmp_path):
+    out = tmp_path / "out"
+    train_once(joint_args(tiny_sdxl, out, listing(tmp_path, two_concepts(photos, hat_photos)), max_train_steps=2))
+    for name, token, vectors in (("dog", "<dog>", 1), ("hat", "<hat>", 2)):
+        first = rows(out / name, token)
+        second = load_file(out / name / "learned_embeds_2.safetensors")[token]
+        assert (first.shape[0], second.shape[0]) == (vectors, vectors) and first.shape[1] != second.shape[1]
+        embedding = infer.read_embedding(out / name)
+        assert embedding.token == token and set(embedding.vectors) == {"clip_l", "clip_g"}
