@@ -284,7 +284,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
     del decoded
     if args.compile:
         compile_models(models, args.compile_backend)
-    if args.validation_prompt:
+    if any(c.args.validation_prompt for c in plan.concepts):
         models.vae.to(plan.weight_dtype)  # kept for validation images, at the UNet's precision
     else:
         models.vae = None  # encoded once; the loop never needs it

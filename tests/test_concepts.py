@@ -219,3 +219,39 @@ def test_sdxl_trains_several_concepts_into_both_encoders(tiny_sdxl, photos, hat_
         assert (first.shape[0], second.shape[0]) == (vectors, vectors) and first.shape[1] != second.shape[1]
         embedding = infer.read_embedding(out / name)
         assert embedding.token == token and set(embedding.vectors) == {"clip_l", "clip_g"}
+
+
+def test_the_hub_upload_carries_every_concept_in_its_folder(tiny_sd, photos, hat_photos, tmp_path, monkeypatch):
+    from test_watch import RecordingHub
+
+    hub = RecordingHub()
+    monkeypatch.setattr(ti, "hub_api", hub)
+    out = tmp_path / "out"
+    concepts = listing(tmp_path, two_concepts(photos, hat_photos, validation_prompt="a <dog> in a <hat>"))
+    flags = dict(push_to_hub=True, max_train_steps=2, validation_steps=2, num_validation_images=1,
+                 validation_inference_steps=1)  # fmt: skip
+    train_once(joint_args(tiny_sd, out, concepts, **flags))
+    uploaded = Path(next(kw for name, kw in hub.calls if name == "upload_folder")["folder_path"])
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "concepts.json", "dog", "hat", "loss.png"]
+    assert {"learned_embeds.safetensors", "token_identifier.txt", "type_of_concept.txt", "validation.png"} <= {
+        p.name for p in (uploaded / "dog").iterdir()
+    }  # fmt: skip
+    assert "validation.png" not in {p.name for p in (uploaded / "hat").iterdir()}  # no prompt of its own
+    card = (uploaded / "README.md").read_text()
+    assert 'subfolder="dog"' in card and 'subfolder="hat"' in card and "![validation](dog/validation.png)" in card
+
+
+@pytest.mark.slow
+def test_two_processes_train_several_concepts_like_one(tiny_sd, photos, hat_photos, tmp_path):
+    from test_ddp import launch
+
+    concepts = listing(tmp_path, two_concepts(photos, hat_photos))
+    flags = dict(max_train_steps=3, train_batch_size=1)
+    two = launch(joint_args(tiny_sd, tmp_path / "two", concepts, gradient_accumulation_steps=2, **flags), 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = launch(joint_args(tiny_sd, tmp_path / "one", concepts, gradient_accumulation_steps=4, **flags), 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name, token in (("dog", "<dog>"), ("hat", "<hat>")):
+        # Same samples, same noise; only the order of the float additions differs.
+        torch.testing.assert_close(rows(tmp_path / "two" / name, token), rows(tmp_path / "one" / name, token),
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
