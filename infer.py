@@ -772,11 +772,7 @@ def load_tensor_file(path: Path, source: str) -> object:
             f"{source}: {path.name} is {size / 2**20:.0f} MB, far bigger than an embedding "
             "(kilobytes); is it a model checkpoint or a LoRA?"
         )
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # Decide by content, not by name: files are often renamed. safetensors starts with an
-    # 8-byte header length followed by the JSON header.
-    if len(head) == 9 and head[8:9] == b"{":
+    if is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -785,6 +781,13 @@ def load_tensor_file(path: Path, source: str) -> object:
         except (SafetensorError, OSError) as e:
             raise UserError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
     return load_pickle(path, source)
+
+
+def is_safetensors(path: Path) -> bool:
+    """Decided by content, not by name (files are often renamed): safetensors starts with an
+    8-byte header length followed by the JSON header."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"
 
 
 def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
@@ -817,21 +820,10 @@ def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
 
 
 def parse_embedding_data(data: object, path: Path, source: str) -> tuple[str | None, dict[str, torch.Tensor], str]:
-    """(token or None, {slot: [N, D]}, layout name) from a loaded file's contents.
-
-    The layouts, tried in this order:
-      - "string_to_param" (A1111, and the original textual_inversion code): the token is the
-        file's "name" field, as diffusers reads it. (A1111 itself calls an embedding by its file
-        name; for files A1111 wrote the two agree, and --token settles any difference.)
-      - "clip_l" and/or "clip_g": the SDXL single file (A1111, ComfyUI, kohya, OneTrainer,
-        invoke-training). No token inside.
-      - exactly one tensor: its key is the token (diffusers, sd-concepts-library), unless the
-        key is a generic name that describes the content (GENERIC_KEYS: kohya's emb_params,
-        OneTrainer's emp_params, "embedding", "weight", ...), in which case there is no token.
-      - a bare tensor: no token.
-    A file without a token is called by --token, else by the token in a token_identifier.txt
-    written beside it, else by its file name (as A1111, ComfyUI and kohya call embeddings).
-    """
+    """(token or None, {slot: [N, D]}, layout name) from a loaded file's contents, in any layout
+    the module docstring lists. An A1111 file's token is its "name" field, as diffusers reads it
+    (A1111 itself calls it by its file name; for files A1111 wrote the two agree). A file without
+    a token is called by --token, else as token_from_file_name says."""
     if isinstance(data, torch.Tensor):  # a bare tensor saved with torch.save
         return None, {"clip_l": as_rows(data, path, source)}, "bare tensor"
     if not isinstance(data, dict):
@@ -1143,10 +1135,6 @@ def load_embedding(pipe, src: str | Path | Embedding, token: str | None = None) 
 # Prompts.
 
 
-def _added_tokens(tokenizer) -> list[str]:
-    return [t.content for t in tokenizer.added_tokens_decoder.values() if not t.special]
-
-
 def normalize_prompt(pipe, prompt: str | None) -> str | None:
     """Write each loaded embedding in the prompt as its token is stored: in lower case for CLIP,
     so that diffusers expands multi-vector tokens however the user capitalised them; aliases
@@ -1154,12 +1142,9 @@ def normalize_prompt(pipe, prompt: str | None) -> str | None:
     ComfyUI's `embedding:NAME` as NAME's token."""
     if not prompt:
         return prompt
-    slots = text_encoder_slots(pipe)
-    if not slots:
-        return prompt
-    tokenizer = slots[0][1]
+    tokenizer = text_encoder_slots(pipe)[0][1]
     ignore_case = prompt_form("A", tokenizer) == "a"
-    words = {token: token for token in _added_tokens(tokenizer)}
+    words = {t.content: t.content for t in tokenizer.added_tokens_decoder.values() if not t.special}
     patterns = {token: re.escape(token) for token in words}
     for alias, token in getattr(pipe, ALIASES, {}).items():
         words[alias] = token
@@ -1183,8 +1168,7 @@ def normalize_prompt(pipe, prompt: str | None) -> str | None:
 
 def unused_tokens(pipe, tokens: Iterable[str], *prompts: str | None) -> list[str]:
     """The tokens that none of the prompts uses: loaded embeddings that will do nothing."""
-    slots = text_encoder_slots(pipe)
-    tokenizer = slots[0][1]
+    tokenizer = text_encoder_slots(pipe)[0][1]
     seen = set()
     for prompt in prompts:
         if prompt:
@@ -1254,6 +1238,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # family is one subclass of ModelFamily and one @register_family.
 
 
+Size = tuple[int, int]  # (height, width) or (top, left), in pixels
+
+
 class ModelFamily:
     """The contract of a model family. Families are classes, used as they are (never instantiated)."""
 
@@ -1279,11 +1266,9 @@ class ModelFamily:
         return all(isinstance(index.get(c), list | tuple) and index[c][0] for c in cls.components())
 
     @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
+    def time_ids(original_size: Size, crop_top_left: Size, target_size: Size) -> list[int] | None:
         """A photo's size conditioning, as the family's pipeline gives the UNet (None: it has none)."""
-        raise NotImplementedError
+        return None
 
     @staticmethod
     def condition(
@@ -1374,12 +1359,6 @@ class StableDiffusion(ModelFamily):
     widths: ClassVar = {(768,): "SD 1.x", (1024,): "SD 2.x"}
 
     @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
-        return None
-
-    @staticmethod
     def condition(
         text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
     ) -> tuple[torch.Tensor, dict | None]:
@@ -1419,9 +1398,7 @@ class StableDiffusionXL(ModelFamily):
     widths: ClassVar = {(768, 1280): "SDXL", (1280,): "SDXL refiner"}
 
     @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
+    def time_ids(original_size: Size, crop_top_left: Size, target_size: Size) -> list[int] | None:
         return [*original_size, *crop_top_left, *target_size]
 
     @staticmethod
@@ -1508,31 +1485,28 @@ def is_model_file(name: str | Path) -> bool:
 def tensor_headers(path: Path, source: str) -> dict[str, object]:
     """A checkpoint's entries with every tensor as a meta tensor (name, shape, dtype, no data):
     from the safetensors header, or from a pickle mapped into memory, never reading the weights."""
+    if not is_safetensors(path):
+        data = state_dict_of(load_pickle(path, source, mmap=True), source)
+        return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
-        if len(head) == 9 and head[8:9] == b"{":
-            length = int.from_bytes(head[:8], "little")
-            f.seek(8)
-            try:
-                header = json.loads(f.read(length)) if 8 + length <= size else None
-            except ValueError:
-                header = None
-            if not isinstance(header, dict):
-                raise UserError(f"{source}: its safetensors header is unreadable; the file is truncated or corrupt")
-            header.pop("__metadata__", None)
-            end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-            if end > size:
-                raise UserError(
-                    f"{source}: the file is truncated ({size:,} bytes of the {end:,} its header lists); "
-                    "download it again"
-                )
-            return {
-                key: torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v["dtype"], torch.uint8), device="meta")
-                for key, v in header.items()
-            }
-    data = state_dict_of(load_pickle(path, source, mmap=True), source)
-    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{source}: its safetensors header is unreadable; the file is truncated or corrupt")
+    header.pop("__metadata__", None)
+    end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if end > size:
+        raise UserError(
+            f"{source}: the file is truncated ({size:,} bytes of the {end:,} its header lists); download it again"
+        )
+    return {
+        key: torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v["dtype"], torch.uint8), device="meta")
+        for key, v in header.items()
+    }
 
 
 def state_dict_of(data: object, source: str) -> dict:
@@ -1645,12 +1619,10 @@ def check_config_matches(entries: dict[str, object], file: ModelFile, config_nam
         ],
         "text_encoder_2": ["conditioner.embedders.1.model.token_embedding.weight"],
     }
-    for sub, names in embeddings.items():
-        found = [entries[n].shape for n in names if n in entries]
-        if sub in family.encoders:
-            text = read(f"{sub}/config.json")
-            shape = tuple(found[0]) if found else None
-            compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
+    for sub in family.encoders:
+        text = read(f"{sub}/config.json")
+        shape = next((tuple(entries[n].shape) for n in embeddings[sub] if n in entries), None)
+        compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
     for what, in_file, in_config in compared:
         if in_file != in_config:
             raise UserError(
@@ -1677,9 +1649,7 @@ def inspect_model_file(name: str | Path, config: str | None, flag: str) -> Model
 def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
     """All the weights of a checkpoint, mapped from the file rather than copied where the
     format allows (safetensors; zip-format pickles), read with the tensors-only unpickler."""
-    with open(path, "rb") as f:
-        is_safetensors = f.read(9)[8:9] == b"{"
-    if is_safetensors:
+    if is_safetensors(path):
         from safetensors.torch import load_file
 
         return load_file(str(path))
@@ -1834,15 +1804,15 @@ def load_pipeline(
     family, file, root = source.family, source.file, source.root
     dtypes = dtype if isinstance(dtype, dict) else {"default": dtype}
 
+    def dtype_of(part: str) -> torch.dtype | None:
+        return dtypes.get(part, dtypes.get("default"))
+
     def precision(part: str, argument: str = "torch_dtype") -> dict:
-        chosen = dtypes.get(part, dtypes.get("default"))
-        return {} if chosen is None else {argument: chosen}
+        return {} if dtype_of(part) is None else {argument: dtype_of(part)}
 
     def load(what: str, loader: Callable, *args, **kwargs):
         try:
             return loader(*args, **kwargs)
-        except UserError:  # the checks below name the flag and the file themselves
-            raise
         except (OSError, ValueError) as e:
             raise UserError(f"{source.flag} {source.name}: cannot load {what} ({first_line(e)})") from None
 
@@ -1852,7 +1822,7 @@ def load_pipeline(
     if file is not None:
         logger.info("%s: %s single file, configs from %s", source.name, file.description, root)
         wanted = [c for c in file.components if not (vae and c == "vae")]
-        parts = load("its weights", load_model_file, file, {c: dtypes.get(c, dtypes.get("default")) for c in wanted})
+        parts = load("its weights", load_model_file, file, {c: dtype_of(c) for c in wanted})
     else:
         for sub, class_name in zip(family.encoders, family.encoder_classes):
             cls = getattr(transformers, class_name)  # transformers names the precision `dtype`
@@ -1861,9 +1831,7 @@ def load_pipeline(
             if not (vae and sub == "vae"):
                 parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision(sub))
     if vae:
-        parts["vae"] = load_vae(
-            vae, root, dtypes.get("vae", dtypes.get("default")), "--pretrained_vae_model_name_or_path"
-        )
+        parts["vae"] = load_vae(vae, root, dtype_of("vae"), "--pretrained_vae_model_name_or_path")
     tokenizer_class = getattr(transformers, family.tokenizer_class)
     for i, sub in enumerate(family.tokenizers):
         if tokenizer and i == 0:
@@ -1902,21 +1870,17 @@ def own_weight_memory(module: torch.nn.Module) -> None:
     from their files, and CPU kernels round by alignment, so the same weights from a single file
     and from a diffusers folder would otherwise differ in the last bit; handing the pages back
     weight by weight keeps one copy of the weights in memory, not two. (A GPU copies anyway.)"""
+    page = mmap.PAGESIZE
     for parameter in module.parameters():
         if parameter.device.type == "cpu" and parameter.data_ptr() % ALIGNMENT:
             mapped = parameter.data
             parameter.data = mapped.clone()
-            if mapped.is_contiguous():
-                release_pages(mapped.data_ptr(), mapped.nbytes)
-
-
-def release_pages(address: int, size: int) -> None:
-    """Let the kernel reclaim the whole memory pages in [address, address + size). Never loses
-    data: a file's pages are read again, and other pages swapped back in, if touched again."""
-    page = mmap.PAGESIZE
-    start, end = -(-address // page) * page, (address + size) // page * page
-    if LIBC is not None and end > start:
-        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
+            # The whole pages under the old copy go back to the kernel. That never loses data: a
+            # file's pages are read again, and other pages swapped back in, if touched again.
+            start = -(-mapped.data_ptr() // page) * page
+            end = (mapped.data_ptr() + mapped.nbytes) // page * page
+            if LIBC is not None and mapped.is_contiguous() and end > start:
+                LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -2277,18 +2241,13 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
             raise UserError(f"{out}: --to {to} writes {' or '.join(suffixes)} files here; name it so")
         return out
 
-    if to == "diffusers" and both:
-        if folder is None:
-            raise UserError(f"{out}: the diffusers SDXL layout is two files; give a folder")
-        return [
-            write_diffusers_embedding(folder / embeds_name(".safetensors"), emb.token, clip_l),
-            write_diffusers_embedding(
-                folder / embeds_name(".safetensors", second=True), emb.token, emb.vectors["clip_g"]
-            ),
-            write_text(folder / TOKEN_FILE, emb.token),
-        ]
     if to == "diffusers":
+        if both and folder is None:
+            raise UserError(f"{out}: the diffusers SDXL layout is two files; give a folder")
         written = [write_diffusers_embedding(target((".safetensors", ".bin"), EMBEDS), emb.token, clip_l)]
+        if both:
+            second = folder / embeds_name(".safetensors", second=True)
+            written.append(write_diffusers_embedding(second, emb.token, emb.vectors["clip_g"]))
         if folder is not None:
             written.append(write_text(folder / TOKEN_FILE, emb.token))
         return written
