@@ -32,7 +32,7 @@ The file reads top to bottom:
     load_model_file           key names and shapes, converted by diffusers' single-file loaders
     find_model,             the one model loader, for generation, eval and the trainer alike
       load_pipeline
-    generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, write_grid
+    generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, grids
     convert_embedding
     Scorers, run_eval       CLIP-I, CLIP-T and DINO as the papers compute them; `eval` over a run's
                               saved steps (run.json), the pick rule, --keep_best
@@ -1050,9 +1050,9 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
     `pipe`, as diffusers' load_textual_inversion does (it does the writing); return the tokens
     added: [token, token_1, ..., token_{N-1}], the first being the one to write in prompts."""
     slots = text_encoder_slots(pipe)
-    if not slots or not hasattr(pipe, "load_textual_inversion"):
+    if not hasattr(pipe, "load_textual_inversion"):
         raise UserError(f"{emb.source}: {type(pipe).__name__} has no CLIP text encoder to load an embedding into")
-    vectors = fit_to_base(emb, {slot: enc.get_input_embeddings().weight.shape[1] for slot, _, enc in slots})
+    vectors = fit_to_base(emb, base_widths(pipe))
     token = prompt_form(emb.token.strip(), slots[0][1])
     tokens = vector_tokens(token, emb.num_vectors)
 
@@ -1224,12 +1224,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype's names besides auto
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: float16 on CUDA (half the memory, same images to the eye), float32 elsewhere
     (CPU float16 is slow, and float16 on MPS can produce black images with some models)."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------------------
@@ -2049,12 +2052,10 @@ def write_png(path: str | Path, image, settings: dict) -> Path:
 
 def read_png_settings(path: str | Path) -> dict | None:
     """The settings JSON that write_png stored in a PNG; None for a PNG without it (or not a PNG)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
-    except (OSError, UnidentifiedImageError):
+    except OSError:  # not an image at all (UnidentifiedImageError) too
         return None
     try:
         settings = json.loads(text) if text else None
@@ -2103,7 +2104,7 @@ def labelled_grid(rows: list[list], labels: list[str], title: str):
     """Rows of equal-sized images under a title line (the step), each row's label (its prompt)
     to its left, wrapped, black on white. The images fill the bottom-right corner, uncut and
     untouched, so grid_tiles can take them back out."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     w, h = rows[0][0].size
     columns = max(len(row) for row in rows)
@@ -2132,8 +2133,6 @@ def labelled_grid(rows: list[list], labels: list[str], title: str):
 def grid_tiles(path: str | Path) -> list[list]:
     """The images of a labelled grid written with its settings (a validation grid), row by row:
     one row per prompt, one image per seed, taken from the bottom-right corner."""
-    from PIL import Image
-
     settings = read_png_settings(path)
     if settings is None or "prompts" not in settings:
         raise UserError(f"{path}: not a labelled grid (its PNG holds no prompts and seeds)")
@@ -2171,19 +2170,12 @@ LEGEND_BESIDE = {"loc": "upper left", "bbox_to_anchor": (1.02, 1), "borderaxespa
 
 def image_grid(images: list, columns: int):
     """The images tiled left to right, top to bottom, `columns` to a row, on white."""
-    from PIL import Image
-
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for k, image in enumerate(images):
         grid.paste(image, ((k % columns) * w, (k // columns) * h))
     return grid
-
-
-def write_grid(path: str | Path, images: list, parameters: dict) -> Path:
-    """The images tiled in a near-square grid, in seed order."""
-    return write_png(path, image_grid(images, math.ceil(math.sqrt(len(images)))), parameters)
 
 
 def next_image_number(folder: Path) -> int:
@@ -2789,14 +2781,9 @@ def eval_table(lines: list[dict], pick: dict | None, rule: str) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5] for row in rows)
 
 
-_REUSE_IGNORED = ("embeddings",)  # where the rows came from does not change the image
-
-
 def _same_image(found: dict | None, wanted: dict) -> bool:
-    if found is None:
-        return False
-    strip = lambda settings: {k: v for k, v in settings.items() if k not in _REUSE_IGNORED}  # noqa: E731
-    return strip(found) == strip(wanted)
+    # Where the rows came from ("embeddings") does not change the image.
+    return found is not None and {**found, "embeddings": None} == {**wanted, "embeddings": None}
 
 
 @dataclass
@@ -3014,21 +3001,10 @@ def real_images_line(refs: References, photo_count: int, line_settings: dict) ->
     real = Scorers.among_themselves(refs)
     if real is None:
         return None
-    clip_i, clip_i_se = mean_and_error(real["clip_i"])
-    dino, dino_se = mean_and_error(real["dino"])
-    return {
-        "label": "real images",
-        "step": None,
-        "baseline": "real images",
-        "images": photo_count,
-        "clip_i": clip_i,
-        "clip_i_se": clip_i_se,
-        "clip_t": None,
-        "clip_t_se": None,
-        "dino": dino,
-        "dino_se": dino_se,
-        "settings": line_settings,
-    }
+    line = {"label": "real images", "step": None, "baseline": "real images", "images": photo_count}
+    for key in ("clip_i", "clip_t", "dino"):  # the photos have no prompt: no clip_t
+        line[key], line[f"{key}_se"] = mean_and_error(real[key]) if key in real else (None, None)
+    return {**line, "settings": line_settings}
 
 
 def score_eval_images(
@@ -3186,17 +3162,28 @@ def add_model_file_flags(parser) -> None:
     """--single_file_config and --prediction_type, as this command line and the trainer's take them."""
     parser.add_argument(
         "--single_file_config",
-        default=None,
         metavar="DIR_OR_HUB_ID",
         help="For a single-file model: the diffusers folder or Hub repo whose configs and tokenizer(s) describe "
         "it. Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
     )
     parser.add_argument(
         "--prediction_type",
-        default=None,
         choices=["epsilon", "v_prediction"],
         help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
     )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How images are made, and where: the same flags for generating and for eval."""
+    p.add_argument("--guidance_scale", type=float, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
+    p.add_argument(
+        "--scheduler",
+        default="dpm++",
+        choices=list(SCHEDULERS),
+        help="Sampler (default dpm++, i.e. DPM-Solver++ 2M); 'default' keeps the model's own.",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, else fp32.")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -3229,17 +3216,11 @@ def build_generate_parser() -> argparse.ArgumentParser:
         '--embedding; --token "" keeps that one\'s own token.',
     )
     p.add_argument("--prompt", required=True, help="Use the embeddings' tokens in it: 'a <cat-toy> backpack'.")
-    p.add_argument("--negative_prompt", default=None, help="What to steer away from; may use a loaded token.")
+    p.add_argument("--negative_prompt", help="What to steer away from; may use a loaded token.")
     p.add_argument("--num_images", type=int, default=1, help="Images to make (default 1).")
-    p.add_argument("--seed", type=int, default=None, help="Image k uses seed+k. Default: a random seed (printed).")
+    p.add_argument("--seed", type=int, help="Image k uses seed+k. Default: a random seed (printed).")
     p.add_argument("--steps", type=int, default=30, help="Denoising steps (default 30).")
-    p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
-    p.add_argument(
-        "--scheduler",
-        default="dpm++",
-        choices=list(SCHEDULERS),
-        help="Sampler (default dpm++, i.e. DPM-Solver++ 2M); 'default' keeps the model's own.",
-    )
+    add_sampling_flags(p)
     p.add_argument(
         "--clip_skip",
         type=int,
@@ -3247,12 +3228,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
         help="CLIP layers to skip, as diffusers' clip_skip (1: the penultimate layer, A1111's 'Clip skip: 2'). "
         "Use the embedding's training value. Default 0: off.",
     )
-    p.add_argument("--height", type=int, default=None, help="Pixels, a multiple of 8. Default: the model's size.")
-    p.add_argument("--width", type=int, default=None, help="Pixels, a multiple of 8. Default: the model's size.")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32."
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
+    p.add_argument("--height", type=int, help="Pixels, a multiple of 8. Default: the model's size.")
+    p.add_argument("--width", type=int, help="Pixels, a multiple of 8. Default: the model's size.")
     p.add_argument("--out", default="outputs", help="Folder for the PNGs and grid.png (default outputs).")
     return p
 
@@ -3267,7 +3244,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="Any embedding source, as for --embedding.")
     p.add_argument("out", metavar="OUT", help="Output file, or folder.")
     p.add_argument("--to", required=True, choices=CONVERT_FORMATS)
-    p.add_argument("--token", default=None, help="Rename the embedding.")
+    p.add_argument("--token", help="Rename the embedding.")
     return p
 
 
@@ -3279,9 +3256,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         "per step, with step 0 (the initializer) and the photos among themselves as baselines. Writes "
         "eval/step-N/*.png, eval.jsonl and eval.png, prints a table and recommends a step.",
     )
-    p.add_argument(
-        "output_dir", nargs="?", metavar="OUTPUT_DIR", help="The --output_dir of a textual_inversion.py run."
-    )
+    p.add_argument("output_dir", nargs="?", metavar="OUTPUT_DIR", help="A textual_inversion.py run's --output_dir.")
     p.add_argument(
         "--embeddings",
         nargs="+",
@@ -3289,19 +3264,16 @@ def build_eval_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="Embedding files (anything infer.py reads) to score too, or instead.",
     )
-    p.add_argument("--model", default=None, help="Base model. Default: the one the run trained on (run.json).")
-    p.add_argument("--single_file_config", default=None, metavar="DIR_OR_HUB_ID", help="As for generating.")
-    p.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="As for generating.")
-    p.add_argument("--train_data_dir", default=None, help="The training photos. Default: the run's.")
+    p.add_argument("--model", help="Base model. Default: the one the run trained on (run.json).")
+    add_model_file_flags(p)
+    p.add_argument("--train_data_dir", help="The training photos. Default: the run's.")
     p.add_argument(
         "--prompts",
-        default=None,
         help="object (DreamBench's 25 object prompts), live (its 25 live-subject prompts), style (a small set for "
         "styles), or a file of prompts with {} for the learned word. Default: style for style runs, else object.",
     )
     p.add_argument(
         "--class_word",
-        default=None,
         help="The word CLIP-T reads in place of the learned one. Default: the run's --class_word, else its "
         "initializer phrase.",
     )
@@ -3310,25 +3282,15 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
-        default=None,
         help="Draw another set of images (the same for every step). Default: the fixed set every eval uses, so "
         "scores are comparable between runs.",
     )
-    p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
+    add_sampling_flags(p)  # the same for every step
+    p.add_argument("--resolution", type=int, help="Image size in pixels. Default: the run's --resolution.")
+    p.add_argument("--clip_skip", type=int, help="Default: the run's --clip_skip (0 for --embeddings files).")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP for CLIP-I and CLIP-T (default %(default)s).")
     p.add_argument(
-        "--scheduler", default="dpm++", choices=list(SCHEDULERS), help="The same for every step (default dpm++)."
-    )
-    p.add_argument(
-        "--resolution", type=int, default=None, help="Image size in pixels. Default: the run's --resolution."
-    )
-    p.add_argument(
-        "--clip_skip", type=int, default=None, help="Default: the run's --clip_skip (0 for --embeddings files)."
-    )
-    p.add_argument(
-        "--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP for CLIP-I and CLIP-T (default {DEFAULT_CLIP_MODEL})."
-    )
-    p.add_argument(
-        "--dino_model", default=DEFAULT_DINO_MODEL, help=f"Self-supervised ViT for DINO (default {DEFAULT_DINO_MODEL})."
+        "--dino_model", default=DEFAULT_DINO_MODEL, help="Self-supervised ViT for DINO (default %(default)s)."
     )
     p.add_argument(
         "--pick",
@@ -3342,13 +3304,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Rewrite the run's final embedding files from the picked step (previous ones kept as *-before-eval.*).",
     )
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32."
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
-    p.add_argument(
-        "--out", default=None, help="Where eval/, eval.jsonl and eval.png go. Default: OUTPUT_DIR (else ./outputs)."
-    )
+    p.add_argument("--out", help="Where eval/, eval.jsonl and eval.png go. Default: OUTPUT_DIR (else ./outputs).")
     return p
 
 
@@ -3438,7 +3394,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         write_png(out / f"{first + k:05d}-{s}.png", image, {**parameters, "seed": s})
         for k, (s, image) in enumerate(zip(seeds, images))
     ]
-    written.append(write_grid(grid_path(out, first), images, {**parameters, "seeds": seeds}))
+    grid = image_grid(images, math.ceil(math.sqrt(len(images))))  # near-square, in seed order
+    written.append(write_png(grid_path(out, first), grid, {**parameters, "seeds": seeds}))
     return written
 
 
