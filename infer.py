@@ -1470,11 +1470,6 @@ class ModelFile:
     dtype: torch.dtype  # the precision the UNet is stored in
 
     @property
-    def components(self) -> tuple[str, ...]:
-        """The components whose weights the file holds."""
-        return ("unet", "vae", *self.family.encoders)
-
-    @property
     def description(self) -> str:
         return self.family.file_kinds[self.kind]
 
@@ -1685,8 +1680,7 @@ def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[st
                     cls, state, subfolder=name, config=model.config, torch_dtype=dtype, local_files_only=True
                 )
         except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
-            reason = first_line(e)
-            raise UserError(f"{model.source}: cannot load its {name} ({reason})") from None
+            raise UserError(f"{model.source}: cannot load its {name} ({first_line(e)})") from None
         for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[name])]:
             del state[key]
     return modules
@@ -1703,18 +1697,15 @@ def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
             path = Path(source).expanduser()
             if not path.is_file():
                 raise UserError(f"{label}: no such file")
-            keys = list(tensor_headers(path, label))
-            if not any(k.endswith("encoder.conv_in.weight") for k in keys):
+            if not any(k.endswith("encoder.conv_in.weight") for k in tensor_headers(path, label)):
                 raise UserError(f"{label}: not a VAE (no encoder.conv_in weights)")
-            state = read_tensors(path, label)
             return AutoencoderKL.from_single_file(
-                state, config=config, subfolder="vae", torch_dtype=dtype, local_files_only=True
+                read_tensors(path, label), config=config, subfolder="vae", torch_dtype=dtype, local_files_only=True
             )
         subfolder = "vae" if (Path(source).expanduser() / "vae").is_dir() else None
         return AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:  # missing files, shapes that do not fit the config
-        reason = first_line(e)
-        raise UserError(f"{label}: cannot load it as this model's VAE ({reason})") from None
+        raise UserError(f"{label}: cannot load it as this model's VAE ({first_line(e)})") from None
 
 
 def read_config(root: str, name: str, revision: str | None, flag: str) -> dict:
@@ -1824,7 +1815,7 @@ def load_pipeline(
     parts = {}
     if file is not None:
         logger.info("%s: %s single file, configs from %s", source.name, file.description, root)
-        wanted = [c for c in file.components if not (vae and c == "vae")]
+        wanted = [c for c in ("unet", "vae", *family.encoders) if not (vae and c == "vae")]  # what the file holds
         parts = load("its weights", load_model_file, file, {c: dtype_of(c) for c in wanted})
     else:
         for sub, class_name in zip(family.encoders, family.encoder_classes):
@@ -3489,28 +3480,25 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_Format())
     logger.addHandler(handler)
     logger.propagate = False
+    command = argv.pop(0) if argv[:1] in (["generate"], ["convert"], ["eval"], ["tryout"]) else "generate"
     try:
-        if argv[:1] == ["convert"]:
-            args = build_convert_parser().parse_args(argv[1:])
+        if command == "convert":
+            args = build_convert_parser().parse_args(argv)
             for path in convert_embedding(args.src, args.out, args.to, args.token):
                 print(path)
             return 0
-        evaluating, trying = argv[:1] == ["eval"], argv[:1] == ["tryout"]
-        if argv[:1] in (["generate"], ["eval"], ["tryout"]):
-            argv = argv[1:]
-        parser = build_eval_parser() if evaluating else build_tryout_parser() if trying else build_generate_parser()
-        args = parser.parse_args(argv)
+        parsers = {"generate": build_generate_parser, "eval": build_eval_parser, "tryout": build_tryout_parser}
+        args = parsers[command]().parse_args(argv)
         import diffusers
         import transformers
 
-        diffusers.logging.set_verbosity_error()
-        diffusers.logging.disable_progress_bar()
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        if evaluating:
+        for library in (diffusers, transformers):
+            library.logging.set_verbosity_error()
+            library.logging.disable_progress_bar()
+        if command == "eval":
             run_eval(args)
             return 0
-        if trying:
+        if command == "tryout":
             return run_tryout(args)
         for path in run_generate(args):
             print(path)
