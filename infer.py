@@ -32,7 +32,7 @@ The file reads top to bottom:
     load_model_file           key names and shapes, converted by diffusers' single-file loaders
     find_model,             the one model loader, for generation, eval and the trainer alike
       load_pipeline
-    generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, write_grid
+    generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, grids
     convert_embedding
     Scorers, run_eval       CLIP-I, CLIP-T and DINO as the papers compute them; `eval` over a run's
                               saved steps (run.json), the pick rule, --keep_best
@@ -836,11 +836,7 @@ def load_tensor_file(path: Path, source: str) -> object:
             f"{source}: {path.name} is {size / 2**20:.0f} MB, far bigger than an embedding "
             "(kilobytes); is it a model checkpoint or a LoRA?"
         )
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # Decide by content, not by name: files are often renamed. safetensors starts with an
-    # 8-byte header length followed by the JSON header.
-    if len(head) == 9 and head[8:9] == b"{":
+    if is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -849,6 +845,13 @@ def load_tensor_file(path: Path, source: str) -> object:
         except (SafetensorError, OSError) as e:
             raise UserError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
     return load_pickle(path, source)
+
+
+def is_safetensors(path: Path) -> bool:
+    """Decided by content, not by name (files are often renamed): safetensors starts with an
+    8-byte header length followed by the JSON header."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"
 
 
 def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
@@ -881,21 +884,10 @@ def load_pickle(path: Path, source: str, mmap: bool = False) -> object:
 
 
 def parse_embedding_data(data: object, path: Path, source: str) -> tuple[str | None, dict[str, torch.Tensor], str]:
-    """(token or None, {slot: [N, D]}, layout name) from a loaded file's contents.
-
-    The layouts, tried in this order:
-      - "string_to_param" (A1111, and the original textual_inversion code): the token is the
-        file's "name" field, as diffusers reads it. (A1111 itself calls an embedding by its file
-        name; for files A1111 wrote the two agree, and --token settles any difference.)
-      - "clip_l" and/or "clip_g": the SDXL single file (A1111, ComfyUI, kohya, OneTrainer,
-        invoke-training). No token inside.
-      - exactly one tensor: its key is the token (diffusers, sd-concepts-library), unless the
-        key is a generic name that describes the content (GENERIC_KEYS: kohya's emb_params,
-        OneTrainer's emp_params, "embedding", "weight", ...), in which case there is no token.
-      - a bare tensor: no token.
-    A file without a token is called by --token, else by the token in a token_identifier.txt
-    written beside it, else by its file name (as A1111, ComfyUI and kohya call embeddings).
-    """
+    """(token or None, {slot: [N, D]}, layout name) from a loaded file's contents, in any layout
+    the module docstring lists. An A1111 file's token is its "name" field, as diffusers reads it
+    (A1111 itself calls it by its file name; for files A1111 wrote the two agree). A file without
+    a token is called by --token, else as token_from_file_name says."""
     if isinstance(data, torch.Tensor):  # a bare tensor saved with torch.save
         return None, {"clip_l": as_rows(data, path, source)}, "bare tensor"
     if not isinstance(data, dict):
@@ -1122,9 +1114,9 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
     `pipe`, as diffusers' load_textual_inversion does (it does the writing); return the tokens
     added: [token, token_1, ..., token_{N-1}], the first being the one to write in prompts."""
     slots = text_encoder_slots(pipe)
-    if not slots or not hasattr(pipe, "load_textual_inversion"):
+    if not hasattr(pipe, "load_textual_inversion"):
         raise UserError(f"{emb.source}: {type(pipe).__name__} has no CLIP text encoder to load an embedding into")
-    vectors = fit_to_base(emb, {slot: enc.get_input_embeddings().weight.shape[1] for slot, _, enc in slots})
+    vectors = fit_to_base(emb, base_widths(pipe))
     token = prompt_form(emb.token.strip(), slots[0][1])
     tokens = vector_tokens(token, emb.num_vectors)
 
@@ -1208,10 +1200,6 @@ def load_embedding(pipe, src: str | Path | Embedding, token: str | None = None) 
 # Prompts.
 
 
-def _added_tokens(tokenizer) -> list[str]:
-    return [t.content for t in tokenizer.added_tokens_decoder.values() if not t.special]
-
-
 def normalize_prompt(pipe, prompt: str | None) -> str | None:
     """Write each loaded embedding in the prompt as its token is stored: in lower case for CLIP,
     so that diffusers expands multi-vector tokens however the user capitalised them; aliases
@@ -1219,12 +1207,9 @@ def normalize_prompt(pipe, prompt: str | None) -> str | None:
     ComfyUI's `embedding:NAME` as NAME's token."""
     if not prompt:
         return prompt
-    slots = text_encoder_slots(pipe)
-    if not slots:
-        return prompt
-    tokenizer = slots[0][1]
+    tokenizer = text_encoder_slots(pipe)[0][1]
     ignore_case = prompt_form("A", tokenizer) == "a"
-    words = {token: token for token in _added_tokens(tokenizer)}
+    words = {t.content: t.content for t in tokenizer.added_tokens_decoder.values() if not t.special}
     patterns = {token: re.escape(token) for token in words}
     for alias, token in getattr(pipe, ALIASES, {}).items():
         words[alias] = token
@@ -1248,8 +1233,7 @@ def normalize_prompt(pipe, prompt: str | None) -> str | None:
 
 def unused_tokens(pipe, tokens: Iterable[str], *prompts: str | None) -> list[str]:
     """The tokens that none of the prompts uses: loaded embeddings that will do nothing."""
-    slots = text_encoder_slots(pipe)
-    tokenizer = slots[0][1]
+    tokenizer = text_encoder_slots(pipe)[0][1]
     seen = set()
     for prompt in prompts:
         if prompt:
@@ -1291,7 +1275,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -1305,18 +1289,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype's names besides auto
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: float16 on CUDA (half the memory, same images to the eye), float32 elsewhere
     (CPU float16 is slow, and float16 on MPS can produce black images with some models)."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------------------
 # Model families: all that differs between SD 1.x/2.x and SDXL, behind one contract. The
 # trainer and both command lines ask a model's family and never test which one it is; a new
 # family is one subclass of ModelFamily and one @register_family.
+
+
+Size = tuple[int, int]  # (height, width) or (top, left), in pixels
 
 
 class ModelFamily:
@@ -1344,11 +1334,9 @@ class ModelFamily:
         return all(isinstance(index.get(c), list | tuple) and index[c][0] for c in cls.components())
 
     @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
+    def time_ids(original_size: Size, crop_top_left: Size, target_size: Size) -> list[int] | None:
         """A photo's size conditioning, as the family's pipeline gives the UNet (None: it has none)."""
-        raise NotImplementedError
+        return None
 
     @staticmethod
     def condition(
@@ -1439,12 +1427,6 @@ class StableDiffusion(ModelFamily):
     widths: ClassVar = {(768,): "SD 1.x", (1024,): "SD 2.x"}
 
     @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
-        return None
-
-    @staticmethod
     def condition(
         text_encoders: list, prompt_ids: list[torch.Tensor], time_ids: torch.Tensor | None, clip_skip: int = 0
     ) -> tuple[torch.Tensor, dict | None]:
@@ -1484,9 +1466,7 @@ class StableDiffusionXL(ModelFamily):
     widths: ClassVar = {(768, 1280): "SDXL", (1280,): "SDXL refiner"}
 
     @staticmethod
-    def time_ids(
-        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-    ) -> list[int] | None:
+    def time_ids(original_size: Size, crop_top_left: Size, target_size: Size) -> list[int] | None:
         return [*original_size, *crop_top_left, *target_size]
 
     @staticmethod
@@ -1555,11 +1535,6 @@ class ModelFile:
     dtype: torch.dtype  # the precision the UNet is stored in
 
     @property
-    def components(self) -> tuple[str, ...]:
-        """The components whose weights the file holds."""
-        return ("unet", "vae", *self.family.encoders)
-
-    @property
     def description(self) -> str:
         return self.family.file_kinds[self.kind]
 
@@ -1573,31 +1548,28 @@ def is_model_file(name: str | Path) -> bool:
 def tensor_headers(path: Path, source: str) -> dict[str, object]:
     """A checkpoint's entries with every tensor as a meta tensor (name, shape, dtype, no data):
     from the safetensors header, or from a pickle mapped into memory, never reading the weights."""
+    if not is_safetensors(path):
+        data = state_dict_of(load_pickle(path, source, mmap=True), source)
+        return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
-        if len(head) == 9 and head[8:9] == b"{":
-            length = int.from_bytes(head[:8], "little")
-            f.seek(8)
-            try:
-                header = json.loads(f.read(length)) if 8 + length <= size else None
-            except ValueError:
-                header = None
-            if not isinstance(header, dict):
-                raise UserError(f"{source}: its safetensors header is unreadable; the file is truncated or corrupt")
-            header.pop("__metadata__", None)
-            end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-            if end > size:
-                raise UserError(
-                    f"{source}: the file is truncated ({size:,} bytes of the {end:,} its header lists); "
-                    "download it again"
-                )
-            return {
-                key: torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v["dtype"], torch.uint8), device="meta")
-                for key, v in header.items()
-            }
-    data = state_dict_of(load_pickle(path, source, mmap=True), source)
-    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{source}: its safetensors header is unreadable; the file is truncated or corrupt")
+    header.pop("__metadata__", None)
+    end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if end > size:
+        raise UserError(
+            f"{source}: the file is truncated ({size:,} bytes of the {end:,} its header lists); download it again"
+        )
+    return {
+        key: torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v["dtype"], torch.uint8), device="meta")
+        for key, v in header.items()
+    }
 
 
 def state_dict_of(data: object, source: str) -> dict:
@@ -1710,12 +1682,10 @@ def check_config_matches(entries: dict[str, object], file: ModelFile, config_nam
         ],
         "text_encoder_2": ["conditioner.embedders.1.model.token_embedding.weight"],
     }
-    for sub, names in embeddings.items():
-        found = [entries[n].shape for n in names if n in entries]
-        if sub in family.encoders:
-            text = read(f"{sub}/config.json")
-            shape = tuple(found[0]) if found else None
-            compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
+    for sub in family.encoders:
+        text = read(f"{sub}/config.json")
+        shape = next((tuple(entries[n].shape) for n in embeddings[sub] if n in entries), None)
+        compared.append((f"{sub} [vocabulary, width]", shape, (text["vocab_size"], text["hidden_size"])))
     for what, in_file, in_config in compared:
         if in_file != in_config:
             raise UserError(
@@ -1742,9 +1712,7 @@ def inspect_model_file(name: str | Path, config: str | None, flag: str) -> Model
 def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
     """All the weights of a checkpoint, mapped from the file rather than copied where the
     format allows (safetensors; zip-format pickles), read with the tensors-only unpickler."""
-    with open(path, "rb") as f:
-        is_safetensors = f.read(9)[8:9] == b"{"
-    if is_safetensors:
+    if is_safetensors(path):
         from safetensors.torch import load_file
 
         return load_file(str(path))
@@ -1777,8 +1745,7 @@ def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[st
                     cls, state, subfolder=name, config=model.config, torch_dtype=dtype, local_files_only=True
                 )
         except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
-            reason = first_line(e)
-            raise UserError(f"{model.source}: cannot load its {name} ({reason})") from None
+            raise UserError(f"{model.source}: cannot load its {name} ({first_line(e)})") from None
         for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[name])]:
             del state[key]
     return modules
@@ -1795,18 +1762,15 @@ def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
             path = Path(source).expanduser()
             if not path.is_file():
                 raise UserError(f"{label}: no such file")
-            keys = list(tensor_headers(path, label))
-            if not any(k.endswith("encoder.conv_in.weight") for k in keys):
+            if not any(k.endswith("encoder.conv_in.weight") for k in tensor_headers(path, label)):
                 raise UserError(f"{label}: not a VAE (no encoder.conv_in weights)")
-            state = read_tensors(path, label)
             return AutoencoderKL.from_single_file(
-                state, config=config, subfolder="vae", torch_dtype=dtype, local_files_only=True
+                read_tensors(path, label), config=config, subfolder="vae", torch_dtype=dtype, local_files_only=True
             )
         subfolder = "vae" if (Path(source).expanduser() / "vae").is_dir() else None
         return AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:  # missing files, shapes that do not fit the config
-        reason = first_line(e)
-        raise UserError(f"{label}: cannot load it as this model's VAE ({reason})") from None
+        raise UserError(f"{label}: cannot load it as this model's VAE ({first_line(e)})") from None
 
 
 def read_config(root: str, name: str, revision: str | None, flag: str) -> dict:
@@ -1899,15 +1863,15 @@ def load_pipeline(
     family, file, root = source.family, source.file, source.root
     dtypes = dtype if isinstance(dtype, dict) else {"default": dtype}
 
+    def dtype_of(part: str) -> torch.dtype | None:
+        return dtypes.get(part, dtypes.get("default"))
+
     def precision(part: str, argument: str = "torch_dtype") -> dict:
-        chosen = dtypes.get(part, dtypes.get("default"))
-        return {} if chosen is None else {argument: chosen}
+        return {} if dtype_of(part) is None else {argument: dtype_of(part)}
 
     def load(what: str, loader: Callable, *args, **kwargs):
         try:
             return loader(*args, **kwargs)
-        except UserError:  # the checks below name the flag and the file themselves
-            raise
         except (OSError, ValueError) as e:
             raise UserError(f"{source.flag} {source.name}: cannot load {what} ({first_line(e)})") from None
 
@@ -1916,8 +1880,8 @@ def load_pipeline(
     parts = {}
     if file is not None:
         logger.info("%s: %s single file, configs from %s", source.name, file.description, root)
-        wanted = [c for c in file.components if not (vae and c == "vae")]
-        parts = load("its weights", load_model_file, file, {c: dtypes.get(c, dtypes.get("default")) for c in wanted})
+        wanted = [c for c in ("unet", "vae", *family.encoders) if not (vae and c == "vae")]  # what the file holds
+        parts = load("its weights", load_model_file, file, {c: dtype_of(c) for c in wanted})
     else:
         for sub, class_name in zip(family.encoders, family.encoder_classes):
             cls = getattr(transformers, class_name)  # transformers names the precision `dtype`
@@ -1926,9 +1890,7 @@ def load_pipeline(
             if not (vae and sub == "vae"):
                 parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision(sub))
     if vae:
-        parts["vae"] = load_vae(
-            vae, root, dtypes.get("vae", dtypes.get("default")), "--pretrained_vae_model_name_or_path"
-        )
+        parts["vae"] = load_vae(vae, root, dtype_of("vae"), "--pretrained_vae_model_name_or_path")
     tokenizer_class = getattr(transformers, family.tokenizer_class)
     for i, sub in enumerate(family.tokenizers):
         if tokenizer and i == 0:
@@ -1967,21 +1929,17 @@ def own_weight_memory(module: torch.nn.Module) -> None:
     from their files, and CPU kernels round by alignment, so the same weights from a single file
     and from a diffusers folder would otherwise differ in the last bit; handing the pages back
     weight by weight keeps one copy of the weights in memory, not two. (A GPU copies anyway.)"""
+    page = mmap.PAGESIZE
     for parameter in module.parameters():
         if parameter.device.type == "cpu" and parameter.data_ptr() % ALIGNMENT:
             mapped = parameter.data
             parameter.data = mapped.clone()
-            if mapped.is_contiguous():
-                release_pages(mapped.data_ptr(), mapped.nbytes)
-
-
-def release_pages(address: int, size: int) -> None:
-    """Let the kernel reclaim the whole memory pages in [address, address + size). Never loses
-    data: a file's pages are read again, and other pages swapped back in, if touched again."""
-    page = mmap.PAGESIZE
-    start, end = -(-address // page) * page, (address + size) // page * page
-    if LIBC is not None and end > start:
-        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
+            # The whole pages under the old copy go back to the kernel. That never loses data: a
+            # file's pages are read again, and other pages swapped back in, if touched again.
+            start = -(-mapped.data_ptr() // page) * page
+            end = (mapped.data_ptr() + mapped.nbytes) // page * page
+            if LIBC is not None and mapped.is_contiguous() and end > start:
+                LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -2150,12 +2108,10 @@ def write_png(path: str | Path, image, settings: dict) -> Path:
 
 def read_png_settings(path: str | Path) -> dict | None:
     """The settings JSON that write_png stored in a PNG; None for a PNG without it (or not a PNG)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
-    except (OSError, UnidentifiedImageError):
+    except OSError:  # not an image at all (UnidentifiedImageError) too
         return None
     try:
         settings = json.loads(text) if text else None
@@ -2204,7 +2160,7 @@ def labelled_grid(rows: list[list], labels: list[str], title: str):
     """Rows of equal-sized images under a title line (the step), each row's label (its prompt)
     to its left, wrapped, black on white. The images fill the bottom-right corner, uncut and
     untouched, so grid_tiles can take them back out."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     w, h = rows[0][0].size
     columns = max(len(row) for row in rows)
@@ -2233,8 +2189,6 @@ def labelled_grid(rows: list[list], labels: list[str], title: str):
 def grid_tiles(path: str | Path) -> list[list]:
     """The images of a labelled grid written with its settings (a validation grid), row by row:
     one row per prompt, one image per seed, taken from the bottom-right corner."""
-    from PIL import Image
-
     settings = read_png_settings(path)
     if settings is None or "prompts" not in settings:
         raise UserError(f"{path}: not a labelled grid (its PNG holds no prompts and seeds)")
@@ -2272,19 +2226,12 @@ LEGEND_BESIDE = {"loc": "upper left", "bbox_to_anchor": (1.02, 1), "borderaxespa
 
 def image_grid(images: list, columns: int):
     """The images tiled left to right, top to bottom, `columns` to a row, on white."""
-    from PIL import Image
-
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for k, image in enumerate(images):
         grid.paste(image, ((k % columns) * w, (k // columns) * h))
     return grid
-
-
-def write_grid(path: str | Path, images: list, parameters: dict) -> Path:
-    """The images tiled in a near-square grid, in seed order."""
-    return write_png(path, image_grid(images, math.ceil(math.sqrt(len(images)))), parameters)
 
 
 def next_image_number(folder: Path) -> int:
@@ -2342,18 +2289,13 @@ def convert_embedding(src: str | Path | Embedding, out: str | Path, to: str, tok
             raise UserError(f"{out}: --to {to} writes {' or '.join(suffixes)} files here; name it so")
         return out
 
-    if to == "diffusers" and both:
-        if folder is None:
-            raise UserError(f"{out}: the diffusers SDXL layout is two files; give a folder")
-        return [
-            write_diffusers_embedding(folder / embeds_name(".safetensors"), emb.token, clip_l),
-            write_diffusers_embedding(
-                folder / embeds_name(".safetensors", second=True), emb.token, emb.vectors["clip_g"]
-            ),
-            write_text(folder / TOKEN_FILE, emb.token),
-        ]
     if to == "diffusers":
+        if both and folder is None:
+            raise UserError(f"{out}: the diffusers SDXL layout is two files; give a folder")
         written = [write_diffusers_embedding(target((".safetensors", ".bin"), EMBEDS), emb.token, clip_l)]
+        if both:
+            second = folder / embeds_name(".safetensors", second=True)
+            written.append(write_diffusers_embedding(second, emb.token, emb.vectors["clip_g"]))
         if folder is not None:
             written.append(write_text(folder / TOKEN_FILE, emb.token))
         return written
@@ -2895,14 +2837,9 @@ def eval_table(lines: list[dict], pick: dict | None, rule: str) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5] for row in rows)
 
 
-_REUSE_IGNORED = ("embeddings",)  # where the rows came from does not change the image
-
-
 def _same_image(found: dict | None, wanted: dict) -> bool:
-    if found is None:
-        return False
-    strip = lambda settings: {k: v for k, v in settings.items() if k not in _REUSE_IGNORED}  # noqa: E731
-    return strip(found) == strip(wanted)
+    # Where the rows came from ("embeddings") does not change the image.
+    return found is not None and {**found, "embeddings": None} == {**wanted, "embeddings": None}
 
 
 @dataclass
@@ -3133,21 +3070,10 @@ def real_images_line(refs: References, photo_count: int, line_settings: dict) ->
     real = Scorers.among_themselves(refs)
     if real is None:
         return None
-    clip_i, clip_i_se = mean_and_error(real["clip_i"])
-    dino, dino_se = mean_and_error(real["dino"])
-    return {
-        "label": "real images",
-        "step": None,
-        "baseline": "real images",
-        "images": photo_count,
-        "clip_i": clip_i,
-        "clip_i_se": clip_i_se,
-        "clip_t": None,
-        "clip_t_se": None,
-        "dino": dino,
-        "dino_se": dino_se,
-        "settings": line_settings,
-    }
+    line = {"label": "real images", "step": None, "baseline": "real images", "images": photo_count}
+    for key in ("clip_i", "clip_t", "dino"):  # the photos have no prompt: no clip_t
+        line[key], line[f"{key}_se"] = mean_and_error(real[key]) if key in real else (None, None)
+    return {**line, "settings": line_settings}
 
 
 def score_eval_images(
@@ -3357,17 +3283,28 @@ def add_model_file_flags(parser) -> None:
     """--single_file_config and --prediction_type, as this command line and the trainer's take them."""
     parser.add_argument(
         "--single_file_config",
-        default=None,
         metavar="DIR_OR_HUB_ID",
         help="For a single-file model: the diffusers folder or Hub repo whose configs and tokenizer(s) describe "
         "it. Default: diffusers' usual repo for the file's architecture (needs the Hub once).",
     )
     parser.add_argument(
         "--prediction_type",
-        default=None,
         choices=["epsilon", "v_prediction"],
         help="Override the scheduler's prediction type (SD 2.x 768-v files: v_prediction; 512 ones: epsilon).",
     )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How images are made, and where: the same flags for generating and for eval."""
+    p.add_argument("--guidance_scale", type=float, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
+    p.add_argument(
+        "--scheduler",
+        default="dpm++",
+        choices=list(SCHEDULERS),
+        help="Sampler (default dpm++, i.e. DPM-Solver++ 2M); 'default' keeps the model's own.",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, else fp32.")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -3400,17 +3337,11 @@ def build_generate_parser() -> argparse.ArgumentParser:
         '--embedding; --token "" keeps that one\'s own token.',
     )
     p.add_argument("--prompt", required=True, help="Use the embeddings' tokens in it: 'a <cat-toy> backpack'.")
-    p.add_argument("--negative_prompt", default=None, help="What to steer away from; may use a loaded token.")
+    p.add_argument("--negative_prompt", help="What to steer away from; may use a loaded token.")
     p.add_argument("--num_images", type=int, default=1, help="Images to make (default 1).")
-    p.add_argument("--seed", type=int, default=None, help="Image k uses seed+k. Default: a random seed (printed).")
+    p.add_argument("--seed", type=int, help="Image k uses seed+k. Default: a random seed (printed).")
     p.add_argument("--steps", type=int, default=30, help="Denoising steps (default 30).")
-    p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
-    p.add_argument(
-        "--scheduler",
-        default="dpm++",
-        choices=list(SCHEDULERS),
-        help="Sampler (default dpm++, i.e. DPM-Solver++ 2M); 'default' keeps the model's own.",
-    )
+    add_sampling_flags(p)
     p.add_argument(
         "--clip_skip",
         type=int,
@@ -3418,12 +3349,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
         help="CLIP layers to skip, as diffusers' clip_skip (1: the penultimate layer, A1111's 'Clip skip: 2'). "
         "Use the embedding's training value. Default 0: off.",
     )
-    p.add_argument("--height", type=int, default=None, help="Pixels, a multiple of 8. Default: the model's size.")
-    p.add_argument("--width", type=int, default=None, help="Pixels, a multiple of 8. Default: the model's size.")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32."
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
+    p.add_argument("--height", type=int, help="Pixels, a multiple of 8. Default: the model's size.")
+    p.add_argument("--width", type=int, help="Pixels, a multiple of 8. Default: the model's size.")
     p.add_argument("--out", default="outputs", help="Folder for the PNGs and grid.png (default outputs).")
     return p
 
@@ -3438,7 +3365,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="Any embedding source, as for --embedding.")
     p.add_argument("out", metavar="OUT", help="Output file, or folder.")
     p.add_argument("--to", required=True, choices=CONVERT_FORMATS)
-    p.add_argument("--token", default=None, help="Rename the embedding.")
+    p.add_argument("--token", help="Rename the embedding.")
     return p
 
 
@@ -3450,9 +3377,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         "per step, with step 0 (the initializer) and the photos among themselves as baselines. Writes "
         "eval/step-N/*.png, eval.jsonl and eval.png, prints a table and recommends a step.",
     )
-    p.add_argument(
-        "output_dir", nargs="?", metavar="OUTPUT_DIR", help="The --output_dir of a textual_inversion.py run."
-    )
+    p.add_argument("output_dir", nargs="?", metavar="OUTPUT_DIR", help="A textual_inversion.py run's --output_dir.")
     p.add_argument(
         "--embeddings",
         nargs="+",
@@ -3460,19 +3385,16 @@ def build_eval_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="Embedding files (anything infer.py reads) to score too, or instead.",
     )
-    p.add_argument("--model", default=None, help="Base model. Default: the one the run trained on (run.json).")
-    p.add_argument("--single_file_config", default=None, metavar="DIR_OR_HUB_ID", help="As for generating.")
-    p.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="As for generating.")
-    p.add_argument("--train_data_dir", default=None, help="The training photos. Default: the run's.")
+    p.add_argument("--model", help="Base model. Default: the one the run trained on (run.json).")
+    add_model_file_flags(p)
+    p.add_argument("--train_data_dir", help="The training photos. Default: the run's.")
     p.add_argument(
         "--prompts",
-        default=None,
         help="object (DreamBench's 25 object prompts), live (its 25 live-subject prompts), style (a small set for "
         "styles), or a file of prompts with {} for the learned word. Default: style for style runs, else object.",
     )
     p.add_argument(
         "--class_word",
-        default=None,
         help="The word CLIP-T reads in place of the learned one. Default: the run's --class_word, else its "
         "initializer phrase.",
     )
@@ -3481,25 +3403,15 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
-        default=None,
         help="Draw another set of images (the same for every step). Default: the fixed set every eval uses, so "
         "scores are comparable between runs.",
     )
-    p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 SD, 5.0 SDXL).")
+    add_sampling_flags(p)  # the same for every step
+    p.add_argument("--resolution", type=int, help="Image size in pixels. Default: the run's --resolution.")
+    p.add_argument("--clip_skip", type=int, help="Default: the run's --clip_skip (0 for --embeddings files).")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP for CLIP-I and CLIP-T (default %(default)s).")
     p.add_argument(
-        "--scheduler", default="dpm++", choices=list(SCHEDULERS), help="The same for every step (default dpm++)."
-    )
-    p.add_argument(
-        "--resolution", type=int, default=None, help="Image size in pixels. Default: the run's --resolution."
-    )
-    p.add_argument(
-        "--clip_skip", type=int, default=None, help="Default: the run's --clip_skip (0 for --embeddings files)."
-    )
-    p.add_argument(
-        "--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP for CLIP-I and CLIP-T (default {DEFAULT_CLIP_MODEL})."
-    )
-    p.add_argument(
-        "--dino_model", default=DEFAULT_DINO_MODEL, help=f"Self-supervised ViT for DINO (default {DEFAULT_DINO_MODEL})."
+        "--dino_model", default=DEFAULT_DINO_MODEL, help="Self-supervised ViT for DINO (default %(default)s)."
     )
     p.add_argument(
         "--pick",
@@ -3513,13 +3425,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Rewrite the run's final embedding files from the picked step (previous ones kept as *-before-eval.*).",
     )
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32."
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a device name.")
-    p.add_argument(
-        "--out", default=None, help="Where eval/, eval.jsonl and eval.png go. Default: OUTPUT_DIR (else ./outputs)."
-    )
+    p.add_argument("--out", help="Where eval/, eval.jsonl and eval.png go. Default: OUTPUT_DIR (else ./outputs).")
     return p
 
 
@@ -3609,7 +3515,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         write_png(out / f"{first + k:05d}-{s}.png", image, {**parameters, "seed": s})
         for k, (s, image) in enumerate(zip(seeds, images))
     ]
-    written.append(write_grid(grid_path(out, first), images, {**parameters, "seeds": seeds}))
+    grid = image_grid(images, math.ceil(math.sqrt(len(images))))  # near-square, in seed order
+    written.append(write_png(grid_path(out, first), grid, {**parameters, "seeds": seeds}))
     return written
 
 
@@ -3703,28 +3610,25 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_Format())
     logger.addHandler(handler)
     logger.propagate = False
+    command = argv.pop(0) if argv[:1] in (["generate"], ["convert"], ["eval"], ["tryout"]) else "generate"
     try:
-        if argv[:1] == ["convert"]:
-            args = build_convert_parser().parse_args(argv[1:])
+        if command == "convert":
+            args = build_convert_parser().parse_args(argv)
             for path in convert_embedding(args.src, args.out, args.to, args.token):
                 print(path)
             return 0
-        evaluating, trying = argv[:1] == ["eval"], argv[:1] == ["tryout"]
-        if argv[:1] in (["generate"], ["eval"], ["tryout"]):
-            argv = argv[1:]
-        parser = build_eval_parser() if evaluating else build_tryout_parser() if trying else build_generate_parser()
-        args = parser.parse_args(argv)
+        parsers = {"generate": build_generate_parser, "eval": build_eval_parser, "tryout": build_tryout_parser}
+        args = parsers[command]().parse_args(argv)
         import diffusers
         import transformers
 
-        diffusers.logging.set_verbosity_error()
-        diffusers.logging.disable_progress_bar()
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        if evaluating:
+        for library in (diffusers, transformers):
+            library.logging.set_verbosity_error()
+            library.logging.disable_progress_bar()
+        if command == "eval":
             run_eval(args)
             return 0
-        if trying:
+        if command == "tryout":
             return run_tryout(args)
         for path in run_generate(args):
             print(path)

@@ -1214,7 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("diffusers") is None:
         print(
             "error: diffusers is not installed: on a machine without it, install .whl/ from bench/gpu_wheels.sh "
-            "(README, Benchmarks)",
+            "(bench/README.md, The GPU figures in one call)",
             file=sys.stderr,
         )
         return 2

@@ -5,7 +5,7 @@
 #   bench/.cache/reference/                    diffusers' textual_inversion.py and _sdxl.py, plain copies, SOURCE.txt
 #   bench/.cache/bpe_simple_vocab_16e6.txt.gz  the CLIP vocabulary of the sd15 and sdxl shapes (bench/models.py)
 #   bench/.cache/photos/duck_toy/              the DreamBooth photos, where ../shared has them (else gpu.py draws some)
-# Then one command there installs the wheels and runs bench/gpu.py (printed at the end; README, Benchmarks).
+# Then one command there installs the wheels and runs bench/gpu.py (printed at the end; bench/README.md, The GPU figures in one call).
 #
 #   bash bench/gpu_wheels.sh [DIFFUSERS_SOURCE]   # a diffusers git repo (bare or not) or source folder
 set -euo pipefail
@@ -84,6 +84,6 @@ printf 'carry: ["%s"' "${carried[0]}"
 printf ', "%s"' "${carried[@]:1}"
 printf ']\n'
 cat <<'EOF'
-command on the GPU machine (timeout_s 420; README, Benchmarks):
+command on the GPU machine (timeout_s 420; bench/README.md, The GPU figures in one call):
 set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 bench/gpu.py --reference bench/.cache/reference/textual_inversion.py --reference_sdxl bench/.cache/reference/textual_inversion_sdxl.py --out "$OUT" 2>&1 | tee "$OUT/gpu.log"
 EOF
