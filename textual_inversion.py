@@ -8,6 +8,9 @@ ordinary denoising loss. Accepts the flags of diffusers' examples/textual_invers
     accelerate launch textual_inversion.py --pretrained_model_name_or_path MODEL \
         --train_data_dir photos/ --placeholder_token "<cat-toy>" --initializer_token toy
 
+With --concepts_list, one run learns several words, each from its own photos, with its own
+rows, validation loss, early stopping and folder (read_concepts, Concept, sample_stream).
+
 A run, as main() does it (holding --output_dir's lock, with SIGTERM, SIGINT and SIGHUP turned
 into a checkpoint after the current step):
     args = parse_args()
