@@ -239,6 +239,12 @@ def test_the_hub_upload_carries_every_concept_in_its_folder(tiny_sd, photos, hat
     assert "validation.png" not in {p.name for p in (uploaded / "hat").iterdir()}  # no prompt of its own
     card = (uploaded / "README.md").read_text()
     assert 'subfolder="dog"' in card and 'subfolder="hat"' in card and "![validation](dog/validation.png)" in card
+    from diffusers import StableDiffusionPipeline  # the card's loading code, on the uploaded folder
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_textual_inversion(str(uploaded), subfolder="dog")
+    pipe.load_textual_inversion(str(uploaded), subfolder="hat")
+    assert {"<dog>", "<hat>", "<hat>_1"} <= set(pipe.tokenizer.get_vocab())
 
 
 @pytest.mark.slow
