@@ -1034,15 +1034,14 @@ def plot_run(history: list[dict], path: Path) -> bool:
             smooth.append(value)
         top.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1)
         top.plot(steps, smooth, color="tab:blue", label="training loss (smoothed)")
-    for name, steps, losses in val:
-        color = "tab:orange" if len(val) == 1 else None
+    for k, (name, steps, losses) in enumerate(val):  # several concepts: each its own colour, never the loss's blue
+        color = "tab:orange" if len(val) == 1 else f"C{k + 1}"
         top.plot(steps, losses, "o-", color=color, label=label("validation loss (fixed noise)", name))
     top.set_ylabel("loss")
     top.legend(**infer.LEGEND_BESIDE)
-    for name, steps, norm in norms:
-        bottom.plot(
-            steps, norm, color="tab:green" if len(norms) == 1 else None, label=label("learned vectors' norm", name)
-        )
+    for k, (name, steps, norm) in enumerate(norms):
+        color = "tab:green" if len(norms) == 1 else f"C{k + 1}"
+        bottom.plot(steps, norm, color=color, label=label("learned vectors' norm", name))
     for _, steps, median in medians:
         bottom.plot(steps, median, "--", color="gray", label="vocabulary median")
     if norms:
@@ -1079,7 +1078,7 @@ class Watch:
     ):
         self.scoring = scoring  # --validation_scores, on the main process
         self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
-        self.accelerator, self.seed = accelerator, state.seed
+        self.accelerator, self.seed, self.state = accelerator, state.seed, state
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
         self.vocab_median_norm = [
@@ -1136,8 +1135,9 @@ class Watch:
         if not self.main:
             return {}
         record = {}
-        for k, concept in enumerate(self.plan.concepts):
-            if concept.args.validation_prompt:
+        for k, (concept, progress) in enumerate(zip(self.plan.concepts, self.state.concepts)):
+            frozen = progress.stopped_early and progress.stopped_at < step  # its images no longer change
+            if concept.args.validation_prompt and not frozen:
                 references = self.scoring[1][k] if self.scoring else None
                 scores = self.concept_images(concept, step, references)
                 record.update((concept_key(key, concept), value) for key, value in scores.items())

@@ -182,8 +182,9 @@ def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_ot
     monkeypatch.setattr(ti, "validation_loss", lambda *a, **k: next(scripted))
     out = tmp_path / "out"
     flags = dict(validation_steps=1, early_stopping_patience=2, save_steps=1, max_train_steps=6)
+    images = dict(validation_prompt="a <dog> in a <hat>", num_validation_images=1, validation_inference_steps=1)
     with caplog.at_level("INFO", logger="textual_inversion"):
-        train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, hat_photos)), **flags))
+        train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, hat_photos)), **flags, **images))
     dog = json.loads((out / "dog" / "run.json").read_text())["saved"]
     assert dog["learned_embeds.safetensors"] == 1  # its best step; it stopped at step 3
     assert torch.equal(
@@ -193,6 +194,8 @@ def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_ot
     assert torch.equal(frozen, load_file(out / "dog" / "learned_embeds-steps-3.safetensors")["<dog>"])
     assert not (out / "dog" / "learned_embeds-steps-4.safetensors").exists()
     assert json.loads((out / "hat" / "run.json").read_text())["saved"]["learned_embeds.safetensors"] == 6
+    grids = {name: sorted(p.name for p in (out / name / "validation").iterdir()) for name in ("dog", "hat")}
+    assert grids == {"dog": [f"step-{s}.png" for s in (1, 2, 3)], "hat": [f"step-{s}.png" for s in range(1, 7)]}
     done = next(r.message for r in caplog.records if r.message.startswith("Done"))
     assert "kept <dog> step 1 (stopped early" in done and "<hat> step 6 (the lowest validation loss" in done
 
