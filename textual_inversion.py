@@ -2041,7 +2041,8 @@ def save_outputs(run: Run) -> list[Path]:
     stopping kept an earlier step."""
     written = []
     for concept, placeholders, state in zip(run.plan.concepts, run.placeholders, run.state.concepts):
-        rows, token, folder, step = placeholders.rows, concept.tokens[0], run.folder(concept), run.state.step
+        rows, token, folder = placeholders.rows, concept.tokens[0], run.folder(concept)
+        step = state.stopped_at if state.stopped_early else run.state.step  # where its rows stopped changing
         kept = state.kept_rows(rows)
         written += save_embeddings(run, concept, kept, "", state.kept_step(step))
         if kept is not rows:

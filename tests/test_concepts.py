@@ -193,6 +193,7 @@ def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_ot
     frozen = load_file(out / "dog" / "learned_embeds-last.safetensors")["<dog>"]
     assert torch.equal(frozen, load_file(out / "dog" / "learned_embeds-steps-3.safetensors")["<dog>"])
     assert not (out / "dog" / "learned_embeds-steps-4.safetensors").exists()
+    assert dog["learned_embeds-last.safetensors"] == 3  # the step its rows froze, not the run's last
     assert json.loads((out / "hat" / "run.json").read_text())["saved"]["learned_embeds.safetensors"] == 6
     grids = {name: sorted(p.name for p in (out / name / "validation").iterdir()) for name in ("dog", "hat")}
     assert grids == {"dog": [f"step-{s}.png" for s in (1, 2, 3)], "hat": [f"step-{s}.png" for s in range(1, 7)]}
