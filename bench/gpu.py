@@ -15,6 +15,9 @@ for bench/RESULTS.md) in --out after every run:
            seconds per scored step and images/s, generating the images (first eval) and reusing
            them all (rerun: scoring only)
   compile  --compile, cold (compile caches off), against the plain run
+  concepts K = 4 concepts in one run (--concepts_list) against 4 one-concept runs, at the sd15 row's
+           shapes and recipe, every run the same steps: start-up paid once against 4 times, and
+           per sample between loss read-backs (the joint run's batch is shared by its concepts)
 --budget_s (default 360) bounds the whole call, model building included. Each row gets a share of
 what is left; step counts are calibrated from each trainer's first (short) run to fit that share;
 at the deadline the run in progress is stopped and the plan ends with the rows it has, exit 0.
@@ -130,6 +133,7 @@ class Settings:
     eval_prompts: int  # the scoring row's prompts: the first N of DreamBench's object prompts
     eval_images: int  # its --num_images_per_prompt
     eval_inference_steps: int  # its --num_inference_steps
+    concepts_steps: int  # --max_train_steps of every run of the concepts row, joint and separate
 
 
 GPU = Settings(
@@ -148,6 +152,7 @@ GPU = Settings(
     eval_prompts=2,  # 4 images an entry, 12 for the 3 entries: about the row's share of the budget
     eval_images=2,
     eval_inference_steps=30,  # infer.py eval's default
+    concepts_steps=100,  # 10 loss read-backs; 400 samples, about 2 s at 200 samples/s: start-up dominates
 )
 SMOKE = Settings(
     sd=Shape("tiny", 64, ours=Steps(2, 4, 6), reference=Steps(1, 2, 3)),
@@ -165,6 +170,7 @@ SMOKE = Settings(
     eval_prompts=2,
     eval_images=2,
     eval_inference_steps=4,
+    concepts_steps=3,
 )
 
 
@@ -894,6 +900,70 @@ def row_compile(bench: Bench, entry: dict, allowance: float) -> None:
         entry["speedup"] = plain["in_run_ms_per_sample"] / run["in_run_ms_per_sample"]
 
 
+CONCEPTS = 4  # the concepts row's K
+
+
+def row_concepts(bench: Bench, entry: dict, allowance: float) -> None:
+    """K concepts in one run (--concepts_list, every concept on the row's photos, each its own
+    word) against K one-concept runs, one after the other, every run the same steps. The joint
+    run's global batch is shared by its K concepts, so it trains K times fewer samples: the fair
+    comparison is per sample; what the joint run saves is K - 1 start-ups."""
+    began = time.monotonic()
+    shape, steps = bench.settings.sd, bench.settings.concepts_steps
+    model = bench.model(shape.name)
+    entry.update(
+        shape=shape.name, resolution=shape.resolution, concepts=CONCEPTS, steps=steps, samples_per_step=SAMPLES_PER_STEP
+    )
+    tokens = [f"<concept-{k}>" for k in range(CONCEPTS)]
+    separate = entry["separate"] = []
+    for k, token in enumerate(tokens):
+        if separate and (CONCEPTS - k + 1) * separate[-1]["wall_s"] > allowance - (time.monotonic() - began):
+            raise BudgetSpent(f"{k} of {CONCEPTS} separate runs done; the rest and the joint run would not fit")
+        separate.append(
+            bench.train("ours", shape, model, steps, f"concepts-separate-{k}", ("--placeholder_token", token))
+        )
+        bench.save()
+    listing = bench.work / "concepts.json"
+    listing.write_text(json.dumps([{"placeholder_token": t, "initializer_token": "toy"} for t in tokens]))
+    joint = entry["joint"] = bench.train(
+        "ours", shape, model, steps, "concepts-joint", ("--concepts_list", str(listing))
+    )
+    samples = steps * SAMPLES_PER_STEP
+    separate_wall = sum(run["wall_s"] for run in separate)
+    loop = [run["in_run_ms_per_sample"] for run in separate if run["in_run_ms_per_sample"]]
+    entry.update(
+        separate_wall_s=separate_wall,
+        joint_wall_s=joint["wall_s"],
+        separate_startup_s=sum(run["startup_s"] for run in separate),
+        joint_startup_s=joint["startup_s"],
+        separate_in_run_ms_per_sample=statistics.fmean(loop) if loop else None,
+        joint_in_run_ms_per_sample=joint["in_run_ms_per_sample"],
+        separate_wall_ms_per_sample=1000 * separate_wall / (CONCEPTS * samples),
+        joint_wall_ms_per_sample=1000 * joint["wall_s"] / samples,
+    )
+
+
+def concepts_table(row: dict) -> list[str]:
+    k = row["concepts"]
+
+    def line(label: str, key: str, fmt: str = "{:.1f}") -> str:
+        separate, joint = row[f"separate_{key}"], row[f"joint_{key}"]
+        return f"| {label} | {number(separate, fmt)} | {number(joint, fmt)} | {ratio(separate, joint)} |"
+
+    return [
+        f"{row['shape']} at {row['resolution']} px, {row['steps']} steps every run ({k} x {row['steps']} x "
+        f"{row['samples_per_step']} samples separately, {row['steps']} x {row['samples_per_step']} jointly: the "
+        f"joint run's batch is shared by its {k} concepts).",
+        "",
+        f"| | {k} separate runs | joint run of {k} concepts | separate / joint |",
+        "|---|---|---|---|",
+        line("wall time, launch to exit, all runs (s)", "wall_s"),
+        line("start-up, launch to the first optimizer step, all runs (s)", "startup_s"),
+        line("per sample between loss read-backs (ms; separate: mean)", "in_run_ms_per_sample", "{:.2f}"),
+        line("wall time per sample trained (ms)", "wall_ms_per_sample", "{:.2f}"),
+    ]
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -911,6 +981,7 @@ PLAN = [
     Row("sdxl", 0.33, (90, 5), row_sdxl),
     Row("scoring", 0.05, (20, 3), row_scoring),
     Row("compile", 0.10, (60, 3), row_compile),
+    Row("concepts", 0.10, (60, 5), row_concepts),
 ]
 
 
@@ -1155,6 +1226,8 @@ def markdown(report: dict) -> str:
                 f"{number(row['plain_in_run_ms_per_sample'], '{:.2f}')} without (between loss read-backs); "
                 f"speed-up {number(row.get('speedup'), '{:.2f}x')}"
             )
+        elif name == "concepts" and row.get("joint_wall_s") is not None:
+            lines += ["", *concepts_table(row)]
         if row.get("error"):
             lines += ["", "```", row["error"], "```"]
     lines += ["", *goals_table(rows, report["smoke"])]

@@ -23,7 +23,7 @@ from bench import gpu
 
 pytestmark = pytest.mark.slow  # the whole GPU plan, as subprocesses
 
-ROWS = ["sd15", "floor", "memory", "sdxl", "scoring", "compile"]
+ROWS = ["sd15", "floor", "memory", "sdxl", "scoring", "compile", "concepts"]
 TRAINER_KEYS = {
     "per_sample_ms",
     "samples_per_s",
@@ -193,6 +193,21 @@ def test_compile_row_reports_the_cold_compile_time_and_both_speeds(smoke):
     assert row["backend"] == "eager" and row["cold"] is True
     assert row["startup_s"] > 0 and row["compile_s"] is not None
     assert row["in_run_ms_per_sample"] > 0 and row["plain_in_run_ms_per_sample"] > 0
+
+
+def test_concepts_row_runs_four_separate_runs_then_one_joint_run_of_four_concepts(smoke):
+    _, report, text = smoke
+    row = report["rows"]["concepts"]
+    assert row["concepts"] == gpu.CONCEPTS == 4 and row["steps"] == gpu.SMOKE.concepts_steps
+    labels = [run["label"] for run in report["runs"] if run["label"].startswith("concepts-")]
+    assert labels == [f"concepts-separate-{k}" for k in range(4)] + ["concepts-joint"]
+    assert [run["steps"] for run in [*row["separate"], row["joint"]]] == [gpu.SMOKE.concepts_steps] * 5
+    assert row["separate_wall_s"] == pytest.approx(sum(run["wall_s"] for run in row["separate"]))
+    assert row["joint_startup_s"] == row["joint"]["startup_s"] > 0
+    assert row["separate_in_run_ms_per_sample"] > 0 and row["joint_in_run_ms_per_sample"] > 0
+    samples = gpu.SMOKE.concepts_steps * gpu.SAMPLES_PER_STEP
+    assert row["joint_wall_ms_per_sample"] == pytest.approx(1000 * row["joint_wall_s"] / samples)
+    assert "| | 4 separate runs | joint run of 4 concepts | separate / joint |" in text
 
 
 def test_markdown_section_gives_date_commit_machine_command_and_goals(smoke):
