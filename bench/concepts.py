@@ -5,10 +5,11 @@
 
 In one invocation, one run after the other (never in parallel) and each with OMP_NUM_THREADS
 set to --threads: K separate runs, each one concept (its own photos and word), then one run of
-all K concepts from a concepts file. Every run has the same recipe and the same --max_train_steps:
-batch 1 x accumulation 4, seed 0, no tracker, no checkpoint, validation only at start-up.
-The joint run's global batch of 4 is shared by the K concepts, so it trains K times fewer
-samples than the K separate runs together: compare per sample, not whole runs.
+all K concepts from a concepts file. Every run has the same recipe (batch 1 x accumulation 4,
+seed 0, no tracker, no checkpoint, validation only at start-up); the separate runs take --steps
+steps each and the joint run K x --steps, so it trains as many samples as the K separate runs
+together (its batch is shared by the concepts in proportion to their photos), and the whole
+runs compare directly.
 
 Per run, under bench/probe.py (which records the optimizer-step times):
   - wall time: the parent's clock, from launch to exit;
@@ -88,14 +89,14 @@ def subjects(args: argparse.Namespace, work: Path) -> list[tuple[Path, str]]:
     return folders
 
 
-def recipe(args: argparse.Namespace, model: Path, out: Path) -> list[str]:
+def recipe(args: argparse.Namespace, model: Path, out: Path, steps: int) -> list[str]:
     """The flags every run gets; each run adds its concept(s)."""
     return [
         "--pretrained_model_name_or_path", str(model),
         "--resolution", str(args.resolution),
         "--train_batch_size", "1",
         "--gradient_accumulation_steps", "4",
-        "--max_train_steps", str(args.steps),
+        "--max_train_steps", str(steps),
         "--learning_rate", "5.0e-04",
         "--scale_lr",
         "--lr_scheduler", "constant",
@@ -111,7 +112,7 @@ def recipe(args: argparse.Namespace, model: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run(args: argparse.Namespace, flags: list[str], out: Path, record: Path) -> dict:
+def run(args: argparse.Namespace, flags: list[str], out: Path, record: Path, steps: int) -> dict:
     """One trainer run under bench/probe.py: wall, start-up and in-loop per sample."""
     env = {
         **os.environ,
@@ -128,18 +129,18 @@ def run(args: argparse.Namespace, flags: list[str], out: Path, record: Path) -> 
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
         raise SystemExit(f"{out.name} failed (exit {done.returncode}):\n{tail}")
     probe = json.loads(record.read_text())
-    if len(probe["steps"]) != args.steps:
-        raise SystemExit(f"{out.name}: {len(probe['steps'])} optimizer steps recorded, {args.steps} asked")
+    if len(probe["steps"]) != steps:
+        raise SystemExit(f"{out.name}: {len(probe['steps'])} optimizer steps recorded, {steps} asked")
     speeds = [r["samples_per_second"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
-    if len(speeds) != args.steps:
-        raise SystemExit(f"{out.name}: {len(speeds)} logged steps in metrics.jsonl, {args.steps} asked")
+    if len(speeds) != steps:
+        raise SystemExit(f"{out.name}: {len(speeds)} logged steps in metrics.jsonl, {steps} asked")
     # One step per window (--logging_steps 1); the first window holds the first step's one-time costs.
     in_loop_ms = 1000 * statistics.fmean(1 / s for s in speeds[1:])
     return {
         "wall_s": wall,
         "startup_s": probe["start_epoch"] - launched_epoch + probe["steps"][0],
         "in_loop_ms_per_sample": in_loop_ms,
-        "samples": args.steps * SAMPLES_PER_STEP,
+        "samples": steps * SAMPLES_PER_STEP,
     }
 
 
@@ -152,15 +153,17 @@ def measure(args: argparse.Namespace, model: Path, work: Path) -> tuple[list[dic
     separate = []
     for k, entry in enumerate(entries):
         out = work / f"separate-{k}"
-        flags = [*recipe(args, model, out), *(x for key, value in entry.items() for x in (f"--{key}", value))]
+        flags = [*recipe(args, model, out, args.steps), *(x for key, v in entry.items() for x in (f"--{key}", v))]
         print(f"  separate run {k + 1}/{args.concepts}: {Path(entry['train_data_dir']).name}", file=sys.stderr)
-        separate.append(run(args, flags, out, work / f"separate-{k}.json"))
+        separate.append(run(args, flags, out, work / f"separate-{k}.json", args.steps))
         shutil.rmtree(out)
     concepts_file = work / "concepts.json"
     concepts_file.write_text(json.dumps(entries, indent=1))
     out = work / "joint"
     print(f"  joint run of {args.concepts} concepts", file=sys.stderr)
-    joint = run(args, [*recipe(args, model, out), "--concepts_list", str(concepts_file)], out, work / "joint.json")
+    steps = args.steps * args.concepts  # as many samples as the separate runs together
+    flags = [*recipe(args, model, out, steps), "--concepts_list", str(concepts_file)]
+    joint = run(args, flags, out, work / "joint.json", steps)
     written = sorted(p.name for p in out.iterdir() if (p / "learned_embeds.safetensors").exists())
     expected = sorted(f"concept-{k}" for k in range(args.concepts))
     if written != expected:
@@ -205,12 +208,11 @@ def report(args: argparse.Namespace, separate: list[dict], joint: dict, photos: 
             f"- date: {datetime.date.today().isoformat()}; commit: {commit()}; machine: {machine()}",
             f"- load average (1, 5, 15 min) {load}; the machine is shared, so read small differences as noise",
             f"- model: `{args.shape}` (random weights, bench/models.py), {args.resolution} px, precision no, "
-            f"batch 1 x accumulation 4 = 4 samples/step, {args.steps} steps every run, seed 0, "
+            f"batch 1 x accumulation 4 = 4 samples/step, {args.steps} steps each separate run and {k * args.steps} "
+            "the joint run (the same samples in all), seed 0, "
             f"OMP_NUM_THREADS={args.threads} every run, one run at a time; photos: "
             + ", ".join(p.name for p in photos),
             f"- command: `{command}`",
-            f"- every run has the same --max_train_steps, so the joint run's 4 samples a step are shared by its "
-            f"{k} concepts and it trains {k}x fewer samples than the separate runs together: compare per sample",
             "",
             *rows,
             "",

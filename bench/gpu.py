@@ -16,8 +16,8 @@ for bench/RESULTS.md) in --out after every run:
            them all (rerun: scoring only)
   compile  --compile, cold (compile caches off), against the plain run
   concepts K = 4 concepts in one run (--concepts_list) against 4 one-concept runs, at the sd15 row's
-           shapes and recipe, every run the same steps: start-up paid once against 4 times, and
-           per sample between loss read-backs (the joint run's batch is shared by its concepts)
+           shapes and recipe, the joint run 4x the steps (the same samples in all): start-up paid
+           once against 4 times, and per sample between loss read-backs
 --budget_s (default 360) bounds the whole call, model building included. Each row gets a share of
 what is left; step counts are calibrated from each trainer's first (short) run to fit that share;
 at the deadline the run in progress is stopped and the plan ends with the rows it has, exit 0.
@@ -905,9 +905,10 @@ CONCEPTS = 4  # the concepts row's K
 
 def row_concepts(bench: Bench, entry: dict, allowance: float) -> None:
     """K concepts in one run (--concepts_list, every concept on the row's photos, each its own
-    word) against K one-concept runs, one after the other, every run the same steps. The joint
-    run's global batch is shared by its K concepts, so it trains K times fewer samples: the fair
-    comparison is per sample; what the joint run saves is K - 1 start-ups."""
+    word) against K one-concept runs, one after the other. The joint run takes K times the steps
+    of each separate run, so all of them together train the same samples (the joint run's batch
+    shared by its concepts): what it saves is K - 1 start-ups, and its per-sample cost should
+    match."""
     began = time.monotonic()
     shape, steps = bench.settings.sd, bench.settings.concepts_steps
     model = bench.model(shape.name)
@@ -926,9 +927,9 @@ def row_concepts(bench: Bench, entry: dict, allowance: float) -> None:
     listing = bench.work / "concepts.json"
     listing.write_text(json.dumps([{"placeholder_token": t, "initializer_token": "toy"} for t in tokens]))
     joint = entry["joint"] = bench.train(
-        "ours", shape, model, steps, "concepts-joint", ("--concepts_list", str(listing))
+        "ours", shape, model, CONCEPTS * steps, "concepts-joint", ("--concepts_list", str(listing))
     )
-    samples = steps * SAMPLES_PER_STEP
+    samples = steps * SAMPLES_PER_STEP  # of each separate run; the joint run trains CONCEPTS times that
     separate_wall = sum(run["wall_s"] for run in separate)
     loop = [run["in_run_ms_per_sample"] for run in separate if run["in_run_ms_per_sample"]]
     entry.update(
@@ -939,7 +940,7 @@ def row_concepts(bench: Bench, entry: dict, allowance: float) -> None:
         separate_in_run_ms_per_sample=statistics.fmean(loop) if loop else None,
         joint_in_run_ms_per_sample=joint["in_run_ms_per_sample"],
         separate_wall_ms_per_sample=1000 * separate_wall / (CONCEPTS * samples),
-        joint_wall_ms_per_sample=1000 * joint["wall_s"] / samples,
+        joint_wall_ms_per_sample=1000 * joint["wall_s"] / (CONCEPTS * samples),
     )
 
 
@@ -951,9 +952,8 @@ def concepts_table(row: dict) -> list[str]:
         return f"| {label} | {number(separate, fmt)} | {number(joint, fmt)} | {ratio(separate, joint)} |"
 
     return [
-        f"{row['shape']} at {row['resolution']} px, {row['steps']} steps every run ({k} x {row['steps']} x "
-        f"{row['samples_per_step']} samples separately, {row['steps']} x {row['samples_per_step']} jointly: the "
-        f"joint run's batch is shared by its {k} concepts).",
+        f"{row['shape']} at {row['resolution']} px: {row['steps']} steps each separate run, {k} x {row['steps']} "
+        f"the joint run (whose batch of {row['samples_per_step']} its {k} concepts share), the same samples in all.",
         "",
         f"| | {k} separate runs | joint run of {k} concepts | separate / joint |",
         "|---|---|---|---|",

@@ -201,11 +201,12 @@ def test_concepts_row_runs_four_separate_runs_then_one_joint_run_of_four_concept
     assert row["concepts"] == gpu.CONCEPTS == 4 and row["steps"] == gpu.SMOKE.concepts_steps
     labels = [run["label"] for run in report["runs"] if run["label"].startswith("concepts-")]
     assert labels == [f"concepts-separate-{k}" for k in range(4)] + ["concepts-joint"]
-    assert [run["steps"] for run in [*row["separate"], row["joint"]]] == [gpu.SMOKE.concepts_steps] * 5
+    steps = gpu.SMOKE.concepts_steps  # each separate run's; the joint run trains as many samples as all 4
+    assert [run["steps"] for run in [*row["separate"], row["joint"]]] == [steps] * 4 + [4 * steps]
     assert row["separate_wall_s"] == pytest.approx(sum(run["wall_s"] for run in row["separate"]))
     assert row["joint_startup_s"] == row["joint"]["startup_s"] > 0
     assert row["separate_in_run_ms_per_sample"] > 0 and row["joint_in_run_ms_per_sample"] > 0
-    samples = gpu.SMOKE.concepts_steps * gpu.SAMPLES_PER_STEP
+    samples = 4 * steps * gpu.SAMPLES_PER_STEP
     assert row["joint_wall_ms_per_sample"] == pytest.approx(1000 * row["joint_wall_s"] / samples)
     assert "| | 4 separate runs | joint run of 4 concepts | separate / joint |" in text
 
