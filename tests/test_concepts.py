@@ -148,6 +148,23 @@ def test_each_steps_batch_is_drawn_across_concepts_in_proportion_or_balanced(
     assert torch.bincount(run.data.concept_of[drawn]).tolist() == shares
 
 
+def test_buckets_and_masks_mix_concepts_in_one_unet_call(tiny_sd, hat_photos, tmp_path):
+    from test_dataset import PEOPLE, people_dataset
+
+    people = people_dataset(tmp_path / "people")
+    concepts = [
+        {"placeholder_token": "<dog>", "train_data_dir": str(people), "initializer_token": "dog"},
+        {"placeholder_token": "<hat>", "train_data_dir": str(hat_photos), "initializer_token": "hat"},
+    ]
+    run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, concepts), **PEOPLE)
+    assert len(run.data.bucket_sizes) > 1 and run.data.loss_weight.min() < 1  # buckets, and masks weigh
+    mixed = [m for m in run.data.bucket_members if len(set(run.data.concept_of[m].tolist())) == 2]
+    assert mixed  # the square bucket holds photos of both concepts
+    batch = ti.draw_batch(torch.Generator().manual_seed(0), mixed[0], run.data, 1000, run.data.bucket_of[mixed[0][0]])
+    ti.denoising_loss(run.models, run.data, batch).mean().backward()  # one call, both words
+    assert all(p.rows[0].grad.abs().sum() > 0 for p in run.placeholders)
+
+
 # ----------------------------------------------------------------------------------------
 # Each concept its own result.
 
