@@ -282,3 +282,21 @@ def test_two_processes_train_several_concepts_like_one(tiny_sd, photos, hat_phot
         # Same samples, same noise; only the order of the float additions differs.
         torch.testing.assert_close(rows(tmp_path / "two" / name, token), rows(tmp_path / "one" / name, token),
                                    rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+def test_validation_scores_score_each_concept_against_its_own_photos(
+    tiny_sd, photos, hat_photos, tiny_clip, tiny_dino, tmp_path
+):
+    out = tmp_path / "out"
+    concepts = two_concepts(photos, hat_photos, validation_prompt="a photo of <dog>")
+    concepts[1]["validation_prompt"] = ["a photo of <hat>"]
+    flags = dict(validation_scores=True, clip_model=tiny_clip, dino_model=tiny_dino, max_train_steps=1,
+                 num_validation_images=2, validation_inference_steps=1)  # fmt: skip
+    train_once(joint_args(tiny_sd, out, listing(tmp_path, concepts), **flags))
+    (line,) = [r for r in infer.read_jsonl(out / "metrics.jsonl") if r["step"] == 1]
+    scorers = infer.Scorers(str(tiny_clip), str(tiny_dino))
+    for name, photo_folder, text in (("dog", photos, "a photo of dog"), ("hat", hat_photos, "a photo of hat")):
+        (tiles,) = infer.grid_tiles(out / name / "validation" / "step-1.png")
+        expected = scorers.score(tiles, [text] * 2, infer.read_photos(photo_folder, "photos"))
+        for key in ("clip_i", "clip_t", "dino"):
+            assert line[f"{key}/{name}"] == pytest.approx(expected[key].double().mean().item(), abs=1e-5)
