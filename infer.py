@@ -1957,6 +1957,36 @@ def default_guidance_scale(pipe) -> float:
     return inspect.signature(pipe.__call__).parameters["guidance_scale"].default
 
 
+def image_settings(
+    pipe,
+    model: str,
+    dtype: torch.dtype,
+    steps: int,
+    args: argparse.Namespace,
+    clip_skip: int = 0,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+) -> dict:
+    """What the PNG of each image `pipe` makes records besides its prompt, seed and embeddings,
+    with generate's and eval's --scheduler and --guidance_scale (None: the pipeline's) and the
+    pipeline's size where none is given; a clip_skip too deep for the text encoders fails here."""
+    check_clip_skip(clip_skip, min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe)))
+    default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return {
+        "negative_prompt": negative_prompt or "",
+        "steps": steps,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe),
+        "scheduler": args.scheduler,
+        **a1111_sampler(pipe.scheduler),
+        "width": width or default_size,
+        "height": height or default_size,
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        **({"clip_skip": clip_skip} if clip_skip else {}),  # recorded when used, as A1111 does
+    }
+
+
 def generate(
     pipe,
     prompt: str,
@@ -2932,9 +2962,6 @@ class EvalSetup:
     initial: EvalEntry | None  # step 0, the rows the run started from (None without a run record)
     entries: list[EvalEntry]  # what is scored: the inputs' entries, step 0 first unless one holds its rows
     words: list[str]  # the word each entry is written as in its prompts
-    clip_skip: int
-    size: int  # the images' width and height in pixels
-    guidance: float
     png_settings: dict  # the settings every image's PNG records (each adds its prompt, seed and rows)
 
 
@@ -2948,7 +2975,23 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalS
     if shared is not None:
         scorers, pipe = shared.scorers, shared.pipe
     else:
-        scorers, pipe = load_scorers_and_pipeline(args, inputs, device, dtype)
+        print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
+        scorers = Scorers(args.clip_model, args.dino_model, device)
+        # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
+        # --model names another one.
+        same = args.model is None
+        print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+        pipe = load_pipeline(
+            inputs.model,
+            dtype,
+            device,
+            args.single_file_config or (known.get("single_file_config") if same else None),
+            args.prediction_type or (known.get("prediction_type") if same else None),
+            vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
+            revision=known.get("revision") if same else None,
+            variant=known.get("variant") if same else None,
+        )
+        set_scheduler(pipe, args.scheduler)
     entries = list(inputs.entries)
     initial = initializer_entry(pipe, inputs.record) if inputs.record is not None else None
     if initial is not None and all(
@@ -2958,49 +3001,9 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalS
     for entry in entries:
         fit_to_base(entry.embedding, base_widths(pipe))  # a width that does not fit fails before any image
     clip_skip = args.clip_skip if args.clip_skip is not None else known.get("clip_skip") or 0
-    layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
-    check_clip_skip(clip_skip, layers)
-    size = args.resolution or known.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
-    words = eval_words(entries, text_encoder_slots(pipe)[0][1])
-    png_settings = {
-        "negative_prompt": "",
-        "steps": args.num_inference_steps,
-        "guidance_scale": guidance,
-        "scheduler": args.scheduler,
-        **a1111_sampler(pipe.scheduler),
-        "width": size,
-        "height": size,
-        "model": inputs.model,
-        "dtype": str(dtype).removeprefix("torch."),
-        **({"clip_skip": clip_skip} if clip_skip else {}),
-    }
-    return EvalSetup(scorers, pipe, initial, entries, words, clip_skip, size, guidance, png_settings)
-
-
-def load_scorers_and_pipeline(
-    args: argparse.Namespace, inputs: EvalInputs, device: torch.device, dtype: torch.dtype
-) -> tuple[Scorers, object]:
-    """The scorers, and the pipeline to generate with, its scheduler set."""
-    known = inputs.known
-    print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
-    scorers = Scorers(args.clip_model, args.dino_model, device)
-    # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
-    # --model names another one.
-    same = args.model is None
-    print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = load_pipeline(
-        inputs.model,
-        dtype,
-        device,
-        args.single_file_config or (known.get("single_file_config") if same else None),
-        args.prediction_type or (known.get("prediction_type") if same else None),
-        vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
-        revision=known.get("revision") if same else None,
-        variant=known.get("variant") if same else None,
-    )
-    set_scheduler(pipe, args.scheduler)
-    return scorers, pipe
+    size = args.resolution or known.get("resolution")
+    png_settings = image_settings(pipe, inputs.model, dtype, args.num_inference_steps, args, clip_skip, size, size)
+    return EvalSetup(scorers, pipe, initial, entries, eval_words(entries, text_encoder_slots(pipe)[0][1]), png_settings)
 
 
 PlannedImage = tuple[Path, dict, bool]  # where its PNG goes, its settings, whether that PNG is made already
@@ -3031,12 +3034,13 @@ def plan_eval_images(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSe
 def print_eval_plan(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup, reused: int, total: int) -> None:
     """The line saying what is about to be scored, and how."""
     labels = ", ".join(entry.label for entry in setup.entries)
+    png = setup.png_settings
     print(
         f"scoring {plural(len(setup.entries), 'embedding')} ({labels}) on {plural(len(inputs.templates), 'prompt')} "
         f"({inputs.prompts}) x {plural(args.num_images_per_prompt, 'image')}, class word {inputs.class_word!r}; "
-        f"{args.scheduler} ({setup.png_settings['sampler']}), {plural(args.num_inference_steps, 'step')}, guidance "
-        f"{setup.guidance}, {setup.size}x{setup.size} px"
-        + (f", clip skip {setup.clip_skip}" if setup.clip_skip else "")
+        f"{args.scheduler} ({png['sampler']}), {plural(args.num_inference_steps, 'step')}, guidance "
+        f"{png['guidance_scale']}, {png['width']}x{png['height']} px"
+        + (f", clip skip {png['clip_skip']}" if "clip_skip" in png else "")
         + (f"; reusing {reused} of {plural(total, 'image')} already made" if reused else ""),
         file=sys.stderr,
     )
@@ -3044,52 +3048,59 @@ def print_eval_plan(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSet
 
 def eval_line_settings(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup) -> dict:
     """The "settings" of every eval.jsonl line: what its scores were measured with."""
+    png = setup.png_settings
     return {
         "model": inputs.model,
         "scheduler": args.scheduler,
-        "sampler": setup.png_settings["sampler"],
+        "sampler": png["sampler"],
         "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": setup.guidance,
-        "resolution": setup.size,
-        "clip_skip": setup.clip_skip,
+        "guidance_scale": png["guidance_scale"],
+        "resolution": png["width"],
+        "clip_skip": png.get("clip_skip", 0),
         "num_images_per_prompt": args.num_images_per_prompt,
         "prompts": inputs.prompts,
         "num_prompts": len(inputs.templates),
         "class_word": inputs.class_word,
         "clip_model": args.clip_model,
         "dino_model": args.dino_model,
-        "dtype": setup.png_settings["dtype"],
+        "dtype": png["dtype"],
         "photos": len(inputs.photos),
         **({"seed": args.seed} if args.seed is not None else {}),  # another image set than the default one
     }
 
 
-def real_images_line(refs: References, photo_count: int, line_settings: dict) -> dict | None:
-    """The "real images" baseline line of eval.jsonl: the photos scored against each other (None
-    with fewer than two photos)."""
-    real = Scorers.among_themselves(refs)
-    if real is None:
+def real_images_line(refs: References, line_settings: dict) -> dict | None:
+    """The "real images" baseline line of eval.jsonl, DreamBooth's ceiling for CLIP-I and DINO:
+    each photo's mean similarity to the other photos (they have no prompt: no CLIP-T). None with
+    fewer than two photos."""
+    count = refs.clip.shape[0]
+    if count < 2:
         return None
-    line = {"label": "real images", "step": None, "baseline": "real images", "images": photo_count}
-    for key in ("clip_i", "clip_t", "dino"):  # the photos have no prompt: no clip_t
-        line[key], line[f"{key}_se"] = mean_and_error(real[key]) if key in real else (None, None)
+    line = {"label": "real images", "step": None, "baseline": "real images", "images": count}
+    for key, features in (("clip_i", refs.clip), ("clip_t", None), ("dino", refs.dino)):
+        line[key] = line[f"{key}_se"] = None
+        if features is not None:
+            similarity = features @ features.T
+            others = (similarity.sum(dim=1) - similarity.diagonal()) / (count - 1)
+            line[key], line[f"{key}_se"] = mean_and_error(others)
     return {**line, "settings": line_settings}
 
 
 def score_eval_images(
-    args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup, plan: list[list[PlannedImage]]
+    args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup
 ) -> tuple[list[dict], list[tuple[EvalEntry, dict]]]:
-    """Make the planned images not made yet and score every entry, writing eval.jsonl as it goes.
-    Returns eval.jsonl's lines (the "real images" baseline first, when there is one) and each
-    entry with its line."""
+    """Make the planned images (plan_eval_images) not made yet and score every entry, writing
+    eval.jsonl as it goes. Returns eval.jsonl's lines (the "real images" baseline first, when
+    there is one) and each entry with its line."""
     from tqdm.auto import tqdm
 
+    plan = plan_eval_images(args, inputs, setup)
     reused = sum(done for images in plan for *_, done in images)
     total = sum(len(images) for images in plan)
     print_eval_plan(args, inputs, setup, reused, total)
     refs = setup.scorers.references(inputs.photos)
     line_settings = eval_line_settings(args, inputs, setup)
-    real = real_images_line(refs, len(inputs.photos), line_settings)
+    real = real_images_line(refs, line_settings)
     lines = [real] if real is not None else []
     if inputs.prompts == "style":
         print("note: DINO measures object identity, not style; read CLIP-I and CLIP-T for a style", file=sys.stderr)
@@ -3110,10 +3121,10 @@ def score_eval_images(
                     image_settings["prompt"],
                     seeds=[image_settings["seed"]],
                     steps=args.num_inference_steps,
-                    guidance_scale=setup.guidance,
-                    height=setup.size,
-                    width=setup.size,
-                    clip_skip=setup.clip_skip,
+                    guidance_scale=image_settings["guidance_scale"],
+                    height=image_settings["height"],
+                    width=image_settings["width"],
+                    clip_skip=image_settings.get("clip_skip", 0),
                 )
                 write_png(path, image, image_settings)
                 bar.update(1)
@@ -3127,9 +3138,9 @@ def score_eval_images(
 
 def report_eval(
     args: argparse.Namespace, inputs: EvalInputs, lines: list[dict], scored: list[tuple[EvalEntry, dict]]
-) -> None:
+) -> dict | None:
     """Pick a step (marked in eval.jsonl), print the table and the pick, plot eval.png, and with
-    --keep_best make the pick the run's final embedding."""
+    --keep_best make the pick the run's final embedding. Returns the pick's line."""
     pick = pick_step(lines, args.pick)
     if pick is not None:
         pick.update(pick=True, pick_rule=args.pick)
@@ -3144,6 +3155,7 @@ def report_eval(
     if args.keep_best and pick is not None:
         chosen = next(entry for entry, line in scored if line is pick)
         keep_pick(inputs, chosen, pick["label"])
+    return pick
 
 
 def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
@@ -3171,25 +3183,35 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> list[dict]:
     """`infer.py eval`: generate (or reuse) the images of every entry, score them, write
-    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines (a run of
-    several concepts: see run_concepts_eval)."""
+    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines.
+
+    On a run of several concepts each concept is scored as `infer.py eval OUTPUT_DIR/<name>`
+    scores it (its own photos, prompts, class word and pick, its eval files in its folder, or in
+    OUT/<name> with --out), the scorers and the base model loaded once; one summary line per
+    concept at the end, and every concept's lines returned, in order."""
     run = Path(args.output_dir).expanduser() if args.output_dir else None
     concepts = present_concepts(run) if run is not None and run.is_dir() else []
+    # The user's input is all checked before a model loads.
+    each = concepts_eval_inputs(args, run, concepts) if concepts else [read_eval_inputs(args)]
+    setup, every_line, summary = None, [], []
+    for number, inputs in enumerate(each, 1):
+        if concepts:
+            print(f"\n{inputs.run.name} ({number} of {len(each)}): {inputs.run}")
+        setup = load_eval_models(args, inputs, shared=setup)
+        lines, scored = score_eval_images(args, inputs, setup)
+        pick = report_eval(args, inputs, lines, scored)
+        every_line += lines
+        scores = ", ".join(f"{SCORE_NAMES[key]} {_score_text(pick, key)}" for key in SCORE_NAMES) if pick else ""
+        named = f"{pick['label']} ({scores})" if pick else "no step to pick"
+        summary.append(f"{inputs.run and inputs.run.name}: {named}; {inputs.out / 'eval.jsonl'}")
     if concepts:
-        return run_concepts_eval(args, run, concepts)
-    inputs = read_eval_inputs(args)  # the user's input is all checked before a model loads
-    setup = load_eval_models(args, inputs)
-    plan = plan_eval_images(args, inputs, setup)
-    lines, scored = score_eval_images(args, inputs, setup, plan)
-    report_eval(args, inputs, lines, scored)
-    return lines
+        print(f"\npicks ({args.pick}), one per concept:\n" + "\n".join(summary))
+    return every_line
 
 
-def run_concepts_eval(args: argparse.Namespace, run: Path, concepts: list[Path]) -> list[dict]:
-    """`infer.py eval OUTPUT_DIR` on a run of several concepts: each concept scored as `infer.py
-    eval OUTPUT_DIR/<name>` scores it (its own photos, prompts, class word and pick, its eval files
-    in its folder, or in OUT/<name> with --out), the scorers and the base model loaded once; one
-    summary line per concept at the end. Returns every concept's eval.jsonl lines, in order."""
+def concepts_eval_inputs(args: argparse.Namespace, run: Path, concepts: list[Path]) -> list[EvalInputs]:
+    """Each concept's EvalInputs, read as for `infer.py eval OUTPUT_DIR/<name>`; flags that belong
+    to one concept are refused."""
     for flag, given in (
         ("--train_data_dir", args.train_data_dir),
         ("--class_word", args.class_word),
@@ -3202,31 +3224,14 @@ def run_concepts_eval(args: argparse.Namespace, run: Path, concepts: list[Path])
                 f"infer.py eval {concepts[0]} {flag} ..."
             )
     each = []
-    for folder in concepts:  # every concept's input is checked before a model loads
+    for folder in concepts:
         if not (folder / RUN_RECORD).is_file():
             raise UserError(
                 f"{folder}: no {RUN_RECORD}; score it on its own: infer.py eval {folder} --train_data_dir ..."
             )
         out = str(Path(args.out) / folder.name) if args.out else None
         each.append(read_eval_inputs(argparse.Namespace(**{**vars(args), "output_dir": str(folder), "out": out})))
-    setup = None
-    every_line, summary = [], []
-    for number, inputs in enumerate(each, 1):
-        print(f"\n{inputs.run.name} ({number} of {len(each)}): {inputs.run}")
-        setup = load_eval_models(args, inputs, shared=setup)
-        plan = plan_eval_images(args, inputs, setup)
-        lines, scored = score_eval_images(args, inputs, setup, plan)
-        report_eval(args, inputs, lines, scored)
-        every_line += lines
-        pick = next((line for line in lines if line.get("pick")), None)
-        scores = ", ".join(f"{SCORE_NAMES[key]} {_score_text(pick, key)}" for key in SCORE_NAMES) if pick else ""
-        summary.append(
-            f"{inputs.run.name}: "
-            + (f"{pick['label']} ({scores})" if pick else "no step to pick")
-            + f"; {inputs.out / 'eval.jsonl'}"
-        )
-    print(f"\npicks ({args.pick}), one per concept:\n" + "\n".join(summary))
-    return every_line
+    return each
 
 
 def score_entry(
@@ -3459,8 +3464,9 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     pipe = load_pipeline(args.model, dtype, device, args.single_file_config, args.prediction_type)
     set_scheduler(pipe, args.scheduler)
-    layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
-    check_clip_skip(args.clip_skip, layers)
+    settings = image_settings(
+        pipe, args.model, dtype, args.steps, args, args.clip_skip, args.width, args.height, args.negative_prompt
+    )
     triggers = []
     for emb in embeddings:
         tokens = load_embedding(pipe, emb)
@@ -3480,7 +3486,6 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         file=sys.stderr,
     )
     seeds = [seed + k for k in range(args.num_images)]
-    guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
     with tqdm(total=args.num_images * args.steps, desc="Denoising", unit="step", dynamic_ncols=True) as bar:
         images = generate(
             pipe,
@@ -3488,27 +3493,14 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
             seeds=seeds,
             negative_prompt=args.negative_prompt,
             steps=args.steps,
-            guidance_scale=guidance,
-            height=args.height,
-            width=args.width,
+            guidance_scale=settings["guidance_scale"],
+            height=settings["height"],
+            width=settings["width"],
             clip_skip=args.clip_skip,
             on_step=lambda: bar.update(1),
         )
-
-    parameters = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or "",
-        "steps": args.steps,
-        "guidance_scale": guidance,
-        "scheduler": args.scheduler,
-        **a1111_sampler(pipe.scheduler),
-        "width": images[0].size[0],
-        "height": images[0].size[1],
-        "model": args.model,
-        "dtype": str(dtype).removeprefix("torch."),
-        **({"clip_skip": args.clip_skip} if args.clip_skip else {}),  # recorded when used, as A1111 does
-        "embeddings": [embedding_record(t, e) for t, e in zip(triggers, embeddings)],
-    }
+    embedded = [embedding_record(t, e) for t, e in zip(triggers, embeddings)]
+    parameters = {"prompt": args.prompt, **settings, "embeddings": embedded}
     out.mkdir(parents=True, exist_ok=True)
     first = next_image_number(out)
     written = [
