@@ -264,7 +264,6 @@ class OutputLock:
     def __init__(self, folder: Path, enabled: bool = True, flag: str = "--output_dir"):
         self.folder, self.enabled, self.flag = folder, enabled, flag
         self.path = folder / LOCK_FILE
-        self.made_folder = False
         self.mine = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -718,13 +717,6 @@ def hub_unreachable(endpoint: str) -> str | None:
     return None
 
 
-def hub_cached(repo: str, repo_type: str = "model") -> bool:
-    """Whether the Hugging Face cache holds a snapshot of `repo` (the libraries' own layout)."""
-    from huggingface_hub import constants
-
-    return (Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "snapshots").is_dir()
-
-
 def check_source(source: str | Path | None, flag: str, repo_type: str = "model") -> None:
     """Fail at once, in one line, on a model, scorer, dataset or embedding that cannot be had: a
     local path that does not exist, or a Hub id while the Hub does not answer (with the fixes:
@@ -750,9 +742,10 @@ def check_source(source: str | Path | None, flag: str, repo_type: str = "model")
     if reason is None:
         return
     download = f"hf download {repo}" + (f" --repo-type {repo_type}" if repo_type != "model" else "")
+    cache = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}"  # the libraries' layout
     offline = (
         "it is in your Hugging Face cache, so run with HF_HUB_OFFLINE=1"
-        if hub_cached(repo, repo_type)
+        if (cache / "snapshots").is_dir()
         else "run with HF_HUB_OFFLINE=1 if it is in your Hugging Face cache"
     )
     raise UserError(
@@ -2361,29 +2354,21 @@ def _scorer_part(load: Callable, name: str, flag: str, **kwargs):
 
 @dataclass
 class References:
-    """The training photos' features, computed once (Scorers.references) and reused for every
-    set of images scored against them."""
+    """The training photos' features (Scorers.references)."""
 
     clip: torch.Tensor  # [photos, D] unit-length CLIP image features, float32, CPU
     dino: torch.Tensor  # [photos, D'] unit-length DINO features
 
 
 class Scorers:
-    """The papers' three scores, per generated image:
-
-        scorers = Scorers(clip_model, dino_model, device)
-        scores = scorers.score(images, texts, photos)  # {"clip_i", "clip_t", "dino"}: float32 [images]
+    """The papers' three scores, per generated image (score):
 
     - clip_t: cos(CLIP image features, CLIP text features of the image's text), the text being its
       prompt with the class word in place of the learned word (editability);
     - clip_i: the mean over the photos of cos(CLIP features of the image, of the photo) (fidelity);
-    - dino: the same with DINO features.
-    CLIP features are CLIPModel.get_image_features / get_text_features; DINO features are the CLS
-    token of the last hidden state (after the final layer norm). Every image, generated or photo,
-    goes through the scorer's own image processor as loaded. `images` and `photos` are RGB PIL
-    images; `photos` may be their References instead (references(photos), computed once when
-    scoring many sets, as a trainer's validation does). The models run on `device`, in half
-    precision on a GPU. Errors loading a model are one-line UserErrors naming its flag.
+    - dino: the same with DINO features, the CLS token of the last hidden state.
+    Every image, generated or photo, goes through the scorer's own image processor as loaded.
+    The models run on `device`, in half precision on a GPU.
     """
 
     def __init__(
@@ -2407,62 +2392,43 @@ class Scorers:
             model.requires_grad_(False).eval().to(self.device)
 
     @torch.no_grad()
-    def image_features(self, images: list, which: str) -> torch.Tensor:
-        """Unit-length features [images, D] of `which` ("clip" or "dino"), float32 on the CPU."""
-        processor = self.clip_processor.image_processor if which == "clip" else self.dino_processor
+    def features(self, items: list, which: str) -> torch.Tensor:
+        """Unit-length features [items, D], float32 on the CPU: of RGB PIL images by "clip" or
+        "dino", or of texts by CLIP's text model ("text")."""
         found = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = processor(images=images[start : start + self.batch_size], return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device, self.dtype)
-            if which == "clip":
-                out = self.clip.get_image_features(pixel_values=pixels)
-                features = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: an output
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            if which == "text":
+                tokens = self.clip_processor.tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
+                tokens = tokens.to(self.device)
+                out = self.clip.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
             else:
-                features = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
-            found.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(found)
-
-    @torch.no_grad()
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        """Unit-length CLIP text features [texts, D], float32 on the CPU."""
-        found = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.clip_processor.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
-            out = self.clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-            features = out if isinstance(out, torch.Tensor) else out.pooler_output
+                processor = self.clip_processor.image_processor if which == "clip" else self.dino_processor
+                pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+                if which == "clip":
+                    out = self.clip.get_image_features(pixel_values=pixels)
+                else:
+                    out = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
+            features = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: an output
             found.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
         return torch.cat(found)
 
     def references(self, photos: list) -> References:
-        return References(self.image_features(photos, "clip"), self.image_features(photos, "dino"))
+        """The photos' features, computed once when many sets of images are scored against them."""
+        return References(self.features(photos, "clip"), self.features(photos, "dino"))
 
     def score(self, images: list, texts: list[str], photos: list | References) -> dict[str, torch.Tensor]:
-        """Per image: {"clip_i", "clip_t", "dino"} as float32 [images]; texts[i] is image i's text."""
+        """Per image: {"clip_i", "clip_t", "dino"} as float32 [images]; texts[i] is image i's text;
+        `photos` are RGB PIL images or their references()."""
         refs = photos if isinstance(photos, References) else self.references(photos)
-        clip = self.image_features(images, "clip")
+        clip = self.features(images, "clip")
         unique = list(dict.fromkeys(texts))
-        text = self.text_features(unique)[[unique.index(t) for t in texts]]
+        text = self.features(unique, "text")[[unique.index(t) for t in texts]]
         return {
             "clip_i": (clip @ refs.clip.T).mean(dim=1),
             "clip_t": (clip * text).sum(dim=1),
-            "dino": (self.image_features(images, "dino") @ refs.dino.T).mean(dim=1),
+            "dino": (self.features(images, "dino") @ refs.dino.T).mean(dim=1),
         }
-
-    @staticmethod
-    def among_themselves(refs: References) -> dict[str, torch.Tensor] | None:
-        """DreamBooth's "real images" row, the ceiling for clip_i and dino: each photo's mean
-        similarity to the other photos. None with fewer than two photos."""
-        count = refs.clip.shape[0]
-        if count < 2:
-            return None
-
-        def others(features: torch.Tensor) -> torch.Tensor:
-            similarity = features @ features.T
-            return (similarity.sum(dim=1) - similarity.diagonal()) / (count - 1)
-
-        return {"clip_i": others(refs.clip), "dino": others(refs.dino)}
 
 
 def mean_and_error(values: torch.Tensor) -> tuple[float, float | None]:
@@ -2878,7 +2844,6 @@ class EvalInputs:
 
     run: Path | None  # the training run's OUTPUT_DIR; None when only --embeddings files are scored
     record: dict | None  # its run.json, when it has one
-    known: dict  # the record, else {}: the run's settings that the flags default to
     from_run: list[EvalEntry]  # the run's saved steps: --keep_best picks among these only
     entries: list[EvalEntry]  # from_run, then the --embeddings files
     model: str
@@ -2950,7 +2915,7 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     check_source(model, "--model" if args.model else f"{run / RUN_RECORD}: model")
     check_source(args.clip_model, "--clip_model")
     check_source(args.dino_model, "--dino_model")
-    return EvalInputs(run, record, known, from_run, entries, model, photos, prompts, templates, class_word, out)
+    return EvalInputs(run, record, from_run, entries, model, photos, prompts, templates, class_word, out)
 
 
 @dataclass
@@ -2969,7 +2934,7 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalS
     """Load the scorers and the pipeline (or take `shared`'s: another concept of the same run, on
     the same base model), add step 0 and settle the generation settings; an embedding or a
     --clip_skip that does not fit the model fails here, before any image is made."""
-    known = inputs.known
+    known = inputs.record or {}  # the run's settings, which the flags default to
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if shared is not None:
@@ -2979,17 +2944,17 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalS
         scorers = Scorers(args.clip_model, args.dino_model, device)
         # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
         # --model names another one.
-        same = args.model is None
+        trained = known if args.model is None else {}
         print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
         pipe = load_pipeline(
             inputs.model,
             dtype,
             device,
-            args.single_file_config or (known.get("single_file_config") if same else None),
-            args.prediction_type or (known.get("prediction_type") if same else None),
-            vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
-            revision=known.get("revision") if same else None,
-            variant=known.get("variant") if same else None,
+            args.single_file_config or trained.get("single_file_config"),
+            args.prediction_type or trained.get("prediction_type"),
+            vae=trained.get("vae"),  # the run's --pretrained_vae_model_name_or_path
+            revision=trained.get("revision"),
+            variant=trained.get("variant"),
         )
         set_scheduler(pipe, args.scheduler)
     entries = list(inputs.entries)
@@ -3163,7 +3128,7 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
     hold its rows already."""
     if not any(chosen is entry for entry in inputs.from_run):
         raise UserError(f"--keep_best: the pick, {label}, is not one of the run's saved steps")
-    token = inputs.known.get("placeholder_token") or chosen.embedding.token
+    token = (inputs.record or {}).get("placeholder_token") or chosen.embedding.token
     current = [read_embedding(f) for f in final_files(inputs.run, token) if f.stem == EMBEDS]
     wanted = rows_digest(chosen.embedding.vectors)
     if current and all(rows_digest(emb.vectors) == wanted for emb in current):
