@@ -264,7 +264,6 @@ class OutputLock:
     def __init__(self, folder: Path, enabled: bool = True, flag: str = "--output_dir"):
         self.folder, self.enabled, self.flag = folder, enabled, flag
         self.path = folder / LOCK_FILE
-        self.made_folder = False
         self.mine = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -718,13 +717,6 @@ def hub_unreachable(endpoint: str) -> str | None:
     return None
 
 
-def hub_cached(repo: str, repo_type: str = "model") -> bool:
-    """Whether the Hugging Face cache holds a snapshot of `repo` (the libraries' own layout)."""
-    from huggingface_hub import constants
-
-    return (Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "snapshots").is_dir()
-
-
 def check_source(source: str | Path | None, flag: str, repo_type: str = "model") -> None:
     """Fail at once, in one line, on a model, scorer, dataset or embedding that cannot be had: a
     local path that does not exist, or a Hub id while the Hub does not answer (with the fixes:
@@ -750,9 +742,10 @@ def check_source(source: str | Path | None, flag: str, repo_type: str = "model")
     if reason is None:
         return
     download = f"hf download {repo}" + (f" --repo-type {repo_type}" if repo_type != "model" else "")
+    cache = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}"  # the libraries' layout
     offline = (
         "it is in your Hugging Face cache, so run with HF_HUB_OFFLINE=1"
-        if hub_cached(repo, repo_type)
+        if (cache / "snapshots").is_dir()
         else "run with HF_HUB_OFFLINE=1 if it is in your Hugging Face cache"
     )
     raise UserError(
@@ -1957,6 +1950,36 @@ def default_guidance_scale(pipe) -> float:
     return inspect.signature(pipe.__call__).parameters["guidance_scale"].default
 
 
+def image_settings(
+    pipe,
+    model: str,
+    dtype: torch.dtype,
+    steps: int,
+    args: argparse.Namespace,
+    clip_skip: int = 0,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+) -> dict:
+    """What the PNG of each image `pipe` makes records besides its prompt, seed and embeddings,
+    with generate's and eval's --scheduler and --guidance_scale (None: the pipeline's) and the
+    pipeline's size where none is given; a clip_skip too deep for the text encoders fails here."""
+    check_clip_skip(clip_skip, min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe)))
+    default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return {
+        "negative_prompt": negative_prompt or "",
+        "steps": steps,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe),
+        "scheduler": args.scheduler,
+        **a1111_sampler(pipe.scheduler),
+        "width": width or default_size,
+        "height": height or default_size,
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        **({"clip_skip": clip_skip} if clip_skip else {}),  # recorded when used, as A1111 does
+    }
+
+
 def generate(
     pipe,
     prompt: str,
@@ -2331,29 +2354,21 @@ def _scorer_part(load: Callable, name: str, flag: str, **kwargs):
 
 @dataclass
 class References:
-    """The training photos' features, computed once (Scorers.references) and reused for every
-    set of images scored against them."""
+    """The training photos' features (Scorers.references)."""
 
     clip: torch.Tensor  # [photos, D] unit-length CLIP image features, float32, CPU
     dino: torch.Tensor  # [photos, D'] unit-length DINO features
 
 
 class Scorers:
-    """The papers' three scores, per generated image:
-
-        scorers = Scorers(clip_model, dino_model, device)
-        scores = scorers.score(images, texts, photos)  # {"clip_i", "clip_t", "dino"}: float32 [images]
+    """The papers' three scores, per generated image (score):
 
     - clip_t: cos(CLIP image features, CLIP text features of the image's text), the text being its
       prompt with the class word in place of the learned word (editability);
     - clip_i: the mean over the photos of cos(CLIP features of the image, of the photo) (fidelity);
-    - dino: the same with DINO features.
-    CLIP features are CLIPModel.get_image_features / get_text_features; DINO features are the CLS
-    token of the last hidden state (after the final layer norm). Every image, generated or photo,
-    goes through the scorer's own image processor as loaded. `images` and `photos` are RGB PIL
-    images; `photos` may be their References instead (references(photos), computed once when
-    scoring many sets, as a trainer's validation does). The models run on `device`, in half
-    precision on a GPU. Errors loading a model are one-line UserErrors naming its flag.
+    - dino: the same with DINO features, the CLS token of the last hidden state.
+    Every image, generated or photo, goes through the scorer's own image processor as loaded.
+    The models run on `device`, in half precision on a GPU.
     """
 
     def __init__(
@@ -2377,62 +2392,43 @@ class Scorers:
             model.requires_grad_(False).eval().to(self.device)
 
     @torch.no_grad()
-    def image_features(self, images: list, which: str) -> torch.Tensor:
-        """Unit-length features [images, D] of `which` ("clip" or "dino"), float32 on the CPU."""
-        processor = self.clip_processor.image_processor if which == "clip" else self.dino_processor
+    def features(self, items: list, which: str) -> torch.Tensor:
+        """Unit-length features [items, D], float32 on the CPU: of RGB PIL images by "clip" or
+        "dino", or of texts by CLIP's text model ("text")."""
         found = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = processor(images=images[start : start + self.batch_size], return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device, self.dtype)
-            if which == "clip":
-                out = self.clip.get_image_features(pixel_values=pixels)
-                features = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: an output
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            if which == "text":
+                tokens = self.clip_processor.tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
+                tokens = tokens.to(self.device)
+                out = self.clip.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
             else:
-                features = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
-            found.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(found)
-
-    @torch.no_grad()
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        """Unit-length CLIP text features [texts, D], float32 on the CPU."""
-        found = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.clip_processor.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
-            out = self.clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-            features = out if isinstance(out, torch.Tensor) else out.pooler_output
+                processor = self.clip_processor.image_processor if which == "clip" else self.dino_processor
+                pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+                if which == "clip":
+                    out = self.clip.get_image_features(pixel_values=pixels)
+                else:
+                    out = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
+            features = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: an output
             found.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
         return torch.cat(found)
 
     def references(self, photos: list) -> References:
-        return References(self.image_features(photos, "clip"), self.image_features(photos, "dino"))
+        """The photos' features, computed once when many sets of images are scored against them."""
+        return References(self.features(photos, "clip"), self.features(photos, "dino"))
 
     def score(self, images: list, texts: list[str], photos: list | References) -> dict[str, torch.Tensor]:
-        """Per image: {"clip_i", "clip_t", "dino"} as float32 [images]; texts[i] is image i's text."""
+        """Per image: {"clip_i", "clip_t", "dino"} as float32 [images]; texts[i] is image i's text;
+        `photos` are RGB PIL images or their references()."""
         refs = photos if isinstance(photos, References) else self.references(photos)
-        clip = self.image_features(images, "clip")
+        clip = self.features(images, "clip")
         unique = list(dict.fromkeys(texts))
-        text = self.text_features(unique)[[unique.index(t) for t in texts]]
+        text = self.features(unique, "text")[[unique.index(t) for t in texts]]
         return {
             "clip_i": (clip @ refs.clip.T).mean(dim=1),
             "clip_t": (clip * text).sum(dim=1),
-            "dino": (self.image_features(images, "dino") @ refs.dino.T).mean(dim=1),
+            "dino": (self.features(images, "dino") @ refs.dino.T).mean(dim=1),
         }
-
-    @staticmethod
-    def among_themselves(refs: References) -> dict[str, torch.Tensor] | None:
-        """DreamBooth's "real images" row, the ceiling for clip_i and dino: each photo's mean
-        similarity to the other photos. None with fewer than two photos."""
-        count = refs.clip.shape[0]
-        if count < 2:
-            return None
-
-        def others(features: torch.Tensor) -> torch.Tensor:
-            similarity = features @ features.T
-            return (similarity.sum(dim=1) - similarity.diagonal()) / (count - 1)
-
-        return {"clip_i": others(refs.clip), "dino": others(refs.dino)}
 
 
 def mean_and_error(values: torch.Tensor) -> tuple[float, float | None]:
@@ -2848,7 +2844,6 @@ class EvalInputs:
 
     run: Path | None  # the training run's OUTPUT_DIR; None when only --embeddings files are scored
     record: dict | None  # its run.json, when it has one
-    known: dict  # the record, else {}: the run's settings that the flags default to
     from_run: list[EvalEntry]  # the run's saved steps: --keep_best picks among these only
     entries: list[EvalEntry]  # from_run, then the --embeddings files
     model: str
@@ -2920,7 +2915,7 @@ def read_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     check_source(model, "--model" if args.model else f"{run / RUN_RECORD}: model")
     check_source(args.clip_model, "--clip_model")
     check_source(args.dino_model, "--dino_model")
-    return EvalInputs(run, record, known, from_run, entries, model, photos, prompts, templates, class_word, out)
+    return EvalInputs(run, record, from_run, entries, model, photos, prompts, templates, class_word, out)
 
 
 @dataclass
@@ -2932,9 +2927,6 @@ class EvalSetup:
     initial: EvalEntry | None  # step 0, the rows the run started from (None without a run record)
     entries: list[EvalEntry]  # what is scored: the inputs' entries, step 0 first unless one holds its rows
     words: list[str]  # the word each entry is written as in its prompts
-    clip_skip: int
-    size: int  # the images' width and height in pixels
-    guidance: float
     png_settings: dict  # the settings every image's PNG records (each adds its prompt, seed and rows)
 
 
@@ -2942,13 +2934,29 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalS
     """Load the scorers and the pipeline (or take `shared`'s: another concept of the same run, on
     the same base model), add step 0 and settle the generation settings; an embedding or a
     --clip_skip that does not fit the model fails here, before any image is made."""
-    known = inputs.known
+    known = inputs.record or {}  # the run's settings, which the flags default to
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if shared is not None:
         scorers, pipe = shared.scorers, shared.pipe
     else:
-        scorers, pipe = load_scorers_and_pipeline(args, inputs, device, dtype)
+        print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
+        scorers = Scorers(args.clip_model, args.dino_model, device)
+        # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
+        # --model names another one.
+        trained = known if args.model is None else {}
+        print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+        pipe = load_pipeline(
+            inputs.model,
+            dtype,
+            device,
+            args.single_file_config or trained.get("single_file_config"),
+            args.prediction_type or trained.get("prediction_type"),
+            vae=trained.get("vae"),  # the run's --pretrained_vae_model_name_or_path
+            revision=trained.get("revision"),
+            variant=trained.get("variant"),
+        )
+        set_scheduler(pipe, args.scheduler)
     entries = list(inputs.entries)
     initial = initializer_entry(pipe, inputs.record) if inputs.record is not None else None
     if initial is not None and all(
@@ -2958,49 +2966,9 @@ def load_eval_models(args: argparse.Namespace, inputs: EvalInputs, shared: EvalS
     for entry in entries:
         fit_to_base(entry.embedding, base_widths(pipe))  # a width that does not fit fails before any image
     clip_skip = args.clip_skip if args.clip_skip is not None else known.get("clip_skip") or 0
-    layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
-    check_clip_skip(clip_skip, layers)
-    size = args.resolution or known.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
-    words = eval_words(entries, text_encoder_slots(pipe)[0][1])
-    png_settings = {
-        "negative_prompt": "",
-        "steps": args.num_inference_steps,
-        "guidance_scale": guidance,
-        "scheduler": args.scheduler,
-        **a1111_sampler(pipe.scheduler),
-        "width": size,
-        "height": size,
-        "model": inputs.model,
-        "dtype": str(dtype).removeprefix("torch."),
-        **({"clip_skip": clip_skip} if clip_skip else {}),
-    }
-    return EvalSetup(scorers, pipe, initial, entries, words, clip_skip, size, guidance, png_settings)
-
-
-def load_scorers_and_pipeline(
-    args: argparse.Namespace, inputs: EvalInputs, device: torch.device, dtype: torch.dtype
-) -> tuple[Scorers, object]:
-    """The scorers, and the pipeline to generate with, its scheduler set."""
-    known = inputs.known
-    print(f"loading the scorers {args.clip_model} and {args.dino_model}", file=sys.stderr)
-    scorers = Scorers(args.clip_model, args.dino_model, device)
-    # The pipeline the run trained with, exactly (its file config, VAE, prediction type), unless
-    # --model names another one.
-    same = args.model is None
-    print(f"loading {inputs.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = load_pipeline(
-        inputs.model,
-        dtype,
-        device,
-        args.single_file_config or (known.get("single_file_config") if same else None),
-        args.prediction_type or (known.get("prediction_type") if same else None),
-        vae=known.get("vae") if same else None,  # the run's --pretrained_vae_model_name_or_path
-        revision=known.get("revision") if same else None,
-        variant=known.get("variant") if same else None,
-    )
-    set_scheduler(pipe, args.scheduler)
-    return scorers, pipe
+    size = args.resolution or known.get("resolution")
+    png_settings = image_settings(pipe, inputs.model, dtype, args.num_inference_steps, args, clip_skip, size, size)
+    return EvalSetup(scorers, pipe, initial, entries, eval_words(entries, text_encoder_slots(pipe)[0][1]), png_settings)
 
 
 PlannedImage = tuple[Path, dict, bool]  # where its PNG goes, its settings, whether that PNG is made already
@@ -3031,12 +2999,13 @@ def plan_eval_images(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSe
 def print_eval_plan(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup, reused: int, total: int) -> None:
     """The line saying what is about to be scored, and how."""
     labels = ", ".join(entry.label for entry in setup.entries)
+    png = setup.png_settings
     print(
         f"scoring {plural(len(setup.entries), 'embedding')} ({labels}) on {plural(len(inputs.templates), 'prompt')} "
         f"({inputs.prompts}) x {plural(args.num_images_per_prompt, 'image')}, class word {inputs.class_word!r}; "
-        f"{args.scheduler} ({setup.png_settings['sampler']}), {plural(args.num_inference_steps, 'step')}, guidance "
-        f"{setup.guidance}, {setup.size}x{setup.size} px"
-        + (f", clip skip {setup.clip_skip}" if setup.clip_skip else "")
+        f"{args.scheduler} ({png['sampler']}), {plural(args.num_inference_steps, 'step')}, guidance "
+        f"{png['guidance_scale']}, {png['width']}x{png['height']} px"
+        + (f", clip skip {png['clip_skip']}" if "clip_skip" in png else "")
         + (f"; reusing {reused} of {plural(total, 'image')} already made" if reused else ""),
         file=sys.stderr,
     )
@@ -3044,52 +3013,59 @@ def print_eval_plan(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSet
 
 def eval_line_settings(args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup) -> dict:
     """The "settings" of every eval.jsonl line: what its scores were measured with."""
+    png = setup.png_settings
     return {
         "model": inputs.model,
         "scheduler": args.scheduler,
-        "sampler": setup.png_settings["sampler"],
+        "sampler": png["sampler"],
         "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": setup.guidance,
-        "resolution": setup.size,
-        "clip_skip": setup.clip_skip,
+        "guidance_scale": png["guidance_scale"],
+        "resolution": png["width"],
+        "clip_skip": png.get("clip_skip", 0),
         "num_images_per_prompt": args.num_images_per_prompt,
         "prompts": inputs.prompts,
         "num_prompts": len(inputs.templates),
         "class_word": inputs.class_word,
         "clip_model": args.clip_model,
         "dino_model": args.dino_model,
-        "dtype": setup.png_settings["dtype"],
+        "dtype": png["dtype"],
         "photos": len(inputs.photos),
         **({"seed": args.seed} if args.seed is not None else {}),  # another image set than the default one
     }
 
 
-def real_images_line(refs: References, photo_count: int, line_settings: dict) -> dict | None:
-    """The "real images" baseline line of eval.jsonl: the photos scored against each other (None
-    with fewer than two photos)."""
-    real = Scorers.among_themselves(refs)
-    if real is None:
+def real_images_line(refs: References, line_settings: dict) -> dict | None:
+    """The "real images" baseline line of eval.jsonl, DreamBooth's ceiling for CLIP-I and DINO:
+    each photo's mean similarity to the other photos (they have no prompt: no CLIP-T). None with
+    fewer than two photos."""
+    count = refs.clip.shape[0]
+    if count < 2:
         return None
-    line = {"label": "real images", "step": None, "baseline": "real images", "images": photo_count}
-    for key in ("clip_i", "clip_t", "dino"):  # the photos have no prompt: no clip_t
-        line[key], line[f"{key}_se"] = mean_and_error(real[key]) if key in real else (None, None)
+    line = {"label": "real images", "step": None, "baseline": "real images", "images": count}
+    for key, features in (("clip_i", refs.clip), ("clip_t", None), ("dino", refs.dino)):
+        line[key] = line[f"{key}_se"] = None
+        if features is not None:
+            similarity = features @ features.T
+            others = (similarity.sum(dim=1) - similarity.diagonal()) / (count - 1)
+            line[key], line[f"{key}_se"] = mean_and_error(others)
     return {**line, "settings": line_settings}
 
 
 def score_eval_images(
-    args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup, plan: list[list[PlannedImage]]
+    args: argparse.Namespace, inputs: EvalInputs, setup: EvalSetup
 ) -> tuple[list[dict], list[tuple[EvalEntry, dict]]]:
-    """Make the planned images not made yet and score every entry, writing eval.jsonl as it goes.
-    Returns eval.jsonl's lines (the "real images" baseline first, when there is one) and each
-    entry with its line."""
+    """Make the planned images (plan_eval_images) not made yet and score every entry, writing
+    eval.jsonl as it goes. Returns eval.jsonl's lines (the "real images" baseline first, when
+    there is one) and each entry with its line."""
     from tqdm.auto import tqdm
 
+    plan = plan_eval_images(args, inputs, setup)
     reused = sum(done for images in plan for *_, done in images)
     total = sum(len(images) for images in plan)
     print_eval_plan(args, inputs, setup, reused, total)
     refs = setup.scorers.references(inputs.photos)
     line_settings = eval_line_settings(args, inputs, setup)
-    real = real_images_line(refs, len(inputs.photos), line_settings)
+    real = real_images_line(refs, line_settings)
     lines = [real] if real is not None else []
     if inputs.prompts == "style":
         print("note: DINO measures object identity, not style; read CLIP-I and CLIP-T for a style", file=sys.stderr)
@@ -3110,10 +3086,10 @@ def score_eval_images(
                     image_settings["prompt"],
                     seeds=[image_settings["seed"]],
                     steps=args.num_inference_steps,
-                    guidance_scale=setup.guidance,
-                    height=setup.size,
-                    width=setup.size,
-                    clip_skip=setup.clip_skip,
+                    guidance_scale=image_settings["guidance_scale"],
+                    height=image_settings["height"],
+                    width=image_settings["width"],
+                    clip_skip=image_settings.get("clip_skip", 0),
                 )
                 write_png(path, image, image_settings)
                 bar.update(1)
@@ -3127,9 +3103,9 @@ def score_eval_images(
 
 def report_eval(
     args: argparse.Namespace, inputs: EvalInputs, lines: list[dict], scored: list[tuple[EvalEntry, dict]]
-) -> None:
+) -> dict | None:
     """Pick a step (marked in eval.jsonl), print the table and the pick, plot eval.png, and with
-    --keep_best make the pick the run's final embedding."""
+    --keep_best make the pick the run's final embedding. Returns the pick's line."""
     pick = pick_step(lines, args.pick)
     if pick is not None:
         pick.update(pick=True, pick_rule=args.pick)
@@ -3144,6 +3120,7 @@ def report_eval(
     if args.keep_best and pick is not None:
         chosen = next(entry for entry, line in scored if line is pick)
         keep_pick(inputs, chosen, pick["label"])
+    return pick
 
 
 def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
@@ -3151,7 +3128,7 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
     hold its rows already."""
     if not any(chosen is entry for entry in inputs.from_run):
         raise UserError(f"--keep_best: the pick, {label}, is not one of the run's saved steps")
-    token = inputs.known.get("placeholder_token") or chosen.embedding.token
+    token = (inputs.record or {}).get("placeholder_token") or chosen.embedding.token
     current = [read_embedding(f) for f in final_files(inputs.run, token) if f.stem == EMBEDS]
     wanted = rows_digest(chosen.embedding.vectors)
     if current and all(rows_digest(emb.vectors) == wanted for emb in current):
@@ -3171,25 +3148,35 @@ def keep_pick(inputs: EvalInputs, chosen: EvalEntry, label: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> list[dict]:
     """`infer.py eval`: generate (or reuse) the images of every entry, score them, write
-    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines (a run of
-    several concepts: see run_concepts_eval)."""
+    eval.jsonl and eval.png, print the table and the pick; return eval.jsonl's lines.
+
+    On a run of several concepts each concept is scored as `infer.py eval OUTPUT_DIR/<name>`
+    scores it (its own photos, prompts, class word and pick, its eval files in its folder, or in
+    OUT/<name> with --out), the scorers and the base model loaded once; one summary line per
+    concept at the end, and every concept's lines returned, in order."""
     run = Path(args.output_dir).expanduser() if args.output_dir else None
     concepts = present_concepts(run) if run is not None and run.is_dir() else []
+    # The user's input is all checked before a model loads.
+    each = concepts_eval_inputs(args, run, concepts) if concepts else [read_eval_inputs(args)]
+    setup, every_line, summary = None, [], []
+    for number, inputs in enumerate(each, 1):
+        if concepts:
+            print(f"\n{inputs.run.name} ({number} of {len(each)}): {inputs.run}")
+        setup = load_eval_models(args, inputs, shared=setup)
+        lines, scored = score_eval_images(args, inputs, setup)
+        pick = report_eval(args, inputs, lines, scored)
+        every_line += lines
+        scores = ", ".join(f"{SCORE_NAMES[key]} {_score_text(pick, key)}" for key in SCORE_NAMES) if pick else ""
+        named = f"{pick['label']} ({scores})" if pick else "no step to pick"
+        summary.append(f"{inputs.run and inputs.run.name}: {named}; {inputs.out / 'eval.jsonl'}")
     if concepts:
-        return run_concepts_eval(args, run, concepts)
-    inputs = read_eval_inputs(args)  # the user's input is all checked before a model loads
-    setup = load_eval_models(args, inputs)
-    plan = plan_eval_images(args, inputs, setup)
-    lines, scored = score_eval_images(args, inputs, setup, plan)
-    report_eval(args, inputs, lines, scored)
-    return lines
+        print(f"\npicks ({args.pick}), one per concept:\n" + "\n".join(summary))
+    return every_line
 
 
-def run_concepts_eval(args: argparse.Namespace, run: Path, concepts: list[Path]) -> list[dict]:
-    """`infer.py eval OUTPUT_DIR` on a run of several concepts: each concept scored as `infer.py
-    eval OUTPUT_DIR/<name>` scores it (its own photos, prompts, class word and pick, its eval files
-    in its folder, or in OUT/<name> with --out), the scorers and the base model loaded once; one
-    summary line per concept at the end. Returns every concept's eval.jsonl lines, in order."""
+def concepts_eval_inputs(args: argparse.Namespace, run: Path, concepts: list[Path]) -> list[EvalInputs]:
+    """Each concept's EvalInputs, read as for `infer.py eval OUTPUT_DIR/<name>`; flags that belong
+    to one concept are refused."""
     for flag, given in (
         ("--train_data_dir", args.train_data_dir),
         ("--class_word", args.class_word),
@@ -3202,31 +3189,14 @@ def run_concepts_eval(args: argparse.Namespace, run: Path, concepts: list[Path])
                 f"infer.py eval {concepts[0]} {flag} ..."
             )
     each = []
-    for folder in concepts:  # every concept's input is checked before a model loads
+    for folder in concepts:
         if not (folder / RUN_RECORD).is_file():
             raise UserError(
                 f"{folder}: no {RUN_RECORD}; score it on its own: infer.py eval {folder} --train_data_dir ..."
             )
         out = str(Path(args.out) / folder.name) if args.out else None
         each.append(read_eval_inputs(argparse.Namespace(**{**vars(args), "output_dir": str(folder), "out": out})))
-    setup = None
-    every_line, summary = [], []
-    for number, inputs in enumerate(each, 1):
-        print(f"\n{inputs.run.name} ({number} of {len(each)}): {inputs.run}")
-        setup = load_eval_models(args, inputs, shared=setup)
-        plan = plan_eval_images(args, inputs, setup)
-        lines, scored = score_eval_images(args, inputs, setup, plan)
-        report_eval(args, inputs, lines, scored)
-        every_line += lines
-        pick = next((line for line in lines if line.get("pick")), None)
-        scores = ", ".join(f"{SCORE_NAMES[key]} {_score_text(pick, key)}" for key in SCORE_NAMES) if pick else ""
-        summary.append(
-            f"{inputs.run.name}: "
-            + (f"{pick['label']} ({scores})" if pick else "no step to pick")
-            + f"; {inputs.out / 'eval.jsonl'}"
-        )
-    print(f"\npicks ({args.pick}), one per concept:\n" + "\n".join(summary))
-    return every_line
+    return each
 
 
 def score_entry(
@@ -3459,8 +3429,9 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     pipe = load_pipeline(args.model, dtype, device, args.single_file_config, args.prediction_type)
     set_scheduler(pipe, args.scheduler)
-    layers = min(encoder.config.num_hidden_layers for _, _, encoder in text_encoder_slots(pipe))
-    check_clip_skip(args.clip_skip, layers)
+    settings = image_settings(
+        pipe, args.model, dtype, args.steps, args, args.clip_skip, args.width, args.height, args.negative_prompt
+    )
     triggers = []
     for emb in embeddings:
         tokens = load_embedding(pipe, emb)
@@ -3480,7 +3451,6 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         file=sys.stderr,
     )
     seeds = [seed + k for k in range(args.num_images)]
-    guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
     with tqdm(total=args.num_images * args.steps, desc="Denoising", unit="step", dynamic_ncols=True) as bar:
         images = generate(
             pipe,
@@ -3488,27 +3458,14 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
             seeds=seeds,
             negative_prompt=args.negative_prompt,
             steps=args.steps,
-            guidance_scale=guidance,
-            height=args.height,
-            width=args.width,
+            guidance_scale=settings["guidance_scale"],
+            height=settings["height"],
+            width=settings["width"],
             clip_skip=args.clip_skip,
             on_step=lambda: bar.update(1),
         )
-
-    parameters = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or "",
-        "steps": args.steps,
-        "guidance_scale": guidance,
-        "scheduler": args.scheduler,
-        **a1111_sampler(pipe.scheduler),
-        "width": images[0].size[0],
-        "height": images[0].size[1],
-        "model": args.model,
-        "dtype": str(dtype).removeprefix("torch."),
-        **({"clip_skip": args.clip_skip} if args.clip_skip else {}),  # recorded when used, as A1111 does
-        "embeddings": [embedding_record(t, e) for t, e in zip(triggers, embeddings)],
-    }
+    embedded = [embedding_record(t, e) for t, e in zip(triggers, embeddings)]
+    parameters = {"prompt": args.prompt, **settings, "embeddings": embedded}
     out.mkdir(parents=True, exist_ok=True)
     first = next_image_number(out)
     written = [
