@@ -1816,13 +1816,6 @@ def mark_word(caption: str, token: str, word: str, others: dict[str, str] | None
     return re.sub("|".join(map(re.escape, sorted(words, key=len, reverse=True))), put, caption), marks
 
 
-def caption_prompt(caption: str, token: str, word: str, others: dict[str, str] | None = None) -> tuple[str, bool]:
-    """The caption with the new word wherever it marks it (see mark_word), or "<word>, " in front
-    when it marks it nowhere; and whether it was put in front."""
-    prompt, marked = mark_word(caption, token, word, others)
-    return (prompt, False) if marked else (f"{word}, {prompt}", True)
-
-
 def find_mask(photo: Path, mask_dir: Path | None) -> Path | None:
     if mask_dir is None:
         path = photo.with_name(photo.stem + infer.MASK_SUFFIX)
@@ -1849,6 +1842,14 @@ def open_mask(path: Path, photo_size: tuple[int, int]) -> Image.Image:
     if mask.getextrema()[1] == 0:
         raise UserError(f"mask {path}: all black, so nothing of the photo would be learned; paint the subject white")
     return mask if mask.size == photo_size else mask.resize(photo_size, Image.Resampling.BILINEAR)
+
+
+def warn_missing(missing: int, photos: int, what: str) -> None:
+    """'N of M photos have no <what>', when some have none."""
+    if missing:
+        logger.warning(
+            "%d of %s %s no %s", missing, infer.plural(photos, "photo"), "has" if missing == 1 else "have", what
+        )
 
 
 class TextualInversionDataset(torch.utils.data.Dataset):
@@ -1887,59 +1888,41 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             read_template_file(Path(template_file)) if template_file else read_templates(learnable_property)
         )
         token = placeholder_token.split(" ", maxsplit=1)[0]  # as typed; the string holds all N vector tokens
-        self.caption_paths = [p.with_suffix(extension) for p in self.image_paths] if extension else []
-        self.captions = [self.read_caption(p) for p in self.caption_paths] or [None] * len(self.image_paths)
+        photos = len(self.image_paths)
+        self.captions = [self.read_caption(p.with_suffix(extension)) if extension else None for p in self.image_paths]
         filewords = any("[filewords]" in t for t in self.templates)
         self.photo_prompts, self.prompt_sources, prefixed = [], {}, 0
         for path, caption in zip(self.image_paths, self.captions):
-            if caption is None or filewords:
-                words = (
-                    mark_word(caption, token, placeholder_token, other_words)[0]
-                    if caption is not None
-                    else file_words(path)
-                )
-                source = str(path.with_suffix(extension)) if caption is not None else template_file
-                prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
+            if caption is None:
+                words, marks, source = file_words(path), 0, template_file
             else:
-                prompt, front = caption_prompt(caption, token, placeholder_token, other_words)
-                prompts, source, prefixed = [prompt], str(path.with_suffix(extension)), prefixed + front
+                words, marks = mark_word(caption, token, placeholder_token, other_words)
+                source = str(path.with_suffix(extension))
+            if caption is None or filewords:
+                prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
+            else:  # the caption is the prompt, with the new word in front where it marks it nowhere
+                prompts, prefixed = [words if marks else f"{placeholder_token}, {words}"], prefixed + (not marks)
             self.photo_prompts.append(prompts)
             self.prompt_sources.update((p, source) for p in prompts if source)
         self.prompts = [p for prompts in dict.fromkeys(map(tuple, self.photo_prompts)) for p in prompts]
         if extension:
-            missing = self.captions.count(None)
-            if missing:
-                logger.warning(
-                    "%d of %s %s no caption (%s file) or a blank one; they use the templates",
-                    missing,
-                    infer.plural(len(self.image_paths), "photo"),
-                    "has" if missing == 1 else "have",
-                    extension,
-                )
-            if prefixed:
-                logger.info(
-                    "%s had no [name] or %s; the new word was put in front of %s",
-                    infer.plural(prefixed, "caption"),
-                    token,
-                    "it" if prefixed == 1 else "them",
-                )
-        self.mask_paths: list[Path | None] = []
+            warn_missing(
+                self.captions.count(None), photos, f"caption ({extension} file) or a blank one; they use the templates"
+            )
+        if prefixed:
+            logger.info(
+                "%s had no [name] or %s; the new word was put in front of %s",
+                infer.plural(prefixed, "caption"),
+                token,
+                "it" if prefixed == 1 else "them",
+            )
+        folder = Path(mask_dir) if masked and mask_dir else None
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"--mask_dir {folder}: no such folder")
+        self.mask_paths = [find_mask(p, folder) if masked else None for p in self.image_paths]
         if masked:
-            folder = Path(mask_dir) if mask_dir else None
-            if folder is not None and not folder.is_dir():
-                raise UserError(f"--mask_dir {folder}: no such folder")
-            self.mask_paths = [find_mask(p, folder) for p in self.image_paths]
             missing = self.mask_paths.count(None)
-            if missing:
-                logger.warning(
-                    "%d of %s %s no mask; %s fully",
-                    missing,
-                    infer.plural(len(self.image_paths), "photo"),
-                    "has" if missing == 1 else "have",
-                    "it counts" if missing == 1 else "they count",
-                )
-        else:
-            self.mask_paths = [None] * len(self.image_paths)
+            warn_missing(missing, photos, "mask; " + ("it counts fully" if missing == 1 else "they count fully"))
 
     @staticmethod
     def read_caption(path: Path) -> str | None:
