@@ -127,22 +127,18 @@ def make_accelerator(args: argparse.Namespace):
 
 def resolve_report_to(value: str | None) -> list[str] | None:
     """Tracker names; a named tracker that is not installed is a one-line error."""
-    import importlib.util
+    from importlib.util import find_spec
 
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
     if value is None:  # not given: tensorboard if present, like the reference, else none
-        return (
-            ["tensorboard"]
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
-            else None
-        )
+        return ["tensorboard"] if any(map(find_spec, packages["tensorboard"])) else None
     if value in ("none", ""):
         return None
-    names = ["tensorboard", "wandb", "comet_ml"] if value == "all" else [v.strip() for v in value.split(",")]
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+    names = list(packages) if value == "all" else [v.strip() for v in value.split(",")]
     for name in names:
         if name not in packages:
             raise UserError(f"--report_to {value}: unknown tracker {name!r} (tensorboard, wandb, comet_ml, all, none)")
-        if not any(importlib.util.find_spec(m) for m in packages[name]):
+        if not any(map(find_spec, packages[name])):
             raise UserError(
                 f"--report_to {name}: {name} is not installed; pip install {name}, or pass --report_to none"
             )
@@ -1078,7 +1074,7 @@ class Watch:
         scoring: tuple[infer.Scorers, list[infer.References]] | None = None,
     ):
         self.scoring = scoring  # --validation_scores, on the main process
-        self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
+        self.plan, self.models, self.placeholders = plan, models, placeholders
         self.accelerator, self.seed = accelerator, state.seed
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
@@ -1088,14 +1084,12 @@ class Watch:
         self.pipe = None
         self.last_grids: dict[str, Path] = {}  # each concept's newest validation grid
         self.plotted = self.said_no_plot = False
-        self.history = self.read_history(state.step) if resumed else []
+        metrics = self.out / "metrics.jsonl"
+        self.history = [r for r in infer.read_jsonl(metrics) if r.get("step", 0) <= state.step] if resumed else []
         if self.main:  # a resumed run continues the log from its checkpoint's step
-            infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+            infer.write_text(metrics, "".join(json.dumps(h) + "\n" for h in self.history))
         self.progress = None
         self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
-
-    def read_history(self, step: int) -> list[dict]:
-        return [r for r in infer.read_jsonl(self.out / "metrics.jsonl") if r.get("step", 0) <= step]
 
     def start(self, step: int) -> None:
         from tqdm.auto import tqdm
