@@ -2742,19 +2742,18 @@ def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
         )
     concepts, seen = [], {}
     for number, entry in enumerate(entries, 1):
-        at = f"{where}, concept {number}"
-        for key, value in entry.items():
+        at, values = f"{where}, concept {number}", {}
+        for key, given in entry.items():
             kind = CONCEPT_KEYS.get(key)
             if kind is None:
                 raise UserError(f"{at}: unknown key {key!r}; a concept sets {', '.join(CONCEPT_KEYS)}")
-            prompts = key == "validation_prompt" and (
-                isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value))
-            )
-            if not (value is None or prompts or type(value) is kind):  # type(): true is no int here
+            # One validation prompt as a string, as the flag given once.
+            value = [given] if key == "validation_prompt" and isinstance(given, str) else given
+            if not (value is None or type(value) is kind):  # type(): true is no int here
                 wanted = "a string or a list of strings" if kind is list else f"a JSON {kind.__name__}"
-                raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(value)}")
-        values = {k: [v] if k == "validation_prompt" and isinstance(v, str) else v for k, v in entry.items()}
-        values.pop("name", None)
+                raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(given)}")
+            values[key] = value
+        name = values.pop("name", None)
         flags = argparse.Namespace(**{**vars(args), **values})
         for key in ("placeholder_token", "train_data_dir"):
             if getattr(flags, key) is None:
@@ -2763,7 +2762,7 @@ def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
             raise UserError(f"{at}: learnable_property must be object or style, not {flags.learnable_property!r}")
         if problem := concept_problem(flags):
             raise UserError(f"{at}: {problem}")
-        name = entry.get("name") or infer.file_name_for_token(flags.placeholder_token)
+        name = name or infer.file_name_for_token(flags.placeholder_token)
         if (
             name != infer.file_name_for_token(name)
             or name in ("hub", args.logging_dir)
