@@ -127,22 +127,18 @@ def make_accelerator(args: argparse.Namespace):
 
 def resolve_report_to(value: str | None) -> list[str] | None:
     """Tracker names; a named tracker that is not installed is a one-line error."""
-    import importlib.util
+    from importlib.util import find_spec
 
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
     if value is None:  # not given: tensorboard if present, like the reference, else none
-        return (
-            ["tensorboard"]
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
-            else None
-        )
+        return ["tensorboard"] if any(map(find_spec, packages["tensorboard"])) else None
     if value in ("none", ""):
         return None
-    names = ["tensorboard", "wandb", "comet_ml"] if value == "all" else [v.strip() for v in value.split(",")]
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+    names = list(packages) if value == "all" else [v.strip() for v in value.split(",")]
     for name in names:
         if name not in packages:
             raise UserError(f"--report_to {value}: unknown tracker {name!r} (tensorboard, wandb, comet_ml, all, none)")
-        if not any(importlib.util.find_spec(m) for m in packages[name]):
+        if not any(map(find_spec, packages[name])):
             raise UserError(
                 f"--report_to {name}: {name} is not installed; pip install {name}, or pass --report_to none"
             )
@@ -1077,7 +1073,7 @@ class Watch:
         scoring: tuple[infer.Scorers, list[infer.References]] | None = None,
     ):
         self.scoring = scoring  # --validation_scores, on the main process
-        self.args, self.plan, self.models, self.placeholders = args, plan, models, placeholders
+        self.plan, self.models, self.placeholders = plan, models, placeholders
         self.accelerator, self.seed, self.state = accelerator, state.seed, state
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
@@ -1087,14 +1083,12 @@ class Watch:
         self.pipe = None
         self.last_grids: dict[str, Path] = {}  # each concept's newest validation grid
         self.plotted = self.said_no_plot = False
-        self.history = self.read_history(state.step) if resumed else []
+        metrics = self.out / "metrics.jsonl"
+        self.history = [r for r in infer.read_jsonl(metrics) if r.get("step", 0) <= state.step] if resumed else []
         if self.main:  # a resumed run continues the log from its checkpoint's step
-            infer.write_text(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+            infer.write_text(metrics, "".join(json.dumps(h) + "\n" for h in self.history))
         self.progress = None
         self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
-
-    def read_history(self, step: int) -> list[dict]:
-        return [r for r in infer.read_jsonl(self.out / "metrics.jsonl") if r.get("step", 0) <= step]
 
     def start(self, step: int) -> None:
         from tqdm.auto import tqdm
@@ -1816,13 +1810,6 @@ def mark_word(caption: str, token: str, word: str, others: dict[str, str] | None
     return re.sub("|".join(map(re.escape, sorted(words, key=len, reverse=True))), put, caption), marks
 
 
-def caption_prompt(caption: str, token: str, word: str, others: dict[str, str] | None = None) -> tuple[str, bool]:
-    """The caption with the new word wherever it marks it (see mark_word), or "<word>, " in front
-    when it marks it nowhere; and whether it was put in front."""
-    prompt, marked = mark_word(caption, token, word, others)
-    return (prompt, False) if marked else (f"{word}, {prompt}", True)
-
-
 def find_mask(photo: Path, mask_dir: Path | None) -> Path | None:
     if mask_dir is None:
         path = photo.with_name(photo.stem + infer.MASK_SUFFIX)
@@ -1849,6 +1836,14 @@ def open_mask(path: Path, photo_size: tuple[int, int]) -> Image.Image:
     if mask.getextrema()[1] == 0:
         raise UserError(f"mask {path}: all black, so nothing of the photo would be learned; paint the subject white")
     return mask if mask.size == photo_size else mask.resize(photo_size, Image.Resampling.BILINEAR)
+
+
+def warn_missing(missing: int, photos: int, what: str) -> None:
+    """'N of M photos have no <what>', when some have none."""
+    if missing:
+        logger.warning(
+            "%d of %s %s no %s", missing, infer.plural(photos, "photo"), "has" if missing == 1 else "have", what
+        )
 
 
 class TextualInversionDataset(torch.utils.data.Dataset):
@@ -1887,59 +1882,41 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             read_template_file(Path(template_file)) if template_file else read_templates(learnable_property)
         )
         token = placeholder_token.split(" ", maxsplit=1)[0]  # as typed; the string holds all N vector tokens
-        self.caption_paths = [p.with_suffix(extension) for p in self.image_paths] if extension else []
-        self.captions = [self.read_caption(p) for p in self.caption_paths] or [None] * len(self.image_paths)
+        photos = len(self.image_paths)
+        self.captions = [self.read_caption(p.with_suffix(extension)) if extension else None for p in self.image_paths]
         filewords = any("[filewords]" in t for t in self.templates)
         self.photo_prompts, self.prompt_sources, prefixed = [], {}, 0
         for path, caption in zip(self.image_paths, self.captions):
-            if caption is None or filewords:
-                words = (
-                    mark_word(caption, token, placeholder_token, other_words)[0]
-                    if caption is not None
-                    else file_words(path)
-                )
-                source = str(path.with_suffix(extension)) if caption is not None else template_file
-                prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
+            if caption is None:
+                words, marks, source = file_words(path), 0, template_file
             else:
-                prompt, front = caption_prompt(caption, token, placeholder_token, other_words)
-                prompts, source, prefixed = [prompt], str(path.with_suffix(extension)), prefixed + front
+                words, marks = mark_word(caption, token, placeholder_token, other_words)
+                source = str(path.with_suffix(extension))
+            if caption is None or filewords:
+                prompts = [fill_template(t, placeholder_token, words) for t in self.templates]
+            else:  # the caption is the prompt, with the new word in front where it marks it nowhere
+                prompts, prefixed = [words if marks else f"{placeholder_token}, {words}"], prefixed + (not marks)
             self.photo_prompts.append(prompts)
             self.prompt_sources.update((p, source) for p in prompts if source)
         self.prompts = [p for prompts in dict.fromkeys(map(tuple, self.photo_prompts)) for p in prompts]
         if extension:
-            missing = self.captions.count(None)
-            if missing:
-                logger.warning(
-                    "%d of %s %s no caption (%s file) or a blank one; they use the templates",
-                    missing,
-                    infer.plural(len(self.image_paths), "photo"),
-                    "has" if missing == 1 else "have",
-                    extension,
-                )
-            if prefixed:
-                logger.info(
-                    "%s had no [name] or %s; the new word was put in front of %s",
-                    infer.plural(prefixed, "caption"),
-                    token,
-                    "it" if prefixed == 1 else "them",
-                )
-        self.mask_paths: list[Path | None] = []
+            warn_missing(
+                self.captions.count(None), photos, f"caption ({extension} file) or a blank one; they use the templates"
+            )
+        if prefixed:
+            logger.info(
+                "%s had no [name] or %s; the new word was put in front of %s",
+                infer.plural(prefixed, "caption"),
+                token,
+                "it" if prefixed == 1 else "them",
+            )
+        folder = Path(mask_dir) if masked and mask_dir else None
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"--mask_dir {folder}: no such folder")
+        self.mask_paths = [find_mask(p, folder) if masked else None for p in self.image_paths]
         if masked:
-            folder = Path(mask_dir) if mask_dir else None
-            if folder is not None and not folder.is_dir():
-                raise UserError(f"--mask_dir {folder}: no such folder")
-            self.mask_paths = [find_mask(p, folder) for p in self.image_paths]
             missing = self.mask_paths.count(None)
-            if missing:
-                logger.warning(
-                    "%d of %s %s no mask; %s fully",
-                    missing,
-                    infer.plural(len(self.image_paths), "photo"),
-                    "has" if missing == 1 else "have",
-                    "it counts" if missing == 1 else "they count",
-                )
-        else:
-            self.mask_paths = [None] * len(self.image_paths)
+            warn_missing(missing, photos, "mask; " + ("it counts fully" if missing == 1 else "they count fully"))
 
     @staticmethod
     def read_caption(path: Path) -> str | None:
@@ -2562,157 +2539,95 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="Hub model id, local diffusers folder, or one original-layout .safetensors/.ckpt file (A1111, ComfyUI).",
+        help="Hub id, diffusers folder, or one original-layout .safetensors/.ckpt file (A1111, ComfyUI).",
     )
-    g.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
-    g.add_argument("--variant", default=None, help="Weight file variant to load, e.g. fp16.")
-    g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or path, if not the model's own.")
+    g.add_argument("--revision", help="Model revision (branch, tag or commit) on the Hub.")
+    g.add_argument("--variant", help="Weight file variant to load, e.g. fp16.")
+    g.add_argument("--tokenizer_name", help="Tokenizer id or path, if not the model's own.")
     infer.add_model_file_flags(g)
-    g.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        default=None,
-        help="A VAE to use instead of the model's (folder, Hub id or single file), e.g. SDXL's fp16-fix VAE.",
-    )
-    g.add_argument(
-        "--train_data_dir",
-        help="Folder with the concept's photos (3-5 are typical), or a Hub dataset of them, e.g. "
-        "diffusers/cat_toy_example (downloaded once into the Hugging Face cache).",
-    )
+    g.add_argument("--pretrained_vae_model_name_or_path", help="A VAE instead of the model's, e.g. SDXL's fp16-fix.")
+    g.add_argument("--train_data_dir", help="The photos (3-5 are typical): a folder, or a Hub dataset of them.")
     g.add_argument("--placeholder_token", help='The new word, e.g. "<cat-toy>".')
     g.add_argument(
         "--concepts_list",
         metavar="FILE",
-        help="Several concepts in one run: a JSON list of objects, one per concept, whose keys are this script's "
-        f"flags ({', '.join(CONCEPT_KEYS)}); the command line gives every concept's defaults. Each concept's "
-        "files go to output_dir/<name>/ (name: the token without <>).",
+        help=f"Several concepts in one run: a JSON list of objects with their own values of {', '.join(CONCEPT_KEYS)} "
+        "over the command line's. Each concept's files go to output_dir/<name>/ (name: the token without <>).",
     )
     g.add_argument(
         "--concept_sampling",
         choices=["proportional", "balanced"],
         default="proportional",
-        help="With --concepts_list: each step's samples drawn in proportion to each concept's photos x repeats, "
-        "as if their folders were one; or an equal share per concept.",
+        help="With --concepts_list: each concept's share of a step's samples, by its photos x repeats, or equal.",
     )
     g.add_argument(
         "--initializer_token",
-        default=None,
-        help="A word or phrase the new word starts from. With N vectors and a phrase of T tokens, vector i "
-        "starts from token i*T/N (N >= T), or from the mean of its share of the phrase (N < T).",
+        help="A word or phrase the new word starts from (with several vectors, each from its share of a phrase).",
     )
     g.add_argument(
         "--initializer_embedding",
-        default=None,
         metavar="SRC",
-        help="Instead of --initializer_token, continue an existing embedding: anything infer.py reads (an "
-        "output folder, a diffusers, A1111, kohya, OneTrainer or SDXL file, a Hub id). It sets --num_vectors.",
+        help="Continue an embedding instead (any folder, file or Hub id infer.py reads); sets --num_vectors.",
     )
     g.add_argument(
-        "--clip_skip",
-        type=int,
-        default=0,
-        help="Condition on a CLIP layer this many before the one the model uses, as diffusers' "
-        "pipe(..., clip_skip=N): 1 is A1111's 'Clip skip: 2'. 0: off.",
+        "--clip_skip", type=int, default=0, help="CLIP layers to skip, as diffusers' clip_skip (A1111's Clip skip - 1)."
     )
     g.add_argument("--learnable_property", default="object", choices=["object", "style"])
     g.add_argument(
-        "--num_vectors",
-        type=int,
-        default=None,
-        help="Embedding vectors the new word is made of. Default: 1, or the --initializer_embedding's count.",
+        "--num_vectors", type=int, help="Vectors in the new word. Default: 1, or the initializer embedding's."
     )
-    g.add_argument(
-        "--repeats", type=int, default=100, help="Passes over the photos per epoch (sets the shuffling period)."
-    )
+    g.add_argument("--repeats", type=int, default=100, help="Passes over the photos per epoch.")
     g.add_argument("--resolution", type=int, default=512, help="Training size in pixels (a multiple of 8).")
     g.add_argument("--center_crop", action="store_true", help="Crop each photo to its centre square first.")
     g.add_argument(
         "--caption_extension",
-        default=None,
-        help="Read each photo's caption from the file of the same stem with this extension (e.g. .txt); "
-        "[name] or the placeholder token in it marks where the new word goes.",
+        help="Caption files beside the photos, e.g. .txt; [name] or the placeholder token marks the new word.",
     )
     g.add_argument(
         "--template_file",
-        default=None,
-        help="A1111-style prompt templates, one per line, replacing the built-in ones: [name] (or {}) for "
-        "the new word, [filewords] for the photo's caption (or its file name's words).",
+        help="A1111-style prompt templates instead of the built-in ones: [name] (or {}) for the new word, "
+        "[filewords] for the caption (or the file name's words).",
     )
     g.add_argument(
         "--masked_loss",
         action="store_true",
-        help="Weight the loss by a mask per photo: NAME-masklabel.png beside NAME.jpg, or NAME.* in "
-        "--mask_dir; white is the subject.",
+        help="Weight the loss by each photo's mask (white: the subject): NAME-masklabel.png, or NAME.* in --mask_dir.",
     )
-    g.add_argument("--mask_dir", default=None, help="Folder of masks named like the photos (with --masked_loss).")
-    g.add_argument(
-        "--unmasked_weight", type=float, default=0.1, help="Loss weight of the background (black in the mask)."
-    )
+    g.add_argument("--mask_dir", help="Folder of masks named like the photos (with --masked_loss).")
+    g.add_argument("--unmasked_weight", type=float, default=0.1, help="Loss weight of the mask's black part.")
     g.add_argument(
         "--aspect_buckets",
         action="store_true",
-        help="Train each photo at the bucket size nearest its aspect ratio (area at most --resolution squared) "
-        "instead of a square.",
+        help="Train each photo at the size nearest its aspect ratio (area at most --resolution squared).",
     )
     g.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (pixels).")
-    g.add_argument(
-        "--min_bucket_resolution", type=int, default=None, help="Shortest bucket side. Default: --resolution / 2."
-    )
-    g.add_argument(
-        "--max_bucket_resolution", type=int, default=None, help="Longest bucket side. Default: --resolution x 2."
-    )
-    g.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=0,
-        help="Threads decoding photos before training (no data loading happens during training).",
-    )
+    g.add_argument("--min_bucket_resolution", type=int, help="Shortest bucket side. Default: --resolution / 2.")
+    g.add_argument("--max_bucket_resolution", type=int, help="Longest bucket side. Default: --resolution x 2.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Threads decoding photos before training.")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run (random if unset).")
+    g.add_argument("--seed", type=int, help="Seed for a reproducible run (random if unset).")
     g.add_argument("--train_batch_size", type=int, default=16, help="Samples per micro-batch per process.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     g.add_argument(
         "--micro_batch_size",
         type=int,
-        default=None,
-        help="Samples per UNet call. Default: a whole optimizer step's batch (train_batch_size x "
-        "gradient_accumulation_steps) in one call, the same gradient as accumulation but faster; "
-        "on a CUDA out-of-memory error it halves by itself.",
+        help="Samples per UNet call (halved on GPU out-of-memory). Default: a whole step's.",
     )
+    g.add_argument("--num_train_epochs", type=int, help="Epochs to train (photos x repeats samples each).")
     g.add_argument(
-        "--num_train_epochs",
-        type=int,
-        default=None,
-        help="Epochs (photos x repeats samples each) to train, if --max_train_steps is not given.",
-    )
-    g.add_argument(
-        "--max_train_steps",
-        type=int,
-        default=None,
-        help="Optimizer steps to train. Default: 5000, or --num_train_epochs when that is given (the "
-        "diffusers script ignores --num_train_epochs unless you could unset this, which you cannot).",
+        "--max_train_steps", type=int, help="Optimizer steps. Default: from --num_train_epochs if given, else 5000."
     )
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
     g.add_argument(
         "--lr_scheduler",
         default="constant",
-        choices=[
-            "linear",
-            "cosine",
-            "cosine_with_restarts",
-            "polynomial",
-            "constant",
-            "constant_with_warmup",
-        ],
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
     )
     g.add_argument("--lr_warmup_steps", type=int, default=500)
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts for cosine_with_restarts.")
-    g.add_argument(
-        "--use_8bit_adam",
-        action="store_true",
-        help="Accepted for diffusers' SDXL script; does nothing here: Adam's state covers only the new rows.",
-    )
+    g.add_argument("--use_8bit_adam", action="store_true", help="Accepted; does nothing (Adam's state is kilobytes).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -2720,16 +2635,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", action="store_true", help="Less memory, slower steps.")
     g.add_argument(
         "--mixed_precision",
-        default=None,
         choices=["no", "fp16", "bf16"],
         help="Precision of the frozen models (trained rows stay fp32). Default: accelerate's config, else no.",
     )
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet and text encoder(s): a one-time compile, then faster steps on GPU.",
-    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet and text encoders (faster on GPU).")
     g.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile.")
     g.add_argument(
         "--enable_xformers_memory_efficient_attention",
@@ -2741,34 +2651,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="text-inversion-model")
     g.add_argument("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N every N steps.")
-    g.add_argument(
-        "--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the new word."
-    )
+    g.add_argument("--save_as_full_pipeline", action="store_true", help="Also save the pipeline with the new word.")
     g.add_argument("--no_safe_serialization", action="store_true", help="Write .bin files instead of .safetensors.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N steps.")
     g.add_argument(
-        "--checkpointing_minutes",
-        type=float,
-        default=10,
-        help="Also write a checkpoint when this many minutes have passed since the last one (0: off).",
+        "--checkpointing_minutes", type=float, default=10, help="Also one when this many minutes passed (0: off)."
     )
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.')
+    g.add_argument("--checkpoints_total_limit", type=int, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", help='A checkpoint folder, or "latest" in --output_dir.')
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
-    g.add_argument(
-        "--report_to",
-        default=None,
-        help="Tracker: tensorboard, wandb, comet_ml, all or none. Default: tensorboard if it is installed.",
-    )
+    g.add_argument("--report_to", help="tensorboard, wandb, comet_ml, all or none. Default: tensorboard if installed.")
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
 
     g = p.add_argument_group("watching the run")
     g.add_argument(
         "--validation_prompt",
         action="append",
-        default=None,
-        help="Prompt for validation images; repeat the flag for several. Images come from the models in "
-        "memory in one batched call, with fixed seeds, into output_dir/validation/step-N.png.",
+        help="Prompt for validation images (repeat for several), with fixed seeds, in output_dir/validation/.",
     )
     g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps per image.")
@@ -2776,45 +2675,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--validation_steps",
         type=int,
         default=100,
-        help="Every N steps: the fixed-noise validation loss (always) and validation images (with a prompt).",
+        help="Every N steps: the validation loss (and images, with a prompt).",
     )
-    g.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: use --validation_steps.")
+    g.add_argument("--validation_epochs", type=int, help="Deprecated: use --validation_steps.")
     g.add_argument(
         "--validation_scores",
         action="store_true",
-        help="Score the validation images as `infer.py eval` does, into metrics.jsonl and loss.png: CLIP-T "
-        "against the prompt with --class_word for the new word, CLIP-I and DINO against the training photos.",
+        help="Score the validation images as `infer.py eval` does: CLIP-I and DINO against the photos, CLIP-T.",
     )
-    g.add_argument(
-        "--class_word",
-        default=None,
-        help="The word CLIP-T reads in place of the new one (default: --initializer_token), e.g. toy or dog.",
-    )
+    g.add_argument("--class_word", help="The word CLIP-T reads for the new one. Default: --initializer_token.")
     g.add_argument("--clip_model", default=infer.DEFAULT_CLIP_MODEL, help="CLIP for --validation_scores.")
     g.add_argument("--dino_model", default=infer.DEFAULT_DINO_MODEL, help="DINO for --validation_scores.")
     g.add_argument(
         "--early_stopping_patience",
         type=int,
-        default=None,
-        help="Stop when the validation loss has not improved in K evaluations, and save the best step's "
-        "embedding as learned_embeds (the last one as learned_embeds-last).",
+        help="Stop after K validations without a better loss; keep the best step.",
     )
     g.add_argument(
         "--max_embedding_norm",
         type=float,
-        default=None,
-        help="After each step, scale any learned vector longer than this back to this L2 norm. Off by "
-        "default; an inflated norm makes the word drown the rest of the prompt.",
+        help="After each step, shorten any learned vector longer than this (an inflated norm drowns the prompt).",
     )
 
     g = p.add_argument_group("the Hugging Face Hub")
-    g.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="Upload the embedding files, loss.png, the last validation grid and a model card at the end.",
-    )
-    g.add_argument("--hub_model_id", default=None, help="Repo name (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: your `hf auth login`); never logged.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the embedding, plots and a card at the end.")
+    g.add_argument("--hub_model_id", help="Repo name (default: the output folder's name).")
+    g.add_argument("--hub_token", help="Hub token (default: your `hf auth login`); never logged.")
     g.add_argument("--hub_private", action="store_true", help="Create the repo as private.")
     return p
 
@@ -2857,19 +2743,18 @@ def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
         )
     concepts, seen = [], {}
     for number, entry in enumerate(entries, 1):
-        at = f"{where}, concept {number}"
-        for key, value in entry.items():
+        at, values = f"{where}, concept {number}", {}
+        for key, given in entry.items():
             kind = CONCEPT_KEYS.get(key)
             if kind is None:
                 raise UserError(f"{at}: unknown key {key!r}; a concept sets {', '.join(CONCEPT_KEYS)}")
-            prompts = key == "validation_prompt" and (
-                isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value))
-            )
-            if not (value is None or prompts or type(value) is kind):  # type(): true is no int here
+            # One validation prompt as a string, as the flag given once.
+            value = [given] if key == "validation_prompt" and isinstance(given, str) else given
+            if not (value is None or type(value) is kind):  # type(): true is no int here
                 wanted = "a string or a list of strings" if kind is list else f"a JSON {kind.__name__}"
-                raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(value)}")
-        values = {k: [v] if k == "validation_prompt" and isinstance(v, str) else v for k, v in entry.items()}
-        values.pop("name", None)
+                raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(given)}")
+            values[key] = value
+        name = values.pop("name", None)
         flags = argparse.Namespace(**{**vars(args), **values})
         for key in ("placeholder_token", "train_data_dir"):
             if getattr(flags, key) is None:
@@ -2878,7 +2763,7 @@ def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
             raise UserError(f"{at}: learnable_property must be object or style, not {flags.learnable_property!r}")
         if problem := concept_problem(flags):
             raise UserError(f"{at}: {problem}")
-        name = entry.get("name") or infer.file_name_for_token(flags.placeholder_token)
+        name = name or infer.file_name_for_token(flags.placeholder_token)
         if (
             name != infer.file_name_for_token(name)
             or name in ("hub", args.logging_dir)

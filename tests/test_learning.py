@@ -140,14 +140,14 @@ def held_out_scorer(model, photos, tmp_path):
     models, placeholders = stages(model, photos, tmp_path / "unused", "<concept>")
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>")
     concept = ti.encode_photos(ti.decode_images(dataset, 0), dataset.prompts, models, placeholders)
-    batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
+    batch = ti.validation_batch(seed=999, data=concept, num_timesteps=1000, per_photo=24)
     initializer = [r.detach().clone() for r in placeholders.rows]
 
     def loss(rows: list[torch.Tensor]) -> float:
         with torch.no_grad():
             for target, value in zip(placeholders.rows, rows):
                 target.copy_(value)
-        return ti.validation_loss(models, concept, batch, chunk=32)
+        return ti.validation_loss(models, concept, batch, chunk=32)[0]  # the one concept's
 
     return loss, initializer
 
@@ -201,13 +201,13 @@ def subject_scorer(model, photos, tmp_path):
     dataset = ti.TextualInversionDataset(photos, SIZE, placeholder_token="<concept>", masked=True)
     examples = ti.decode_images(dataset, 0)
     concept = ti.encode_photos(examples, dataset.prompts, models, placeholders, unmasked_weight=0.0)
-    batch = ti.validation_batch(seed=999, concept=concept, num_timesteps=1000, per_photo=24)
+    batch = ti.validation_batch(seed=999, data=concept, num_timesteps=1000, per_photo=24)
 
     def loss(rows: list[torch.Tensor]) -> float:
         with torch.no_grad():
             for target, value in zip(placeholders.rows, rows):
                 target.copy_(value)
-        return ti.validation_loss(models, concept, batch, chunk=32)
+        return ti.validation_loss(models, concept, batch, chunk=32)[0]  # the one concept's
 
     return loss
 
