@@ -18,7 +18,9 @@ the working tree as subprocesses with the same arguments, the same environment
   - the set of file names (the logs/ tracker folder aside);
   - the bytes of every file: learned_embeds* (.safetensors, .bin, _2, -steps-N, -last, inside
     checkpoint-N/ too), the SDXL single file, token_identifier.txt, type_of_concept.txt,
-    dataset.jsonl; a difference is described down to the first tensor element that differs;
+    dataset.jsonl; a difference is described down to the first tensor element that differs.
+    A .bin or .pt in torch's legacy format (what A1111 accepts) names its storages by memory
+    address, so two runs of one commit differ in bytes: those compare by format and content;
   - metrics.jsonl record by record, with the time- and memory-dependent keys removed
     (samples_per_second and the like; see IGNORED_METRIC_KEY): every step, loss, val_loss,
     lr and norm must be equal;
@@ -248,7 +250,13 @@ def compare_bytes(rev: Path, new: Path) -> str | None:
     if suffix == ".safetensors":
         described = describe_tensors(_load_safetensors, rev, new)
     elif suffix in (".bin", ".pt"):
+        import zipfile
+
+        if zipfile.is_zipfile(rev) != zipfile.is_zipfile(new):
+            return "one is torch's zip format, the other its legacy format"
         described = describe_tensors(_load_torch, rev, new)
+        if described == TENSORS_EQUAL and not zipfile.is_zipfile(rev):
+            return None  # the legacy format names storages by memory address: its bytes differ run to run
     elif suffix in (".txt", ".json", ".jsonl", ".md"):
         described = describe_text(a.decode("utf-8", "replace"), b.decode("utf-8", "replace"))
     if described:
@@ -309,7 +317,10 @@ def describe_tensors(load, rev: Path, new: Path) -> str | None:
             where = f"[{', '.join(str(int(i)) for i in index)}]"
             values = f"{x.view(-1)[flat].item()!r} vs {y.view(-1)[flat].item()!r}"
             return f"{key}{where}: {values} ({int(unequal.sum())} element(s) differ)"
-    return "the tensors are equal but the bytes differ (header or metadata)"
+    return TENSORS_EQUAL
+
+
+TENSORS_EQUAL = "the tensors are equal but the bytes differ (header or metadata)"
 
 
 def describe_text(a: str, b: str) -> str:
