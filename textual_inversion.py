@@ -2750,7 +2750,8 @@ def read_concepts(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
                 raise UserError(f"{at}: unknown key {key!r}; a concept sets {', '.join(CONCEPT_KEYS)}")
             # One validation prompt as a string, as the flag given once.
             value = [given] if key == "validation_prompt" and isinstance(given, str) else given
-            if not (value is None or type(value) is kind):  # type(): true is no int here
+            strings = kind is not list or all(isinstance(p, str) for p in value or [])
+            if not (value is None or (type(value) is kind and strings)):  # type(): true is no int here
                 wanted = "a string or a list of strings" if kind is list else f"a JSON {kind.__name__}"
                 raise UserError(f"{at}: {key} must be {wanted}, not {json.dumps(given)}")
             values[key] = value

@@ -87,6 +87,7 @@ def test_the_command_line_gives_every_concept_its_defaults(tiny_sd, photos, tmp_
         ('[{"placeholder_token": "<a>"}, {"placeholder_token": "<a>"}]', "placeholder_token '<a>' is concept 1's"),
         ('[{"placeholder_token": "<a>", "num_vectors": "2"}]', "concept 1: num_vectors must be a JSON int"),
         ('[{"placeholder_token": "<a>", "repeats": 0}]', "concept 1: --repeats must be at least 1"),
+        ('[{"placeholder_token": "<a>", "validation_prompt": [1]}]', "validation_prompt must be a string or a list"),
         ('[{"placeholder_token": "<a>", "name": "../a"}]', "concept 1: '../a' cannot name a folder"),
         ('[{"train_data_dir": "x"}]', "concept 1: no placeholder_token"),
     ],
