@@ -301,3 +301,17 @@ def test_validation_scores_score_each_concept_against_its_own_photos(
         expected = scorers.score(tiles, [text] * 2, infer.read_photos(photo_folder, "photos"))
         for key in ("clip_i", "clip_t", "dino"):
             assert line[f"{key}/{name}"] == pytest.approx(expected[key].double().mean().item(), abs=1e-5)
+
+
+def test_the_full_pipeline_holds_every_concepts_word(tiny_sd, photos, hat_photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    concepts = listing(tmp_path, two_concepts(photos, hat_photos))
+    train_once(joint_args(tiny_sd, out, concepts, save_as_full_pipeline=True, max_train_steps=1))
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    for name, token in (("dog", "<dog>"), ("hat", "<hat>")):
+        learned = rows(out / name, token)
+        ids = pipe.tokenizer.convert_tokens_to_ids(infer.vector_tokens(token, len(learned)))
+        assert torch.equal(weight[ids], learned)
