@@ -90,6 +90,15 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def other_photos(tmp_path_factory) -> Path:
+    """Two photos, none of them among `photos`: a second concept's."""
+    folder = tmp_path_factory.mktemp("other_photos")
+    make_photo(folder / "front.png", (80, 80), 11)
+    make_photo(folder / "back.png", (64, 72), 12)
+    return folder
+
+
 def reset_accelerate_state() -> None:
     """Each in-process run builds its own Accelerator (with its own precision)."""
     from accelerate.state import AcceleratorState, GradientState

@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_photo, train_args, train_once
+from conftest import train_args, train_once
 from safetensors.torch import load_file
 
 import infer
 import textual_inversion as ti
-
-
-@pytest.fixture(scope="module")
-def hat_photos(tmp_path_factory) -> Path:
-    """Two photos, none of them among conftest's three."""
-    folder = tmp_path_factory.mktemp("hat_photos")
-    make_photo(folder / "left.png", (80, 80), 21)
-    make_photo(folder / "right.png", (64, 72), 22)
-    return folder
 
 
 def listing(folder: Path, entries: list[dict]) -> Path:
@@ -32,10 +23,10 @@ def listing(folder: Path, entries: list[dict]) -> Path:
     return path
 
 
-def two_concepts(photos: Path, hat_photos: Path, **extra) -> list[dict]:
+def two_concepts(photos: Path, hat: Path, **extra) -> list[dict]:
     return [
         {"placeholder_token": "<dog>", "train_data_dir": str(photos), "initializer_token": "dog", **extra},
-        {"placeholder_token": "<hat>", "train_data_dir": str(hat_photos), "initializer_token": "hat", "num_vectors": 2},
+        {"placeholder_token": "<hat>", "train_data_dir": str(hat), "initializer_token": "hat", "num_vectors": 2},
     ]
 
 
@@ -107,8 +98,8 @@ def test_a_bad_concepts_file_is_one_line_naming_the_file_and_the_entry(
 # What trains what.
 
 
-def test_a_word_gets_no_gradient_from_samples_whose_prompts_never_name_it(tiny_sd, photos, hat_photos, tmp_path):
-    run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, two_concepts(photos, hat_photos)))
+def test_a_word_gets_no_gradient_from_samples_whose_prompts_never_name_it(tiny_sd, photos, other_photos, tmp_path):
+    run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, two_concepts(photos, other_photos)))
     dog, hat = (p.rows[0] for p in run.placeholders)
     images = (run.data.concept_of == 0).nonzero().flatten()  # the dog's photos only
     batch = ti.draw_batch(torch.Generator().manual_seed(0), images, run.data, 1000)
@@ -117,11 +108,11 @@ def test_a_word_gets_no_gradient_from_samples_whose_prompts_never_name_it(tiny_s
     assert hat.grad is None or torch.count_nonzero(hat.grad) == 0
 
 
-def test_a_caption_naming_two_words_trains_both(tiny_sd, photos, hat_photos, tmp_path):
+def test_a_caption_naming_two_words_trains_both(tiny_sd, photos, other_photos, tmp_path):
     captioned = Path(shutil.copytree(photos, tmp_path / "captioned"))
     for photo in captioned.iterdir():
         photo.with_suffix(".txt").write_text("a photo of <dog> wearing <hat>")
-    concepts = two_concepts(captioned, hat_photos, caption_extension=".txt")
+    concepts = two_concepts(captioned, other_photos, caption_extension=".txt")
     run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, concepts))
     records = infer.read_jsonl(tmp_path / "out" / "dataset.jsonl")
     assert records[0]["concept"] == "dog" and records[0]["prompts"] == ["a photo of <dog> wearing <hat> <hat>_1"]
@@ -135,12 +126,12 @@ def test_a_caption_naming_two_words_trains_both(tiny_sd, photos, hat_photos, tmp
 
 @pytest.mark.parametrize("balanced, steps, shares", [(False, 10, [12, 8]), (True, 12, [12, 12])])
 def test_each_steps_batch_is_drawn_across_concepts_in_proportion_or_balanced(
-    tiny_sd, photos, hat_photos, tmp_path, balanced, steps, shares
+    tiny_sd, photos, other_photos, tmp_path, balanced, steps, shares
 ):
     """3 dog photos and 2 hat photos, one pass each per epoch, 2 samples a step: in proportion, 10
     steps are 4 epochs of 5 slots; balanced, 12 steps are 2 epochs of 12 (each dog photo twice,
     each hat photo 3 times)."""
-    concepts = two_concepts(photos, hat_photos)
+    concepts = two_concepts(photos, other_photos)
     for entry in concepts:
         entry["repeats"] = 1
     run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, concepts), max_train_steps=steps)
@@ -149,13 +140,13 @@ def test_each_steps_batch_is_drawn_across_concepts_in_proportion_or_balanced(
     assert torch.bincount(run.data.concept_of[drawn]).tolist() == shares
 
 
-def test_buckets_and_masks_mix_concepts_in_one_unet_call(tiny_sd, hat_photos, tmp_path):
+def test_buckets_and_masks_mix_concepts_in_one_unet_call(tiny_sd, other_photos, tmp_path):
     from test_dataset import PEOPLE, people_dataset
 
     people = people_dataset(tmp_path / "people")
     concepts = [
         {"placeholder_token": "<dog>", "train_data_dir": str(people), "initializer_token": "dog"},
-        {"placeholder_token": "<hat>", "train_data_dir": str(hat_photos), "initializer_token": "hat"},
+        {"placeholder_token": "<hat>", "train_data_dir": str(other_photos), "initializer_token": "hat"},
     ]
     run = prepared(tiny_sd, tmp_path / "out", listing(tmp_path, concepts), **PEOPLE)
     assert len(run.data.bucket_sizes) > 1 and run.data.loss_weight.min() < 1  # buckets, and masks weigh
@@ -170,11 +161,13 @@ def test_buckets_and_masks_mix_concepts_in_one_unet_call(tiny_sd, hat_photos, tm
 # Each concept its own result.
 
 
-def test_each_concept_gets_the_files_of_a_one_concept_run_and_loads_in_diffusers(tiny_sd, photos, hat_photos, tmp_path):
+def test_each_concept_gets_the_files_of_a_one_concept_run_and_loads_in_diffusers(
+    tiny_sd, photos, other_photos, tmp_path
+):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, hat_photos)), save_steps=2))
+    train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, other_photos)), save_steps=2))
     assert json.loads((out / infer.CONCEPTS_FILE).read_text()) == {"concepts": ["dog", "hat"]}
     for name, token in (("dog", "<dog>"), ("hat", "<hat>")):
         names = {p.name for p in (out / name).iterdir()}
@@ -194,7 +187,7 @@ def test_each_concept_gets_the_files_of_a_one_concept_run_and_loads_in_diffusers
 
 
 def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_other_trains_on(
-    tiny_sd, photos, hat_photos, tmp_path, monkeypatch, caplog
+    tiny_sd, photos, other_photos, tmp_path, monkeypatch, caplog
 ):
     scripted = iter([[1.0, 1.0], [0.9, 0.9], [0.95, 0.8], [0.97, 0.7], [None, 0.6], [None, 0.5], [None, 0.4]])
     monkeypatch.setattr(ti, "validation_loss", lambda *a, **k: next(scripted))
@@ -202,7 +195,7 @@ def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_ot
     flags = dict(validation_steps=1, early_stopping_patience=2, save_steps=1, max_train_steps=6)
     images = dict(validation_prompt="a <dog> in a <hat>", num_validation_images=1, validation_inference_steps=1)
     with caplog.at_level("INFO", logger="textual_inversion"):
-        train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, hat_photos)), **flags, **images))
+        train_once(joint_args(tiny_sd, out, listing(tmp_path, two_concepts(photos, other_photos)), **flags, **images))
     dog = json.loads((out / "dog" / "run.json").read_text())["saved"]
     assert dog["learned_embeds.safetensors"] == 1  # its best step; it stopped at step 3
     assert torch.equal(
@@ -219,8 +212,8 @@ def test_early_stopping_freezes_one_concept_and_keeps_its_best_step_while_the_ot
     assert "kept <dog> step 1 (stopped early" in done and "<hat> step 6 (the lowest validation loss" in done
 
 
-def test_a_resumed_run_of_several_concepts_continues_bit_for_bit(tiny_sd, photos, hat_photos, tmp_path):
-    concepts = listing(tmp_path, two_concepts(photos, hat_photos))
+def test_a_resumed_run_of_several_concepts_continues_bit_for_bit(tiny_sd, photos, other_photos, tmp_path):
+    concepts = listing(tmp_path, two_concepts(photos, other_photos))
     flags = dict(max_train_steps=6, checkpointing_steps=3, validation_steps=2, early_stopping_patience=5)
     train_once(joint_args(tiny_sd, tmp_path / "straight", concepts, **flags))
     resumed = tmp_path / "resumed"
@@ -232,9 +225,9 @@ def test_a_resumed_run_of_several_concepts_continues_bit_for_bit(tiny_sd, photos
         assert torch.equal(rows(resumed / name, token), rows(tmp_path / "straight" / name, token))
 
 
-def test_sdxl_trains_several_concepts_into_both_encoders(tiny_sdxl, photos, hat_photos, tmp_path):
+def test_sdxl_trains_several_concepts_into_both_encoders(tiny_sdxl, photos, other_photos, tmp_path):
     out = tmp_path / "out"
-    train_once(joint_args(tiny_sdxl, out, listing(tmp_path, two_concepts(photos, hat_photos)), max_train_steps=2))
+    train_once(joint_args(tiny_sdxl, out, listing(tmp_path, two_concepts(photos, other_photos)), max_train_steps=2))
     for name, token, vectors in (("dog", "<dog>", 1), ("hat", "<hat>", 2)):
         first = rows(out / name, token)
         second = load_file(out / name / "learned_embeds_2.safetensors")[token]
@@ -243,13 +236,13 @@ def test_sdxl_trains_several_concepts_into_both_encoders(tiny_sdxl, photos, hat_
         assert embedding.token == token and set(embedding.vectors) == {"clip_l", "clip_g"}
 
 
-def test_the_hub_upload_carries_every_concept_in_its_folder(tiny_sd, photos, hat_photos, tmp_path, monkeypatch):
+def test_the_hub_upload_carries_every_concept_in_its_folder(tiny_sd, photos, other_photos, tmp_path, monkeypatch):
     from test_watch import RecordingHub
 
     hub = RecordingHub()
     monkeypatch.setattr(ti, "hub_api", hub)
     out = tmp_path / "out"
-    concepts = listing(tmp_path, two_concepts(photos, hat_photos, validation_prompt="a <dog> in a <hat>"))
+    concepts = listing(tmp_path, two_concepts(photos, other_photos, validation_prompt="a <dog> in a <hat>"))
     flags = dict(push_to_hub=True, max_train_steps=2, validation_steps=2, num_validation_images=1,
                  validation_inference_steps=1)  # fmt: skip
     train_once(joint_args(tiny_sd, out, concepts, **flags))
@@ -270,10 +263,10 @@ def test_the_hub_upload_carries_every_concept_in_its_folder(tiny_sd, photos, hat
 
 
 @pytest.mark.slow
-def test_two_processes_train_several_concepts_like_one(tiny_sd, photos, hat_photos, tmp_path):
+def test_two_processes_train_several_concepts_like_one(tiny_sd, photos, other_photos, tmp_path):
     from test_ddp import launch
 
-    concepts = listing(tmp_path, two_concepts(photos, hat_photos))
+    concepts = listing(tmp_path, two_concepts(photos, other_photos))
     flags = dict(max_train_steps=3, train_batch_size=1)
     two = launch(joint_args(tiny_sd, tmp_path / "two", concepts, gradient_accumulation_steps=2, **flags), 2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -286,28 +279,28 @@ def test_two_processes_train_several_concepts_like_one(tiny_sd, photos, hat_phot
 
 
 def test_validation_scores_score_each_concept_against_its_own_photos(
-    tiny_sd, photos, hat_photos, tiny_clip, tiny_dino, tmp_path
+    tiny_sd, photos, other_photos, tiny_clip, tiny_dino, tmp_path
 ):
     out = tmp_path / "out"
-    concepts = two_concepts(photos, hat_photos, validation_prompt="a photo of <dog>")
+    concepts = two_concepts(photos, other_photos, validation_prompt="a photo of <dog>")
     concepts[1]["validation_prompt"] = ["a photo of <hat>"]
     flags = dict(validation_scores=True, clip_model=tiny_clip, dino_model=tiny_dino, max_train_steps=1,
                  num_validation_images=2, validation_inference_steps=1)  # fmt: skip
     train_once(joint_args(tiny_sd, out, listing(tmp_path, concepts), **flags))
     (line,) = [r for r in infer.read_jsonl(out / "metrics.jsonl") if r["step"] == 1]
     scorers = infer.Scorers(str(tiny_clip), str(tiny_dino))
-    for name, photo_folder, text in (("dog", photos, "a photo of dog"), ("hat", hat_photos, "a photo of hat")):
+    for name, photo_folder, text in (("dog", photos, "a photo of dog"), ("hat", other_photos, "a photo of hat")):
         (tiles,) = infer.grid_tiles(out / name / "validation" / "step-1.png")
         expected = scorers.score(tiles, [text] * 2, infer.read_photos(photo_folder, "photos"))
         for key in ("clip_i", "clip_t", "dino"):
             assert line[f"{key}/{name}"] == pytest.approx(expected[key].double().mean().item(), abs=1e-5)
 
 
-def test_the_full_pipeline_holds_every_concepts_word(tiny_sd, photos, hat_photos, tmp_path):
+def test_the_full_pipeline_holds_every_concepts_word(tiny_sd, photos, other_photos, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    concepts = listing(tmp_path, two_concepts(photos, hat_photos))
+    concepts = listing(tmp_path, two_concepts(photos, other_photos))
     train_once(joint_args(tiny_sd, out, concepts, save_as_full_pipeline=True, max_train_steps=1))
     pipe = StableDiffusionPipeline.from_pretrained(out)
     weight = pipe.text_encoder.get_input_embeddings().weight

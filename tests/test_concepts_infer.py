@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import RESOLUTION, make_photo, train_args, train_once
+from conftest import RESOLUTION, train_args, train_once
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -48,16 +48,7 @@ def one_line_error(done: SimpleNamespace) -> str:
 
 
 @pytest.fixture(scope="module")
-def coat_photos(tmp_path_factory) -> Path:
-    """Two photos, none of them among conftest's three."""
-    folder = tmp_path_factory.mktemp("coat_photos")
-    make_photo(folder / "front.png", (80, 80), 11)
-    make_photo(folder / "back.png", (64, 72), 12)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def concepts_run(tiny_sd, photos, coat_photos, tmp_path_factory) -> Path:
+def concepts_run(tiny_sd, photos, other_photos, tmp_path_factory) -> Path:
     """OUTPUT_DIR of one run of two concepts (--concepts_list): anna (2 vectors, 3 photos) and
     coat (1 vector, 2 photos), each saving step 2 and its final step 4."""
     folder = tmp_path_factory.mktemp("concepts")
@@ -66,7 +57,7 @@ def concepts_run(tiny_sd, photos, coat_photos, tmp_path_factory) -> Path:
         {"name": "anna", "placeholder_token": "<anna>", "initializer_token": "person", "num_vectors": 2,
          "train_data_dir": str(photos)},
         {"name": "coat", "placeholder_token": "<coat>", "initializer_token": "backpack",
-         "train_data_dir": str(coat_photos)},
+         "train_data_dir": str(other_photos)},
     ]))  # fmt: skip
     out = folder / "out"
     train_once(train_args(tiny_sd, None, out, placeholder_token=None, concepts_list=listing, max_train_steps=4,
@@ -246,14 +237,14 @@ def test_eval_of_the_run_writes_each_concepts_eval_files_into_its_own_folder(eva
     assert not (evaluated.folder / "eval.jsonl").exists() and not (evaluated.folder / "eval").exists()
 
 
-def test_each_concept_is_scored_against_its_own_photos_and_class_word(evaluated, photos, coat_photos):
+def test_each_concept_is_scored_against_its_own_photos_and_class_word(evaluated, photos, other_photos):
     anna = infer.read_jsonl(evaluated.folder / "anna" / "eval.jsonl")
     coat = infer.read_jsonl(evaluated.folder / "coat" / "eval.jsonl")
     assert [anna[0]["images"], coat[0]["images"]] == [3, 2]  # the real-images row: each concept's photos
     assert [anna[-1]["settings"]["photos"], coat[-1]["settings"]["photos"]] == [3, 2]
     assert [anna[-1]["settings"]["class_word"], coat[-1]["settings"]["class_word"]] == ["person", "backpack"]
     records = [json.loads((evaluated.folder / n / infer.RUN_RECORD).read_text()) for n in CONCEPTS]
-    assert [r["train_data_dir"] for r in records] == [str(photos), str(coat_photos)]
+    assert [r["train_data_dir"] for r in records] == [str(photos), str(other_photos)]
     prompts = infer.read_png_settings(evaluated.folder / "coat" / "eval" / "step-2" / "00-00.png")["prompt"]
     assert prompts == "a <coat> on the beach"
 

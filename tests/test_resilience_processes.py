@@ -389,6 +389,46 @@ def test_a_signal_to_the_launchers_process_group_saves_one_checkpoint_and_resume
     assert torch.equal(learned(out), straight_long[processes])
 
 
+def test_ctrl_c_to_two_processes_training_several_concepts_resumes_every_concept_bit_for_bit(
+    tiny_sd, photos, other_photos, tmp_path
+):
+    """The user's path with --concepts_list: `accelerate launch` with two processes, Ctrl-C to the
+    terminal's process group mid-run, then the same command with --resume_from_checkpoint latest."""
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([
+        {"placeholder_token": "<dog>", "train_data_dir": str(photos), "initializer_token": "dog"},
+        {"placeholder_token": "<hat>", "train_data_dir": str(other_photos), "initializer_token": "hat",
+         "num_vectors": 2},
+    ]))  # fmt: skip
+
+    def argv(out: Path) -> list[str]:
+        return long_argv(tiny_sd, None, out, placeholder_token=None, concepts_list=concepts)
+
+    def launch(arguments: list[str], log: Path) -> subprocess.Popen:
+        return start(arguments, log, accelerate_launch(2), ACCELERATE_USE_CPU="true")
+
+    straight, out, log = tmp_path / "straight", tmp_path / "out", tmp_path / "log"
+    process = launch(argv(straight), log)
+    assert process.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+    launcher = launch(argv(out), log)
+    try:
+        assert wait_for(lambda: trained_a_step(out), launcher), log.read_text()[-3000:]
+        trainers = trainers_under(launcher)
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=TIMEOUT)
+        assert not psutil.wait_procs(trainers, timeout=TIMEOUT)[1]
+    finally:
+        launcher.kill()
+    [checkpoint] = checkpoints(out)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["concepts.json", "dog", "hat", ti.CHECKPOINT_STATE]
+    assert error_lines(log)[-1].startswith("error: stopped by SIGINT at step ")
+    resumed = launch([*argv(out), "--resume_from_checkpoint", "latest"], log)
+    assert resumed.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+    for name, token in (("dog", "<dog>"), ("hat", "<hat>")):
+        done = load_file(out / name / "learned_embeds.safetensors")[token]
+        assert torch.equal(done, load_file(straight / name / "learned_embeds.safetensors")[token])
+
+
 def test_a_second_ctrl_c_ends_the_trainer_at_once_and_leaves_every_file_whole(tiny_sd, photos, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
     argv = long_argv(tiny_sd, photos, out, gradient_accumulation_steps=32, checkpointing_steps=1)  # steps of seconds
