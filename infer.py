@@ -446,6 +446,11 @@ def concept_folders(folder: Path) -> list[Path]:
     return [folder / name for name in names]
 
 
+def write_concepts(folder: Path, names: list[str]) -> Path:
+    """folder/concepts.json: a run's concept folders, in order (what concept_folders reads)."""
+    return write_text(folder / CONCEPTS_FILE, json.dumps({"concepts": names}, indent=1) + "\n")
+
+
 def present_concepts(folder: Path) -> list[Path]:
     """concept_folders(folder), each checked to be there: a folder listed but missing must not be
     taken for a Hub repo id (out/anna) by the readers."""

@@ -304,9 +304,8 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
         infer.remove_temp_files(out)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args, plan))
         infer.write_text(out / "dataset.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        if plan.concepts[0].name:  # what tells infer.py (and people) that the run learned several
-            names = {"concepts": [concept.name for concept in plan.concepts]}
-            infer.write_text(out / infer.CONCEPTS_FILE, json.dumps(names, indent=1) + "\n")
+        if plan.in_folders:  # what tells infer.py (and people) that the run learned several
+            infer.write_concepts(out, [concept.name for concept in plan.concepts])
     watch = Watch(
         args=args, plan=plan, models=models, placeholders=placeholders, accelerator=accelerator, state=state,
         resumed=checkpoint is not None, scoring=scoring,
@@ -1249,6 +1248,11 @@ class Plan:
     def global_batch(self) -> int:
         return self.per_process * self.world
 
+    @property
+    def in_folders(self) -> bool:
+        """--concepts_list: each concept's files in its own folder of --output_dir, listed in concepts.json."""
+        return bool(self.concepts[0].name)
+
     def derived(self) -> dict:
         """The plan's values for trackers (what the run really uses, where a flag was left unset)."""
         return {
@@ -2098,8 +2102,8 @@ def save_checkpoint(run: Run) -> Path:
 
     def fill(folder: Path) -> None:
         infer.write_torch(folder / CHECKPOINT_STATE, payload)
-        if plan.concepts[0].name:
-            shutil.copyfile(run.out / infer.CONCEPTS_FILE, folder / infer.CONCEPTS_FILE)
+        if plan.in_folders:
+            infer.write_concepts(folder, [concept.name for concept in plan.concepts])
         for concept, placeholders in zip(plan.concepts, run.placeholders):
             (folder / concept.name).mkdir(exist_ok=True)
             files = plan.family.embedding_files(placeholders.rows, concept.tokens[0], plan.extension)
@@ -2409,7 +2413,7 @@ def prepare_hub_folder(run: Run) -> Path:
         copies |= {prefix + name: folder / name for name in names}
         if concept.name in watch.last_grids:
             copies[prefix + "validation.png"] = watch.last_grids[concept.name]
-    if run.plan.concepts[0].name:
+    if run.plan.in_folders:
         copies[infer.CONCEPTS_FILE] = out / infer.CONCEPTS_FILE
     if watch.plotted:
         copies["loss.png"] = out / "loss.png"
