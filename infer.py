@@ -27,7 +27,7 @@ The file reads top to bottom:
     read_embedding(src)     any SRC -> Embedding(token, {slot: [N, D]})  (the one reading layer)
     install_embedding(...)  Embedding -> tokenizer(s) and text encoder(s) (the one installer)
     load_embedding(...)     the two together: the API the CLI and the trainer use
-    ModelFamily             all that differs between SD 1.x/2.x and SDXL, one registered class each
+    ModelFamily             all that differs between SD 1.x/2.x and SDXL, one class each
     inspect_model_file,     base models as one original-layout file (A1111, ComfyUI): checked from
     load_model_file           key names and shapes, converted by diffusers' single-file loaders
     find_model,             the one model loader, for generation, eval and the trainer alike
@@ -1082,16 +1082,11 @@ def fit_to_base(emb: Embedding, base: dict[str, int]) -> dict[str, torch.Tensor]
     made_for, base_is = model_for_widths(have), model_for_widths(want)
     options = [f"load it on an {made_for} model"] if made_for else []
     options.append(f"use an embedding made for {base_is or 'this base model'}")
+    have_text = "+".join(map(str, have)) + " wide" + (f", made for {made_for}" if made_for else "")
     raise UserError(
-        f"{emb.source}: its vectors are {_width_text(have)}, but the base model's {encoders} "
+        f"{emb.source}: its vectors are {have_text}, but the base model's {encoders} "
         f"{'+'.join(map(str, want))}{f' ({base_is})' if base_is else ''}{problem}; {', or '.join(options)}"
     )
-
-
-def _width_text(widths: tuple[int, ...]) -> str:
-    text = "+".join(map(str, widths)) + " wide"
-    made_for = model_for_widths(widths)
-    return f"{text}, made for {made_for}" if made_for else text
 
 
 def prompt_form(token: str, tokenizer) -> str:
@@ -1301,7 +1296,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------------------
 # Model families: all that differs between SD 1.x/2.x and SDXL, behind one contract. The
 # trainer and both command lines ask a model's family and never test which one it is; a new
-# family is one subclass of ModelFamily and one @register_family.
+# family is one subclass of ModelFamily and its entry in MODEL_FAMILIES.
 
 
 Size = tuple[int, int]  # (height, width) or (top, left), in pixels
@@ -1379,14 +1374,6 @@ class ModelFamily:
         return pipeline_class(**parts, **{**kept, **cls.pipeline_options})
 
 
-MODEL_FAMILIES: list[type[ModelFamily]] = []
-
-
-def register_family(family: type[ModelFamily]) -> type[ModelFamily]:
-    MODEL_FAMILIES.append(family)
-    return family
-
-
 def family_of_index(index: dict, source: str) -> type[ModelFamily]:
     """The family a model_index.json (or a pipeline's config) describes: the one with the most
     components when several fit (SDXL's hold SD's)."""
@@ -1409,7 +1396,6 @@ def model_for_widths(widths: Iterable[int]) -> str | None:
     return next((f.widths[tuple(widths)] for f in MODEL_FAMILIES if tuple(widths) in f.widths), None)
 
 
-@register_family
 class StableDiffusion(ModelFamily):
     """SD 1.x and 2.x: one CLIP text encoder; the UNet attends to its last hidden states."""
 
@@ -1446,7 +1432,6 @@ class StableDiffusion(ModelFamily):
         return load, "Convert for A1111 or ComfyUI with `python infer.py convert REPO OUT --to a1111`."
 
 
-@register_family
 class StableDiffusionXL(ModelFamily):
     """SDXL, exactly as its diffusers pipeline conditions at inference: both encoders'
     penultimate hidden states side by side (clip_skip counts back from the penultimate, as the
@@ -1503,6 +1488,9 @@ class StableDiffusionXL(ModelFamily):
         return load, other
 
 
+MODEL_FAMILIES: list[type[ModelFamily]] = [StableDiffusion, StableDiffusionXL]
+
+
 # ----------------------------------------------------------------------------------------
 # Base models in one original-layout file (A1111, ComfyUI, CivitAI): checked from key names
 # and shapes alone, then loaded by diffusers' own single-file converters. The trainer loads
@@ -1547,8 +1535,7 @@ def tensor_headers(path: Path, source: str) -> dict[str, object]:
     """A checkpoint's entries with every tensor as a meta tensor (name, shape, dtype, no data):
     from the safetensors header, or from a pickle mapped into memory, never reading the weights."""
     if not is_safetensors(path):
-        data = state_dict_of(load_pickle(path, source, mmap=True), source)
-        return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in read_tensors(path, source).items()}
     size = path.stat().st_size
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
@@ -1568,15 +1555,6 @@ def tensor_headers(path: Path, source: str) -> dict[str, object]:
         key: torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v["dtype"], torch.uint8), device="meta")
         for key, v in header.items()
     }
-
-
-def state_dict_of(data: object, source: str) -> dict:
-    """The weights of a loaded pickle: training code saved them under "state_dict", sometimes nested."""
-    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: it holds a {type(data).__name__}, not a model's weights")
-    return data
 
 
 def model_kind(entries: dict[str, object], source: str) -> tuple[str, type[ModelFamily]]:
@@ -1714,7 +1692,12 @@ def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return state_dict_of(load_pickle(path, source, mmap=True), source)
+    data = load_pickle(path, source, mmap=True)
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # training code nests them
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: it holds a {type(data).__name__}, not a model's weights")
+    return data
 
 
 def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[str, torch.nn.Module]:
