@@ -28,8 +28,8 @@ The file reads top to bottom:
     install_embedding(...)  Embedding -> tokenizer(s) and text encoder(s) (the one installer)
     load_embedding(...)     the two together: the API the CLI and the trainer use
     ModelFamily             all that differs between SD 1.x/2.x and SDXL, one class each
-    inspect_model_file,     base models as one original-layout file (A1111, ComfyUI): checked from
-    load_model_file           key names and shapes, converted by diffusers' single-file loaders
+    inspect_model_file      base models as one original-layout file (A1111, ComfyUI): checked from
+                              key names and shapes, converted by diffusers' single-file loaders
     find_model,             the one model loader, for generation, eval and the trainer alike
       load_pipeline
     generate (enable_clip_skip), write_png (A1111's infotext + our JSON), read_png_settings, grids
@@ -1700,38 +1700,6 @@ def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_model_file(model: ModelFile, dtypes: dict[str, torch.dtype]) -> dict[str, torch.nn.Module]:
-    """The components named in `dtypes` (unet, vae, text_encoder, text_encoder_2), each at its
-    precision, converted by diffusers' single-file loaders with the configs of `model.config`.
-
-    A component's original tensors are dropped as soon as it is built, so the file's weights
-    and the built modules do not both stay alive in full."""
-    import diffusers
-    import transformers
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-
-    state = read_tensors(model.path, model.source)
-    encoder_classes = dict(zip(model.family.encoders, model.family.encoder_classes))
-    modules = {}
-    for name, dtype in dtypes.items():
-        try:
-            if name in ("unet", "vae"):
-                cls = diffusers.UNet2DConditionModel if name == "unet" else diffusers.AutoencoderKL
-                modules[name] = cls.from_single_file(
-                    state, config=model.config, subfolder=name, torch_dtype=dtype, local_files_only=True
-                )
-            else:
-                cls = getattr(transformers, encoder_classes[name])
-                modules[name] = create_diffusers_clip_model_from_ldm(
-                    cls, state, subfolder=name, config=model.config, torch_dtype=dtype, local_files_only=True
-                )
-        except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
-            raise UserError(f"{model.source}: cannot load its {name} ({first_line(e)})") from None
-        for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[name])]:
-            del state[key]
-    return modules
-
-
 def load_vae(source: str, config: str, dtype: torch.dtype, flag: str):
     """An AutoencoderKL from a diffusers VAE folder or Hub id, or from one VAE file in the
     original layout (its config: `config`'s vae/, the base model's)."""
@@ -1847,9 +1815,6 @@ def load_pipeline(
     def dtype_of(part: str) -> torch.dtype | None:
         return dtypes.get(part, dtypes.get("default"))
 
-    def precision(part: str, argument: str = "torch_dtype") -> dict:
-        return {} if dtype_of(part) is None else {argument: dtype_of(part)}
-
     def load(what: str, loader: Callable, *args, **kwargs):
         try:
             return loader(*args, **kwargs)
@@ -1858,18 +1823,34 @@ def load_pipeline(
 
     hub = {} if source.revision is None else {"revision": source.revision}
     weights = {**hub, "variant": variant} if file is None else {}
-    parts = {}
     if file is not None:
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
         logger.info("%s: %s single file, configs from %s", source.name, file.description, root)
-        wanted = [c for c in ("unet", "vae", *family.encoders) if not (vae and c == "vae")]  # what the file holds
-        parts = load("its weights", load_model_file, file, {c: dtype_of(c) for c in wanted})
-    else:
-        for sub, class_name in zip(family.encoders, family.encoder_classes):
-            cls = getattr(transformers, class_name)  # transformers names the precision `dtype`
-            parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision(sub, "dtype"))
-        for sub, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
-            if not (vae and sub == "vae"):
-                parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision(sub))
+        state = load("its weights", read_tensors, file.path, file.source)
+    classes = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL}
+    classes.update(zip(family.encoders, (getattr(transformers, name) for name in family.encoder_classes)))
+    parts = {}
+    for sub, cls in classes.items():
+        if vae and sub == "vae":
+            continue  # the --pretrained_vae_model_name_or_path one, below
+        if file is None:
+            argument = "dtype" if sub in family.encoders else "torch_dtype"  # transformers' name for it
+            precision = {} if dtype_of(sub) is None else {argument: dtype_of(sub)}
+            parts[sub] = load(sub, cls.from_pretrained, root, subfolder=sub, **weights, **precision)
+            continue
+        # diffusers' single-file converters. A component's original tensors are dropped as soon as it
+        # is built, so the file's weights and the built modules do not both stay alive in full.
+        if sub in family.encoders:
+            convert = functools.partial(create_diffusers_clip_model_from_ldm, cls)
+        else:
+            convert = cls.from_single_file
+        try:
+            parts[sub] = convert(state, config=root, subfolder=sub, torch_dtype=dtype_of(sub), local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. shapes the checks did not compare
+            raise UserError(f"{file.source}: cannot load its {sub} ({first_line(e)})") from None
+        for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[sub])]:
+            del state[key]
     if vae:
         parts["vae"] = load_vae(vae, root, dtype_of("vae"), "--pretrained_vae_model_name_or_path")
     tokenizer_class = getattr(transformers, family.tokenizer_class)
