@@ -1265,20 +1265,15 @@ SCHEDULERS = {
 
 def pick_device(name: str = "auto") -> torch.device:
     """auto: cuda, then mps (Apple), then cpu."""
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(next((kind for kind, present in available.items() if present()), "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device name (auto, cuda, cuda:1, mps, cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available here; use --device auto or cpu")
+    if device.type in available and not available[device.type]():
+        raise UserError(f"--device {name}: {device.type.upper()} is not available here; use --device auto or cpu")
     return device
 
 
@@ -1626,20 +1621,31 @@ def model_file_config(entries: dict[str, object], source: str, config: str | Non
         ) from None
 
 
-def check_config_matches(entries: dict[str, object], file: ModelFile, config_name: str) -> None:
-    """The config folder describes the file: the same family and the same key shapes."""
+def inspect_model_file(name: str | Path, config: str | None, flag: str) -> ModelFile:
+    """Check an original-layout model file cheaply (key names and shapes, no weights read) and
+    find the configs describing it; every problem is a one-line UserError naming the file."""
+    path = Path(name).expanduser()
+    source = f"{flag} {name}"
+    if not path.is_file():
+        raise UserError(f"{source}: no such file")
+    entries = tensor_headers(path, source)
+    kind, family = model_kind(entries, source)
+    folder = model_file_config(entries, source, config)
+    file = ModelFile(path, source, kind, family, folder, entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
 
-    def read(name: str) -> dict:
-        path = Path(file.config) / name
-        if not path.is_file():
-            raise UserError(f"--single_file_config {config_name}: no {name}; give a diffusers folder")
-        return json.loads(path.read_text())
+    # The config folder must describe the file: the same family and the same key shapes.
+    given = f"--single_file_config {config or folder}"
 
-    family = family_of_index(read("model_index.json"), f"--single_file_config {config_name}")
-    if family != file.family:
+    def read(part: str) -> dict:
+        if not (Path(folder) / part).is_file():
+            raise UserError(f"{given}: no {part}; give a diffusers folder")
+        return json.loads((Path(folder) / part).read_text())
+
+    described = family_of_index(read("model_index.json"), given)
+    if described != family:
         raise UserError(
-            f"--single_file_config {config_name} describes a {family.name} pipeline but {file.source} is "
-            f"{file.description}; give the config of the model the file was made from"
+            f"{given} describes a {described.name} pipeline but {source} is {file.description}; give the config "
+            "of the model the file was made from"
         )
     unet, vae = read("unet/config.json"), read("vae/config.json")
     input_blocks = {int(k.split(".")[3]) for k in entries if k.startswith(UNET_PREFIX + "input_blocks.")}
@@ -1665,23 +1671,9 @@ def check_config_matches(entries: dict[str, object], file: ModelFile, config_nam
     for what, in_file, in_config in compared:
         if in_file != in_config:
             raise UserError(
-                f"--single_file_config {config_name} does not match {file.source}: {what} is {in_file} in the file "
+                f"{given} does not match {source}: {what} is {in_file} in the file "
                 f"but {in_config} in the config; give the config of the model the file was made from"
             )
-
-
-def inspect_model_file(name: str | Path, config: str | None, flag: str) -> ModelFile:
-    """Check an original-layout model file cheaply (key names and shapes, no weights read) and
-    find the configs describing it; every problem is a one-line UserError naming the file."""
-    path = Path(name).expanduser()
-    source = f"{flag} {name}"
-    if not path.is_file():
-        raise UserError(f"{source}: no such file")
-    entries = tensor_headers(path, source)
-    kind, family = model_kind(entries, source)
-    folder = model_file_config(entries, source, config)
-    file = ModelFile(path, source, kind, family, folder, entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
-    check_config_matches(entries, file, config or folder)
     return file
 
 
@@ -2117,15 +2109,6 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
-def _label_font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow before 10.1: the small fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _fit_lines(text: str, font, width: float, max_lines: int) -> list[str]:
     """`text` wrapped at spaces to `width` pixels; a word too long for a line, and whatever
     does not fit in `max_lines`, is cut and marked with an ellipsis."""
@@ -2152,12 +2135,16 @@ def labelled_grid(rows: list[list], labels: list[str], title: str):
     """Rows of equal-sized images under a title line (the step), each row's label (its prompt)
     to its left, wrapped, black on white. The images fill the bottom-right corner, uncut and
     untouched, so grid_tiles can take them back out."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
     w, h = rows[0][0].size
     columns = max(len(row) for row in rows)
     size = max(12, min(48, h // 20))  # about 25 px at 512, 48 at 1024, legible at tiny sizes
-    font, margin = _label_font(size), size // 2
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1: the small fixed bitmap font
+        font = ImageFont.load_default()
+    margin = size // 2
     ascent, descent = font.getmetrics()
     line_height = round((ascent + descent) * 1.15)
     label_width, title_height = max(w // 2, 12 * size), line_height + 2 * margin
