@@ -1110,7 +1110,8 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
     if not hasattr(pipe, "load_textual_inversion"):
         raise UserError(f"{emb.source}: {type(pipe).__name__} has no CLIP text encoder to load an embedding into")
     vectors = fit_to_base(emb, base_widths(pipe))
-    token = prompt_form(emb.token.strip(), slots[0][1])
+    first_tokenizer = slots[0][1]  # the one prompts are read with
+    token = prompt_form(emb.token.strip(), first_tokenizer)
     tokens = vector_tokens(token, emb.num_vectors)
 
     for _, tokenizer, _ in slots:
@@ -1123,7 +1124,7 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
                 f"load this embedding under another name with --token (token= in Python), "
                 f"e.g. --token '<{file_name_for_token(token)}-2>'"
             )
-    if len(slots[0][1].encode(token, add_special_tokens=False)) == 1:
+    if len(first_tokenizer.encode(token, add_special_tokens=False)) == 1:
         logger.warning(
             "token %r is also a word the model knows; in prompts it now means this embedding "
             "(load it with --token to keep both)",
@@ -1140,30 +1141,19 @@ def install_embedding(pipe, emb: Embedding) -> list[str]:
             pipe.load_textual_inversion(vectors[slot], token=token, tokenizer=tokenizer, text_encoder=encoder)
     finally:
         transformers_logging.set_verbosity(verbosity)
-    add_aliases(pipe, emb, token)
-    return tokens
 
-
-ALIASES = "embedding_aliases"  # the pipeline attribute holding {alias in prompt form: token}
-
-
-def add_aliases(pipe, emb: Embedding, token: str) -> None:
-    """Let the embedding's aliases (its file name) call `token` in prompts: normalize_prompt
-    writes them as the token. An alias that is already a loaded token or alias, or a word the
-    model knows, is left alone with a warning (it keeps its meaning)."""
-    tokenizer = text_encoder_slots(pipe)[0][1]
-    aliases = getattr(pipe, ALIASES, None)
-    if aliases is None:
-        aliases = {}
-        setattr(pipe, ALIASES, aliases)
+    # The embedding's aliases (its file name) call the token in prompts: normalize_prompt writes
+    # them as the token. An alias that is already a loaded token or alias, or a word the model
+    # knows, is left alone with a warning (it keeps its meaning).
+    aliases = vars(pipe).setdefault(ALIASES, {})
     for alias in emb.aliases:
-        form = prompt_form(alias.strip(), tokenizer)
+        form = prompt_form(alias.strip(), first_tokenizer)
         if not form or form == token:
             continue
-        pieces = tokenizer.tokenize(form)
-        vocab = tokenizer.get_vocab()
-        known = len(pieces) == 1 and pieces[0] not in tokenizer.added_tokens_encoder and pieces[0] in vocab
-        if form in aliases or form in tokenizer.added_tokens_encoder or known:
+        pieces = first_tokenizer.tokenize(form)
+        added = first_tokenizer.added_tokens_encoder
+        known = len(pieces) == 1 and pieces[0] not in added and pieces[0] in first_tokenizer.get_vocab()
+        if form in aliases or form in added or known:
             logger.warning(
                 "%s: its file name %r already means something in prompts; call this embedding %r",
                 emb.source,
@@ -1172,6 +1162,10 @@ def add_aliases(pipe, emb: Embedding, token: str) -> None:
             )
             continue
         aliases[form] = token
+    return tokens
+
+
+ALIASES = "embedding_aliases"  # the pipeline attribute holding {alias in prompt form: token}
 
 
 def load_embedding(pipe, src: str | Path | Embedding, token: str | None = None) -> list[str]:
@@ -1511,13 +1505,9 @@ class ModelFile:
     path: Path
     source: str  # how errors name it: the flag and the path
     kind: str  # diffusers' name of its architecture (infer_diffusers_model_type)
-    family: type[ModelFamily]
+    description: str  # what messages call that architecture (its family's file_kinds)
     config: str  # a local diffusers folder (or a configs-only snapshot of a Hub repo)
     dtype: torch.dtype  # the precision the UNet is stored in
-
-    @property
-    def description(self) -> str:
-        return self.family.file_kinds[self.kind]
 
 
 def is_model_file(name: str | Path) -> bool:
@@ -1631,7 +1621,6 @@ def inspect_model_file(name: str | Path, config: str | None, flag: str) -> Model
     entries = tensor_headers(path, source)
     kind, family = model_kind(entries, source)
     folder = model_file_config(entries, source, config)
-    file = ModelFile(path, source, kind, family, folder, entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype)
 
     # The config folder must describe the file: the same family and the same key shapes.
     given = f"--single_file_config {config or folder}"
@@ -1644,7 +1633,7 @@ def inspect_model_file(name: str | Path, config: str | None, flag: str) -> Model
     described = family_of_index(read("model_index.json"), given)
     if described != family:
         raise UserError(
-            f"{given} describes a {described.name} pipeline but {source} is {file.description}; give the config "
+            f"{given} describes a {described.name} pipeline but {source} is {family.file_kinds[kind]}; give the config "
             "of the model the file was made from"
         )
     unet, vae = read("unet/config.json"), read("vae/config.json")
@@ -1674,7 +1663,8 @@ def inspect_model_file(name: str | Path, config: str | None, flag: str) -> Model
                 f"{given} does not match {source}: {what} is {in_file} in the file "
                 f"but {in_config} in the config; give the config of the model the file was made from"
             )
-    return file
+    unet_dtype = entries[UNET_PREFIX + "input_blocks.0.0.weight"].dtype
+    return ModelFile(path, source, kind, family.file_kinds[kind], folder, unet_dtype)
 
 
 def read_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
@@ -2034,13 +2024,6 @@ def a1111_sampler(scheduler) -> dict[str, str]:
     return found
 
 
-def a1111_model_name(model: str) -> str:
-    """The name A1111 writes as "Model": a checkpoint file's name without its extension; here
-    also a folder's name, or the repo name of a Hub id."""
-    path = Path(str(model).rstrip("/\\"))
-    return path.stem if path.suffix in MODEL_FILE_SUFFIXES else path.name
-
-
 def _a1111_quote(value: object) -> str:
     # A1111's rule: a value holding a comma, colon or line break is written as a JSON string.
     text = str(value)
@@ -2061,6 +2044,9 @@ def a1111_parameters(settings: dict) -> str:
         for e in settings.get("embeddings", [])
         if e.get("hash")
     ]
+    # A1111's "Model" is a checkpoint file's name without its extension; here also a folder's
+    # name, or the repo name of a Hub id.
+    model = Path(str(settings["model"]).rstrip("/\\"))
     fields = {
         "Steps": settings["steps"],
         "Sampler": settings["sampler"],
@@ -2068,7 +2054,7 @@ def a1111_parameters(settings: dict) -> str:
         "CFG scale": settings["guidance_scale"],
         "Seed": seed,
         "Size": f"{settings['width']}x{settings['height']}",
-        "Model": a1111_model_name(settings["model"]),
+        "Model": model.stem if model.suffix in MODEL_FILE_SUFFIXES else model.name,
         "Clip skip": settings["clip_skip"] + 1 if settings.get("clip_skip") else None,
         "TI hashes": ", ".join(embeddings) or None,
         "Embedding step": settings.get("embedding_step"),
@@ -2211,20 +2197,6 @@ def image_grid(images: list, columns: int):
     for k, image in enumerate(images):
         grid.paste(image, ((k % columns) * w, (k // columns) * h))
     return grid
-
-
-def next_image_number(folder: Path) -> int:
-    """Images are numbered on from the highest number already in `folder` (a numbered grid's
-    too, see grid_path), never overwritten."""
-    numbers = [int(m[1]) for p in folder.glob("*.png") if (m := re.match(r"(?:grid-)?(\d{5,})[-.]", p.name))]
-    return max(numbers, default=-1) + 1
-
-
-def grid_path(folder: Path, first: int) -> Path:
-    """grid.png, or, when a run before wrote one there, grid-N.png with N the number of this
-    run's first image: grids are never overwritten either."""
-    path = folder / "grid.png"
-    return path.with_name(f"grid-{first:05d}.png") if path.exists() else path
 
 
 # ----------------------------------------------------------------------------------------
@@ -3423,13 +3395,21 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     embedded = [embedding_record(t, e) for t, e in zip(triggers, embeddings)]
     parameters = {"prompt": args.prompt, **settings, "embeddings": embedded}
     out.mkdir(parents=True, exist_ok=True)
-    first = next_image_number(out)
+    # Images are numbered on from the highest number already in `out` (a numbered grid's too),
+    # never overwritten.
+    numbers = [int(m[1]) for p in out.glob("*.png") if (m := re.match(r"(?:grid-)?(\d{5,})[-.]", p.name))]
+    first = max(numbers, default=-1) + 1
     written = [
         write_png(out / f"{first + k:05d}-{s}.png", image, {**parameters, "seed": s})
         for k, (s, image) in enumerate(zip(seeds, images))
     ]
     grid = image_grid(images, math.ceil(math.sqrt(len(images))))  # near-square, in seed order
-    written.append(write_png(grid_path(out, first), grid, {**parameters, "seeds": seeds}))
+    # grid.png, or, when a run before wrote one there, grid-N.png with N the number of this run's
+    # first image: grids are never overwritten either.
+    grid_file = out / "grid.png"
+    if grid_file.exists():
+        grid_file = out / f"grid-{first:05d}.png"
+    written.append(write_png(grid_file, grid, {**parameters, "seeds": seeds}))
     return written
 
 
