@@ -1722,16 +1722,12 @@ def crop_box(size: tuple[int, int], target: tuple[int, int], center_crop: bool, 
 
 
 def fit_pixels(
-    image: Image.Image,
-    target: tuple[int, int],
-    center_crop: bool,
-    fill: bool = False,
-    resample: Image.Resampling = Image.Resampling.BICUBIC,
+    image: Image.Image, target: tuple[int, int], center_crop: bool, fill: bool = False
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """The photo (or its mask) at `target` (w, h): uint8 pixels HxW(x3) and the crop's top-left
     corner (y, x) in the resized frame, which SDXL is conditioned on."""
     left, top, right, bottom = crop_box(image.size, target, center_crop, fill)
-    resized = image.crop((left, top, right, bottom)).resize(target, resample)
+    resized = image.crop((left, top, right, bottom)).resize(target, Image.Resampling.BICUBIC)
     crop_top_left = (round(top * target[1] / (bottom - top)), round(left * target[0] / (right - left)))
     return np.asarray(resized, dtype=np.uint8), crop_top_left
 
