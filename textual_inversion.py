@@ -218,7 +218,6 @@ class Run:
     optimization: Optimization
     fused: FusedBatches
     watch: Watch
-    checkpoint: Path | None  # the one this run resumed from
     repo_id: str | None  # with --push_to_hub
     saved: dict[str, dict[str, int]]  # per concept, its run.json's record: the step each embedding file holds
 
@@ -314,7 +313,7 @@ def prepare(args: argparse.Namespace, accelerator, stop: StopSignals) -> Run:
         args=args, plan=plan, accelerator=accelerator, stop=stop, models=models, placeholders=placeholders,
         data=data, state=state, optimization=optimization, fused=FusedBatches(plan.chunk), watch=watch,
         validation=validation_batch(state.seed, data, models.noise_scheduler.config.num_train_timesteps),
-        checkpoint=checkpoint, repo_id=repo_id,
+        repo_id=repo_id,
         saved={c.name: read_saved_steps(out / c.name) if checkpoint is not None else {} for c in plan.concepts},
     )  # fmt: skip
     if accelerator.is_main_process:
