@@ -2299,19 +2299,13 @@ class Scorers:
     The models run on `device`, in half precision on a GPU.
     """
 
-    def __init__(
-        self,
-        clip_model: str = DEFAULT_CLIP_MODEL,
-        dino_model: str = DEFAULT_DINO_MODEL,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        batch_size: int = 32,
-    ):
+    batch_size = 32
+
+    def __init__(self, clip_model: str, dino_model: str, device: str | torch.device = "cpu"):
         from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
         self.device = torch.device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.batch_size = batch_size
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.clip_processor = _scorer_part(AutoProcessor.from_pretrained, clip_model, "--clip_model")
         self.clip = _scorer_part(CLIPModel.from_pretrained, clip_model, "--clip_model", dtype=self.dtype)
         self.dino_processor = _scorer_part(AutoImageProcessor.from_pretrained, dino_model, "--dino_model")
