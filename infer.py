@@ -2638,10 +2638,13 @@ def keep_best(folder: Path, entry: EvalEntry, token: str, record: dict | None) -
     targets = final_files(folder, token)
     if not targets:
         raise UserError(f"--keep_best: {folder} has no final learned_embeds file to rewrite")
+    saved = dict((record or {}).get("saved", {}))  # run.json's steps of the files, the copies' included
     for path in targets:
         before = path.with_name(f"{path.stem}{BEFORE_EVAL}{path.suffix}")
         if not before.exists():
             write_bytes(before, path.read_bytes())
+        saved.setdefault(before.name, saved.get(path.name))
+        saved[path.name] = entry.step
     vectors = entry.embedding.vectors
     for path in targets:
         if match := EMBEDS_NAME.fullmatch(path.name):
@@ -2649,11 +2652,6 @@ def keep_best(folder: Path, entry: EvalEntry, token: str, record: dict | None) -
         else:
             write_sdxl_embedding(path, vectors["clip_l"], vectors["clip_g"])
     if record is not None:
-        saved = dict(record.get("saved", {}))
-        for path in targets:
-            before = f"{path.stem}{BEFORE_EVAL}{path.suffix}"
-            saved.setdefault(before, saved.get(path.name))
-            saved[path.name] = entry.step
         write_text(folder / RUN_RECORD, json.dumps({**record, "saved": saved}, indent=1) + "\n")
     return targets
 
