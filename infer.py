@@ -2733,20 +2733,18 @@ def _score_text(line: dict, key: str) -> str:
 def eval_table(lines: list[dict], pick: dict | None, rule: str) -> str:
     """The printed table: one row per step (and baseline), the pick marked."""
 
-    def slots_text(values: dict | None, digits: int) -> str:
-        return "/".join(f"{v:.{digits}f}" for v in values.values()) if values else "-"
+    def slots_text(values: dict | None) -> str:
+        return "/".join(f"{v:.3f}" for v in values.values()) if values else "-"
 
-    rows = [("", "CLIP-I", "CLIP-T", "DINO", "norm", "cos to init")]
+    rows = [("", *SCORE_NAMES.values(), "norm", "cos to init")]
     for line in lines:
         mark = f"  <- pick ({rule})" if line is pick else ""
         rows.append(
             (
                 line["label"],
-                _score_text(line, "clip_i"),
-                _score_text(line, "clip_t"),
-                _score_text(line, "dino"),
-                slots_text(line.get("norm"), 3),
-                slots_text(line.get("cos_to_initializer"), 3) + mark,
+                *(_score_text(line, key) for key in SCORE_NAMES),
+                slots_text(line.get("norm")),
+                slots_text(line.get("cos_to_initializer")) + mark,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -3132,14 +3130,12 @@ def score_entry(
     image's CLIP-I and DINO averaged over the photos), per-prompt means, norm and drift."""
     from PIL import Image
 
-    pictures, texts, templates = [], [], []
-    for path, image_settings, _ in images:
+    pictures = []
+    for path, _, _ in images:
         with Image.open(path) as image:
             pictures.append(image.convert("RGB"))
-        template = image_settings["eval"]["template"]
-        texts.append(template.replace("{}", class_word))
-        templates.append(template)
-    scores = scorers.score(pictures, texts, refs)
+    templates = [image_settings["eval"]["template"] for _, image_settings, _ in images]
+    scores = scorers.score(pictures, [template.replace("{}", class_word) for template in templates], refs)
     line = {
         "label": entry.label,
         "step": entry.step,
