@@ -2310,24 +2310,21 @@ def model_card(repo_id: str, args: argparse.Namespace, plan: Plan, state: RunSta
         metadata, pipeline_class = [f"base_model: {base}"], "AutoPipelineForText2Image"
         load_base = f'AutoPipelineForText2Image.from_pretrained("{base}")'
     tags = ["textual-inversion", "text-to-image", "diffusers", family.tag]
-    loads = []
-    for concept in concepts:  # diffusers loads a concept's folder of a repo with subfolder=
-        load, other_tools = family.card_use(repo_id, concept.tokens[0])
-        where = f'"{repo_id}", subfolder="{concept.name}"' if concept.name else f'"{repo_id}"'
-        loads.append(load.replace(f'"{repo_id}"', where))
     settings = {
         "steps": state.step,
         "batch": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
         "learning rate": f"{args.learning_rate} ({args.lr_scheduler})",
     }
-    for concept in concepts:
+    loads, kept = [], {}
+    for concept, concept_state in zip(concepts, state.concepts):
+        load, other_tools = family.card_use(repo_id, concept.tokens[0])
+        where = f'"{repo_id}", subfolder="{concept.name}"' if concept.name else f'"{repo_id}"'
+        loads.append(load.replace(f'"{repo_id}"', where))  # diffusers loads a concept's folder with subfolder=
         flags, of = concept.args, f" ({concept.tokens[0]})" if concept.name else ""
         settings[f"vectors{of}"] = len(concept.tokens)
         settings[f"initializer{of}"] = flags.initializer_token or f"the embedding {flags.initializer_embedding}"
-    settings |= {"resolution": args.resolution, "seed": state.seed}
-    for concept, concept_state in zip(concepts, state.concepts):
-        of = f" ({concept.tokens[0]})" if concept.name else ""
-        settings[f"kept{of}"] = concept_state.kept(state.step, args.early_stopping_patience)
+        kept[f"kept{of}"] = concept_state.kept(state.step, args.early_stopping_patience)
+    settings |= {"resolution": args.resolution, "seed": state.seed, **kept}
     clip_skip = args.clip_skip  # images come out best from the layer it was trained on
     if clip_skip:
         settings["clip skip"] = f"{clip_skip} (generate with clip_skip={clip_skip})"
