@@ -1833,6 +1833,8 @@ def load_pipeline(
             raise UserError(f"{file.source}: cannot load its {sub} ({first_line(e)})") from None
         for key in [k for k in state if k.startswith(COMPONENT_PREFIXES[sub])]:
             del state[key]
+    if file is not None:
+        del state  # the rest (an overridden VAE's, EMA copies) before anything else is loaded
     if vae:
         parts["vae"] = load_vae(vae, root, dtype_of("vae"), "--pretrained_vae_model_name_or_path")
     tokenizer_class = getattr(transformers, family.tokenizer_class)
